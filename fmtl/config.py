@@ -1,0 +1,148 @@
+"""Training options: dataclass defaults, then an optional YAML file, then the command line.
+
+Every field of ``TrainConfig`` is one ``--option`` (underscores become dashes, booleans get
+``--x/--no-x``), its help text is the comment beside the default, and the resolved
+config is saved in the run folder as ``config.yaml``. Unknown keys, in a file or on the
+command line, are rejected with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fmtl.errors import FmtlError
+
+STRATEGIES = ("linear", "finetune", "hybrid")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def option(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = option("fashion-mnist", "fashion-mnist, a Kaggle-style CSV, or an image folder")
+    test_data: str | None = option(None, "a separate test CSV or folder (else the source's own test split)")
+    data_dir: str | None = option(None, "folder holding the Fashion-MNIST IDX files (else FMTL_DATA_DIR, Debian's, cache)")
+    source_size: int = option(224, "side that folder images of mixed sizes are stored at")
+    val_fraction: float = option(0.1, "share of the training data held out for validation (stratified)")
+    max_train_samples: int = option(0, "train on a seeded, stratified subset of this many images (0: all)")
+    # model
+    model: str = option("efficientnet_lite0", "any torchvision classifier name, or efficientnet_lite0")
+    weights: str = option("DEFAULT", "DEFAULT, a torchvision weights name, a .pth/.safetensors file, or none")
+    head: str = option("linear", "new classification head: linear, or mlp (512 hidden, dropout 0.5)")
+    image_size: int = option(64, "side the backbone sees; cost grows with its square (0: the weights' own)")
+    # strategy
+    strategy: str = option("hybrid", "linear (frozen backbone), finetune (all), hybrid (head first, then unfreeze)")
+    head_epochs: int = option(1, "hybrid: epochs training the head alone before the backbone unfreezes")
+    unfreeze: str = option("all", "what fine-tuning trains besides the head: all, or last:N feature blocks")
+    # optimisation
+    epochs: int = option(3, "total epochs, all phases together")
+    batch_size: int = option(128, "images per step per process")
+    eval_batch_size: int = option(256, "images per step for validation, test and feature caching")
+    lr: float = option(1e-3, "head learning rate (peak of the schedule)")
+    backbone_lr_scale: float = option(0.1, "backbone learning rate = lr x this, when it trains")
+    optimizer: str = option("adamw", "adamw or sgd (momentum 0.9, nesterov)")
+    weight_decay: float = option(0.01, "decoupled weight decay (not on biases and norm weights)")
+    warmup_fraction: float = option(0.05, "share of each phase's steps spent warming the learning rate up")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    grad_clip: float = option(1.0, "clip gradient norm to this (0: off)")
+    gradient_accumulation_steps: int = option(1, "optimizer step every N batches")
+    patience: int = option(0, "stop after this many epochs without a better val accuracy (0: never)")
+    augment: bool = option(True, "random flip, rotation, translation, scale, brightness/contrast")
+    seed: int = option(0, "seeds the split, subset, initialisation, shuffling and augmentation")
+    # hardware
+    mixed_precision: str = option("no", "no, fp16 or bf16 (GPUs; bf16 on a CPU without native bf16 is refused)")
+    force_bf16: bool = option(False, "allow bf16 on a CPU without native bf16 (slow: emulated)")
+    channels_last: bool = option(True, "channels_last memory format for conv backbones")
+    threads: int = option(0, "torch intra-op threads per process (0: torch's default)")
+    # output
+    output: str | None = option(None, "run folder (default runs/<model>-<data>-<time>)")
+    resume: str | None = option(None, "continue the run in this folder from its last completed epoch")
+    log_with: str | None = option(None, "Accelerate tracker: tensorboard, wandb, mlflow, comet_ml, aim, all")
+    save_state: bool = option(True, "save the full training state each epoch, so --resume can continue")
+    quiet: bool = option(False, "no progress bars")
+
+    def validate(self) -> None:
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        _choice("optimizer", self.optimizer, ("adamw", "sgd"))
+        for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise FmtlError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0:
+            raise FmtlError("--lr must be positive")
+        if self.strategy == "hybrid" and not 0 < self.head_epochs < self.epochs:
+            raise FmtlError(f"hybrid needs 0 < --head-epochs < --epochs (got {self.head_epochs} of {self.epochs})")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise FmtlError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(choices)}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def closest(key: str) -> str:
+    match = difflib.get_close_matches(key.replace("-", "_"), FIELDS, n=1)
+    return f"; did you mean {match[0].replace('_', '-')}?" if match else ""
+
+
+def build_parser(prog: str = "fmtl train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Fine-tune a pretrained CNN on your classes.", allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of options (the command line overrides it)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"bool": None, "int": int, "float": float}.get(str(f.type), str)
+        extra = {"action": argparse.BooleanOptionalAction} if f.type in ("bool", bool) else {"type": kind}
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} [{f.default}]", **extra)
+    return parser
+
+
+def load_config(argv: list[str] | None = None, prog: str = "fmtl train") -> TrainConfig:
+    """Defaults, then ``--config FILE`` (or a resumed run's config.yaml), then the command line."""
+    parser = build_parser(prog)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next(u for u in unknown if u.startswith("-")) if any(u.startswith("-") for u in unknown) else unknown[0]
+        raise FmtlError(f"unknown option {flag}{closest(flag.lstrip('-').split('=')[0])}")
+    given = vars(args)
+    values: dict = {}
+    resume = given.get("resume")
+    if resume:
+        values.update(read_yaml(Path(resume) / "config.yaml"))
+    if given.get("config"):
+        values.update(read_yaml(Path(given.pop("config"))))
+    given.pop("config", None)
+    values.update(given)
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FmtlError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise FmtlError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise FmtlError(f"{path} must hold a mapping of option: value")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    for key in values:
+        if key not in FIELDS:
+            raise FmtlError(f"{path}: unknown key {key!r}{closest(key)}")
+    return values

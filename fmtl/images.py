@@ -1,0 +1,418 @@
+"""Torch-free image decoding for real folders: any file, any PIL mode, to uint8 [C, H, W].
+
+One function, ``decode_image``, turns a path, a PIL image or a numpy array into exactly
+what an fmtl model is fed: uint8, ``channels`` planes (1 grey, 3 RGB), resized to the
+source size. How it gets there, for every input:
+
+1. Files: empty, missing, non-regular and unidentifiable files, and images above
+   ``max_pixels`` (default 64 megapixels), are rejected with a ``DecodeError`` *before*
+   any pixel is decoded (PIL reads only the header in ``Image.open``), so a decompression
+   bomb costs nothing. PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS, about 179 M)
+   still applies above that and is reported the same way.
+   JPEGs bigger than needed are decoded at a reduced DCT scale (``draft``), which is
+   several times faster on photos and acts as an extra antialiasing step.
+2. EXIF orientation is applied (``ImageOps.exif_transpose``), as every photo viewer does.
+3. Modes are brought to 8 bits, then alpha is composited onto the ``background`` grey:
+     1 -> L (0/255); P -> RGB, or RGBA when it has a transparent colour; L/RGB with a
+     transparent colour (tRNS) -> RGBA; LA/PA/RGBA/La/RGBa -> composited; CMYK, YCbCr,
+     LAB, HSV, RGBX -> RGB (PIL's conversion); 16-bit and 32-bit modes -> L by
+     ``to_uint8`` (I;16: divide by 257, so 65535 -> 255; I and F: see ``to_uint8``).
+   Numpy arrays follow the same rules by dtype (uint16 like I;16, bool -> 0/255).
+4. Grey and colour are then converted to ``channels``: RGB -> L with PIL's ITU-R 601-2
+   luma, L -> RGB by repetition.
+5. Resize to ``size`` = (height, width) with PIL's bilinear filter, which widens its
+   support when shrinking (antialiased, as torchvision's ``antialias=True``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fnmatch
+import glob
+import os
+import re
+import stat
+import threading
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+DEFAULT_MAX_PIXELS = 64_000_000  # 64 megapixels: bigger than any phone photo, far below a bomb's size
+
+Source = str | os.PathLike | Image.Image | np.ndarray
+
+# Image.open warns (DecompressionBombWarning) above Image.MAX_IMAGE_PIXELS (89 M) and raises
+# DecompressionBombError above twice that. fmtl checks its own ``max_pixels`` right after
+# the header is read, so PIL's warning is silenced while opening (its error still counts).
+# Warnings filters are process-global, so openings are serialised; Image.open reads only
+# the header, so the lock is held for microseconds and decoding stays parallel.
+_OPEN_LOCK = threading.Lock()
+_ORIENTATION = ExifTags.Base.Orientation
+
+
+class DecodeError(Exception):
+    """An image that cannot be decoded; ``str(error)`` is a short human reason."""
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """True when the file name ends in one of IMAGE_EXTENSIONS, in any case."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def decode_image(
+    source: Source,
+    channels: int,
+    size: tuple[int, int] | None,
+    background: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode one image to a uint8 array [channels, H, W].
+
+    Args:
+        source: a file path, a PIL image, or a numpy array (HW, HWC or CHW; any real dtype).
+        channels: 1 for grey, 3 for RGB.
+        size: (height, width) to resize to, or None to keep the image's own size.
+        background: grey level (0..255) that transparent pixels are composited onto.
+        max_pixels: images with more pixels than this are refused before decoding.
+
+    Raises:
+        DecodeError: the source is not a decodable image (the message says why).
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if isinstance(source, np.ndarray):
+        return _finish(_array_to_pil(source, max_pixels), channels, size, background)
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, max_pixels)
+        return _finish(source, channels, size, background)
+    return _decode_file(Path(source), channels, size, background, max_pixels)
+
+
+def _decode_file(path: Path, channels: int, size: tuple[int, int] | None, background: int, max_pixels: int) -> np.ndarray:
+    """Open, check and decode one file, turning every failure into a DecodeError with a reason."""
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise DecodeError("is a directory")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+            raise DecodeError("not a regular file")
+        if info.st_size == 0:
+            raise DecodeError("empty file")
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            _check_pixels(image.size, max_pixels)
+            if size is not None and image.format == "JPEG":
+                image.draft(None, _draft_size(image, size))
+            image.load()  # decode now, so truncation surfaces here and not inside getexif or convert
+            return _finish(image, channels, size, background)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise DecodeError(f"image too large: {_bomb_pixels(error)}") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (cannot identify)") from None
+    except FileNotFoundError:
+        raise DecodeError("file not found") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except OSError as error:
+        if "truncated" in str(error).lower():
+            raise DecodeError("truncated image") from None
+        raise DecodeError(f"unreadable image ({_first_line(error)})") from None
+    except Exception as error:  # corrupt files raise anything from a plugin: never crash a folder run
+        raise DecodeError(f"corrupt image ({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _check_pixels(wh: tuple[int, int], max_pixels: int) -> None:
+    width, height = wh
+    if width * height > max_pixels:
+        raise DecodeError(f"image too large: {width}x{height} = {width * height} pixels (limit {max_pixels})")
+    if width * height == 0:
+        raise DecodeError("empty image (0 pixels)")
+
+
+def _bomb_pixels(error: Exception) -> str:
+    """PIL's bomb message names the pixel count; keep that and say whose limit it was."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    count = found.group(1) if found else "too many"
+    return f"{count} pixels (over PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS)"
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _draft_size(image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) a JPEG may be DCT-scaled down to, in stored (pre-EXIF-rotation) orientation."""
+    height, width = size
+    if _orientation(image) in (5, 6, 7, 8):  # these orientations swap width and height
+        height, width = width, height
+    return width, height
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_ORIENTATION, 1))
+    except Exception:  # broken EXIF: treat as upright rather than reject the pixels
+        return 1
+
+
+def _finish(image: Image.Image, channels: int, size: tuple[int, int] | None, background: int) -> np.ndarray:
+    """EXIF-rotate, convert the mode, composite alpha, resize; return uint8 [C, H, W]."""
+    if _orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
+    image = _flatten(_to_8bit(image), background)
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size is not None and image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)  # PIL sizes are (width, height)
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        return np.ascontiguousarray(array[None])
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> one of L, LA, RGB, RGBA (8 bits per channel), keeping transparency."""
+    mode = image.mode
+    if mode in ("L", "RGB", "P") and "transparency" in image.info:
+        return image.convert("RGBA")  # palette or colour-key transparency becomes a real alpha channel
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        return image
+    if mode in ("1", "P"):
+        return image.convert("L" if mode == "1" else "RGB")
+    if mode in ("La", "RGBa", "PA"):
+        return image.convert("LA" if mode == "La" else "RGBA")
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(to_uint8(np.asarray(image)), "L")
+    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def _flatten(image: Image.Image, background: int) -> Image.Image:
+    """Composite LA/RGBA onto a uniform ``background`` grey: out = c * a + bg * (1 - a)."""
+    if image.mode not in ("LA", "RGBA"):
+        return image
+    base_mode = image.mode[:-1]
+    base = Image.new(base_mode, image.size, (background,) * len(base_mode))
+    base.paste(image.convert(base_mode), mask=image.getchannel("A"))
+    return base
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale any real array to uint8, with the rules fmtl uses for 16-bit, 32-bit and float images.
+
+    - uint8: unchanged; bool: 0/255.
+    - uint16 (PIL mode I;16): divide by 257 and round, so the full 0..65535 range maps to 0..255
+      exactly as an 8-bit export of the same image would.
+    - other integers (mode I) and floats (mode F): floats all within 0..1 are taken as
+      fractions and multiplied by 255 (the numpy/matplotlib convention); values already
+      within 0..255 are kept (rounded); anything else (negative values, or above 255 as
+      12-bit sensors and depth maps give) is min-max scaled to 0..255, because clipping
+      would turn most of such an image white. NaN and infinities count as 0.
+    """
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.dtype == np.uint16:
+        return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise DecodeError(f"unsupported array dtype {array.dtype}")
+    values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if np.issubdtype(array.dtype, np.floating) and low >= 0.0 and high <= 1.0:
+        values = values * 255.0
+    elif low < 0.0 or high > 255.0:
+        values = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _array_to_pil(array: np.ndarray, max_pixels: int) -> Image.Image:
+    """HW, HWC or CHW array of any real dtype -> an 8-bit PIL image (L, LA, RGB or RGBA).
+
+    A 3-D array whose last axis has 1-4 entries is read as HWC, else one whose first
+    axis has 1-4 entries as CHW (so [3, 28, 28] is CHW and [28, 28, 3] is HWC).
+    """
+    if array.ndim == 3 and array.shape[-1] in (1, 2, 3, 4):
+        hwc = array
+    elif array.ndim == 3 and array.shape[0] in (1, 2, 3, 4):
+        hwc = array.transpose(1, 2, 0)
+    elif array.ndim == 2:
+        hwc = array[:, :, None]
+    else:
+        raise DecodeError(f"array of shape {tuple(array.shape)} is not an image (HW, HWC or CHW with 1-4 channels)")
+    _check_pixels((hwc.shape[1], hwc.shape[0]), max_pixels)
+    hwc = np.ascontiguousarray(to_uint8(hwc))
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[hwc.shape[2]]
+    return Image.fromarray(hwc[:, :, 0] if mode == "L" else hwc, mode)
+
+
+# --- many images at once ---------------------------------------------------------------------------
+
+
+def default_threads() -> int:
+    """Decoding threads: one per core, at most 8 (PIL releases the GIL while decoding and resizing)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _decode_or_error(
+    source: Source, channels: int, size: tuple[int, int] | None, background: int
+) -> np.ndarray | DecodeError:
+    try:
+        return decode_image(source, channels, size, background)
+    except DecodeError as error:
+        return error
+
+
+def decode_many(
+    paths: Sequence[Source],
+    channels: int,
+    size: tuple[int, int] | None,
+    background: int = 0,
+    threads: int | None = None,
+) -> list[np.ndarray | DecodeError]:
+    """Decode every source in a thread pool; results in input order, a DecodeError in place of each failure."""
+    results: list[np.ndarray | DecodeError] = []
+    for batch in iter_decoded(paths, channels, size, background, batch_size=max(1, len(paths)), threads=threads):
+        results.extend(batch)
+    return results
+
+
+def iter_decoded(
+    paths: Sequence[Source],
+    channels: int,
+    size: tuple[int, int] | None,
+    background: int = 0,
+    batch_size: int = 64,
+    threads: int | None = None,
+) -> Iterator[list[np.ndarray | DecodeError]]:
+    """Yield decoded batches of ``batch_size`` in input order, decoding the next batch while
+    the caller works on the current one. Only two batches are in memory at a time, so
+    folders of any length are fine."""
+    starts = range(0, len(paths), batch_size)
+    if not starts:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:
+        pending: deque[list[concurrent.futures.Future]] = deque()
+        start_iter = iter(starts)
+
+        def submit_next() -> None:
+            start = next(start_iter, None)
+            if start is not None:
+                chunk = paths[start : start + batch_size]
+                pending.append([pool.submit(_decode_or_error, p, channels, size, background) for p in chunk])
+
+        submit_next()
+        submit_next()  # one batch ahead
+        while pending:
+            futures = pending.popleft()
+            submit_next()
+            yield [future.result() for future in futures]
+
+
+# --- finding images --------------------------------------------------------------------------------
+
+
+def collect_image_paths(inputs: Iterable[str], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand files, folders and glob patterns into a sorted, de-duplicated list of image files.
+
+    - A file named explicitly is kept whatever its extension (decoding will say if it is
+      not an image): the user asked for it.
+    - A folder contributes its image files (by extension, any case): direct children, or
+      the whole tree when ``recursive``. Symlinked folders are followed, each real folder
+      once, so symlink loops end. Hidden files and folders (".name") are skipped, as the
+      shell and glob skip them (this also skips macOS "._photo.jpg" resource forks).
+    - A glob pattern (``*``, ``?``, ``[...]``; ``**`` matches any depth) contributes the
+      image files it matches; folders it matches are expanded like folder arguments.
+
+    Returns (paths, problems): problems holds (input, reason) for each input that does not
+    exist or yields no image. Paths reached twice (also through symlinks) appear once.
+    """
+    found: dict[str, Path] = {}  # realpath -> first (smallest) path as the user will see it
+    problems: list[tuple[str, str]] = []
+    for item in inputs:
+        matches, reason = _expand(item, recursive)
+        if reason:
+            problems.append((item, reason))
+        for path in matches:
+            key = os.path.realpath(path)
+            if key not in found or str(path) < str(found[key]):
+                found[key] = path
+    return sorted(found.values(), key=str), problems
+
+
+def _expand(item: str, recursive: bool) -> tuple[list[Path], str | None]:
+    """One input -> (image paths, reason it gave nothing or None)."""
+    path = Path(item)
+    if path.is_dir():
+        images = list(_folder_images(path, recursive))
+        return images, None if images else "no images in folder"
+    if path.exists() or path.is_symlink():
+        return ([path], None) if path.exists() else ([], "broken symlink")
+    if not _has_magic(item):
+        return [], "no such file or folder"
+    images: list[Path] = []
+    for match in _glob(item):
+        if match.is_dir():
+            images.extend(_folder_images(match, recursive))
+        elif is_image_path(match) and match.is_file():
+            images.append(match)
+    return images, None if images else "no images match this pattern"
+
+
+def _has_magic(text: str) -> bool:
+    return any(char in text for char in "*?[")
+
+
+def _folder_images(folder: Path, recursive: bool) -> Iterator[Path]:
+    for parent, files in _walk(folder, recursive):
+        for name in files:
+            if is_image_path(name):
+                yield parent / name
+
+
+def _walk(root: Path, recursive: bool) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, visible file names) for ``root`` and, when recursive, every folder below it,
+    following symlinked folders but entering each real folder only once (loops end)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        # prune in place: os.walk then never descends into these
+        dirnames[:] = sorted(d for d in dirnames if recursive and not d.startswith("."))
+        yield Path(dirpath), sorted(f for f in filenames if not f.startswith("."))
+
+
+def _glob(pattern: str) -> list[Path]:
+    """glob.glob, except that ``**`` walks with _walk, which ends on symlink loops
+    (Python 3.11's glob follows them until the path grows too long)."""
+    if "**" not in pattern:
+        return [Path(p) for p in glob.glob(pattern)]
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if _has_magic(part))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    rest = parts[fixed:]
+    matches = []
+    for parent, files in _walk(root, recursive=True):
+        relative = parent.relative_to(root).parts
+        matches.extend(parent / name for name in files if _match_parts(rest, (*relative, name)))
+    return matches
+
+
+def _match_parts(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Match path components against pattern components, where "**" spans zero or more of them."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match_parts(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match_parts(pattern[1:], parts[1:])

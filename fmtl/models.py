@@ -1,0 +1,253 @@
+"""Pretrained backbones with a new head: any torchvision classifier by name, plus EfficientNet-Lite0.
+
+``create_model`` loads ImageNet weights first, then splits the network into a
+``backbone`` (everything up to the final classification layer, which is replaced by
+``Identity``) and a ``head`` (a new Linear, or a small MLP). The split makes the
+transfer-learning moves one-liners: freeze the backbone, cache its features, give
+it its own learning rate.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from fmtl.errors import ModelConfigError
+
+LITE0 = "efficientnet_lite0"
+HEAD_ATTRIBUTES = ("fc", "classifier", "heads", "head")  # where torchvision models keep their final layer
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputDefaults:
+    """What the backbone's weights expect: the preprocessing they were trained with."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    image_size: int = 224
+    interpolation: str = "bilinear"
+
+
+class FmtlModel(nn.Module):
+    """``head(backbone(x))``: a pretrained feature extractor and the layer that names classes."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, architecture: str, defaults: InputDefaults):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.architecture = architecture
+        self.input_defaults = defaults
+        self.backbone_frozen = False  # True: the backbone runs without gradients (feature extraction)
+
+    def forward(self, x: torch.Tensor, from_features: bool = False) -> torch.Tensor:
+        """Logits for images, or for backbone features already computed (``from_features``)."""
+        if from_features:
+            return self.head(x)
+        if self.backbone_frozen:
+            with torch.no_grad():
+                return self.head(self.backbone(x))
+        return self.head(self.backbone(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    @property
+    def num_features(self) -> int:
+        first = next(m for m in self.head.modules() if isinstance(m, nn.Linear))
+        return first.in_features
+
+
+def available_models() -> list[str]:
+    """Every classification architecture fmtl can build."""
+    return sorted([*torchvision.models.list_models(module=torchvision.models), LITE0])
+
+
+def create_model(
+    name: str, num_classes: int | None = None, weights: str | None = "DEFAULT", head: str = "linear"
+) -> FmtlModel:
+    """Build ``name`` with ImageNet (or given) weights, then replace its head.
+
+    Args:
+        name: a torchvision classification model (``resnet18``, ``mobilenet_v2``, ``vgg16``, ...)
+            or ``efficientnet_lite0``.
+        num_classes: classes of the new head; None keeps the original ImageNet head.
+        weights: ``"DEFAULT"``, a torchvision weights name (``"IMAGENET1K_V1"``), None / ``"none"``
+            for random initialisation, or a local ``.pth`` / ``.safetensors`` state dict.
+        head: ``"linear"`` or ``"mlp"`` (Linear 512 -> ReLU -> Dropout 0.5 -> Linear).
+    """
+    if head not in ("linear", "mlp"):
+        raise ModelConfigError(f"unknown head {head!r}: choose linear or mlp")
+    weights = None if isinstance(weights, str) and weights.lower() == "none" else weights
+    network, defaults = _build_lite0(weights) if name == LITE0 else _build_torchvision(name, weights)
+    final_name, final = _final_layer(network)
+    _set_module(network, final_name, nn.Identity())
+    if num_classes is not None:
+        final = _new_head(_in_features(final), num_classes, head)
+    elif head == "mlp":
+        raise ModelConfigError("an MLP head needs num_classes")
+    return FmtlModel(network, final, name, defaults)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _build_lite0(weights: str | None) -> tuple[nn.Module, InputDefaults]:
+    from fmtl.efficientnet_lite import LITE0_IMAGE_SIZE, LITE0_MEAN, LITE0_STD, efficientnet_lite0
+
+    try:
+        network = efficientnet_lite0(weights=weights)
+    except (FileNotFoundError, RuntimeError, KeyError) as error:
+        raise ModelConfigError(f"cannot load EfficientNet-Lite0 weights {weights!r}: {error}") from None
+    return network, InputDefaults(tuple(LITE0_MEAN), tuple(LITE0_STD), LITE0_IMAGE_SIZE, "bilinear")
+
+
+def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, InputDefaults]:
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `fmtl models`"
+        raise ModelConfigError(f"unknown model {name!r}{hint}")
+    enum = torchvision.models.get_model_weights(name)
+    defaults = _defaults_from_weights(enum.DEFAULT)
+    if weights is None:
+        return torchvision.models.get_model(name, weights=None), defaults
+    if Path(str(weights)).suffix in (".pth", ".pt", ".safetensors"):
+        network = torchvision.models.get_model(name, weights=None)
+        load_state_dict_file(network, weights)
+        return network, defaults
+    try:
+        chosen = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except KeyError:
+        valid = ", ".join(["DEFAULT", *enum.__members__])
+        raise ModelConfigError(f"unknown weights {weights!r} for {name}: choose one of {valid}, none, or a file") from None
+    try:
+        return torchvision.models.get_model(name, weights=chosen), _defaults_from_weights(chosen)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError
+        raise ModelConfigError(
+            f"cannot download {name} weights {chosen} ({_short(error)}): pass --weights PATH to a downloaded "
+            f".pth/.safetensors file, --weights none to train from scratch, or use --model {LITE0}, "
+            "whose ImageNet weights ship with fmtl"
+        ) from None
+
+
+def _defaults_from_weights(weights) -> InputDefaults:
+    preset = weights.transforms()
+    size = getattr(preset, "crop_size", [224])
+    return InputDefaults(
+        tuple(getattr(preset, "mean", IMAGENET_MEAN)),
+        tuple(getattr(preset, "std", IMAGENET_STD)),
+        int(size[0] if isinstance(size, (list, tuple)) else size),
+        getattr(getattr(preset, "interpolation", None), "value", "bilinear"),
+    )
+
+
+def load_state_dict_file(network: nn.Module, path: str | Path) -> None:
+    """Load a local .pth/.safetensors state dict (how users without a network bring weights)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelConfigError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except Exception as error:  # noqa: BLE001 - any failure is the same user error
+        raise ModelConfigError(f"cannot load weights from {path}: {_short(error)}") from None
+
+
+def _short(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
+# ---------------------------------------------------------------- heads
+
+
+def _final_layer(network: nn.Module) -> tuple[str, nn.Module]:
+    """Dotted name and module of the layer that produces the ImageNet logits."""
+    for attribute in HEAD_ATTRIBUTES:
+        module = getattr(network, attribute, None)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            return attribute, module
+        if isinstance(module, nn.Sequential):
+            for index in reversed(range(len(module))):
+                if isinstance(module[index], (nn.Linear, nn.Conv2d)):
+                    return f"{attribute}.{index}", module[index]
+    raise ModelConfigError(f"cannot find the classification layer of {type(network).__name__}")
+
+
+def _in_features(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def _new_head(in_features: int, num_classes: int, kind: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_features, num_classes)
+    return nn.Sequential(nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, num_classes))
+
+
+def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)  # also right for Sequential, whose children are named "0", "1", ...
+
+
+# ---------------------------------------------------------------- freezing and parameter groups
+
+
+def feature_blocks(model: FmtlModel) -> list[nn.Module]:
+    """The backbone's stages in order, for ``last:N`` unfreezing."""
+    backbone = model.backbone
+    if isinstance(getattr(backbone, "features", None), nn.Sequential):
+        return list(backbone.features.children())
+    if hasattr(backbone, "layer4"):
+        return [backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
+    layers = getattr(getattr(backbone, "encoder", None), "layers", None)
+    if isinstance(layers, nn.Sequential):
+        return list(layers.children())
+    raise ModelConfigError(f"{model.architecture} has no feature stages fmtl knows; use freeze 'all' or 'frozen'")
+
+
+def apply_freeze(model: FmtlModel, policy: str) -> None:
+    """``frozen``: head only; ``all``: everything trains; ``last:N``: the last N feature blocks and the head."""
+    if policy == "all":
+        model.requires_grad_(True)
+        return
+    model.backbone.requires_grad_(False)
+    model.head.requires_grad_(True)
+    if policy == "frozen":
+        return
+    if not policy.startswith("last:") or not policy[5:].isdigit() or int(policy[5:]) < 1:
+        raise ModelConfigError(f"unknown freeze policy {policy!r}: use frozen, all or last:N (N >= 1)")
+    for block in feature_blocks(model)[-int(policy[5:]) :]:
+        block.requires_grad_(True)
+
+
+def parameter_groups(model: FmtlModel, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
+    """Optimizer groups: trainable backbone parameters at ``lr * backbone_lr_scale``, the head at ``lr``.
+
+    Biases and normalisation weights (1-D tensors) get no weight decay.
+    """
+    groups = []
+    for part, part_lr in ((model.backbone, lr * backbone_lr_scale), (model.head, lr)):
+        params = [p for p in part.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [
+            {"params": decay, "lr": part_lr, "weight_decay": weight_decay},
+            {"params": no_decay, "lr": part_lr, "weight_decay": 0.0},
+        ]
+    return [g for g in groups if g["params"]]
+
+
+def parameter_summary(model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.1f}%)"
