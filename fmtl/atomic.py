@@ -25,11 +25,25 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        _set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _set_default_mode(path: str | os.PathLike) -> None:
+    """mkstemp makes files private (0600); give them the mode a plain open() would (0666 less umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a finished temporary file (from ``temp_path_beside``) over ``path``, with normal permissions."""
+    _set_default_mode(tmp)
+    os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -44,7 +58,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def temp_path_beside(path: str | os.PathLike) -> Path:
     """A fresh temporary path in ``path``'s folder, for writers that insist on a file name
-    (torch.onnx, matplotlib); pair it with os.replace(tmp, path) once the file is complete."""
+    (torch.onnx, matplotlib); pair it with publish(tmp, path) once the file is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)

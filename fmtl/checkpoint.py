@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from fmtl import __version__
-from fmtl.atomic import atomic_write_text, temp_path_beside
+from fmtl.atomic import atomic_write_text, publish, temp_path_beside
 from fmtl.errors import FmtlError
 from fmtl.spec import InputSpec
 
@@ -41,7 +41,7 @@ def save_model(run_dir: str | os.PathLike, model, info: dict) -> dict:
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp), metadata={"format": "pt", "architecture": info["architecture"]})
-        os.replace(tmp, target)
+        publish(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     info = {**info, "fmtl_version": __version__, "weights_sha256": sha256_file(target)}

@@ -49,10 +49,9 @@ class FmtlModel(nn.Module):
         """Logits for images, or for backbone features already computed (``from_features``)."""
         if from_features:
             return self.head(x)
-        if self.backbone_frozen:
-            with torch.no_grad():
-                return self.head(self.backbone(x))
-        return self.head(self.backbone(x))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            features = self.backbone(x)
+        return self.head(features)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

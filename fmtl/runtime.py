@@ -117,10 +117,9 @@ class Classifier:
 
     def decode(self, inputs: Sequence[Source] | Source) -> np.ndarray:
         """Decode paths / PIL images / arrays (in a thread pool) into one uint8 batch for this model."""
-        if isinstance(inputs, (str, Path, Image.Image)):
-            inputs = [inputs]
-        decoded = decode_many(list(inputs), self.spec.channels, self.spec.source_size, self.spec.background)
-        for source, item in zip(inputs, decoded):
+        inputs = [inputs] if isinstance(inputs, (str, Path, Image.Image)) else list(inputs)
+        decoded = decode_many(inputs, self.spec.channels, self.spec.source_size, self.spec.background)
+        for source, item in zip(inputs, decoded, strict=True):
             if isinstance(item, DecodeError):
                 name = source if isinstance(source, (str, Path)) else type(source).__name__
                 raise DecodeError(f"{name}: {item}")
@@ -134,7 +133,7 @@ class Classifier:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # stable: ties go to the lower index
         return [
             [Prediction(self.classes[i], int(i), float(row[i])) for i in indices]
-            for row, indices in zip(probs, order)
+            for row, indices in zip(probs, order, strict=True)
         ]
 
     def _check_batch(self, batch: np.ndarray) -> None:
@@ -184,7 +183,7 @@ def _check_signature(path: Path, session: ort.InferenceSession, spec: InputSpec,
     want = [None, spec.channels, *spec.source_size]
     shape = inputs[0].shape
     # symbolic dimensions (strings or None) match anything; numbers must agree with the spec
-    if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape, want)):
+    if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape, want, strict=True)):
         raise ModelError(f"{path}: input shape {shape} does not match the input spec [N, {spec.channels}, "
                          f"{spec.source_size[0]}, {spec.source_size[1]}]")
     names = [o.name for o in outputs]
