@@ -95,9 +95,13 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def closest(key: str) -> str:
+def closest(key: str, prefix: str = "") -> str:
+    """``"; did you mean --epochs?"`` for a near-miss of a TrainConfig field, else ``""``."""
     match = difflib.get_close_matches(key.replace("-", "_"), FIELDS, n=1)
-    return f"; did you mean {match[0].replace('_', '-')}?" if match else ""
+    if not match:
+        return ""
+    name = match[0].replace("_", "-") if prefix else match[0]
+    return f"; did you mean {prefix}{name}?"
 
 
 def build_parser(prog: str = "fmtl train") -> argparse.ArgumentParser:
@@ -117,7 +121,7 @@ def load_config(argv: list[str] | None = None, prog: str = "fmtl train") -> Trai
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = next(u for u in unknown if u.startswith("-")) if any(u.startswith("-") for u in unknown) else unknown[0]
-        raise FmtlError(f"unknown option {flag}{closest(flag.lstrip('-').split('=')[0])}")
+        raise FmtlError(f"unknown option {flag}{closest(flag.lstrip('-').split('=')[0], prefix='--')}")
     given = vars(args)
     values: dict = {}
     resume = given.get("resume")

@@ -397,3 +397,23 @@ def _write_folder_cache(key: str, decoded) -> None:
             np.savez(handle, images=images, labels=labels, skipped=np.array(json.dumps(skipped)))
     except OSError as error:  # a read-only cache only costs speed
         warnings.warn(f"could not cache decoded images: {error}", stacklevel=2)
+
+
+def write_samples(out_dir: str | Path, source: str, split: str, count: int, seed: int = 0) -> list[Path]:
+    """Save ``count`` seeded random images of a split as ``<index>_<class>.png`` (atomically)."""
+    from PIL import Image
+
+    from fmtl.atomic import atomic_open
+
+    data = load_dataset(source, split)
+    chosen = np.random.default_rng(seed).choice(len(data), size=min(count, len(data)), replace=False)
+    written = []
+    for index in sorted(chosen.tolist()):
+        pixels = data.images[index].permute(1, 2, 0).numpy()
+        image = Image.fromarray(pixels[:, :, 0] if data.channels == 1 else pixels)
+        name = data.classes[int(data.labels[index])].replace("/", "-").replace(" ", "_")
+        path = Path(out_dir) / f"{index:05d}_{name}.png"
+        with atomic_open(path, "wb") as handle:
+            image.save(handle, format="PNG")
+        written.append(path)
+    return written

@@ -9,8 +9,9 @@ source size. How it gets there, for every input:
    any pixel is decoded (PIL reads only the header in ``Image.open``), so a decompression
    bomb costs nothing. PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS, about 179 M)
    still applies above that and is reported the same way.
-   JPEGs bigger than needed are decoded at a reduced DCT scale (``draft``), which is
-   several times faster on photos and acts as an extra antialiasing step.
+   JPEGs much bigger than needed are decoded at a reduced DCT scale (``draft``, to at
+   least twice the target size), several times faster on photos for a fraction of a grey
+   level of difference.
 2. EXIF orientation is applied (``ImageOps.exif_transpose``), as every photo viewer does.
 3. Modes are brought to 8 bits, then alpha is composited onto the ``background`` grey:
      1 -> L (0/255); P -> RGB, or RGBA when it has a transparent colour; L/RGB with a
@@ -41,7 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# lower case, without the dot (compare with path.suffix.lower().lstrip(".")); any case matches
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({"png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp"})
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 megapixels: bigger than any phone photo, far below a bomb's size
 
 Source = str | os.PathLike | Image.Image | np.ndarray
@@ -61,7 +63,7 @@ class DecodeError(Exception):
 
 def is_image_path(path: str | os.PathLike) -> bool:
     """True when the file name ends in one of IMAGE_EXTENSIONS, in any case."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    return Path(path).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
 
 
 def decode_image(
@@ -93,7 +95,9 @@ def decode_image(
     return _decode_file(Path(source), channels, size, background, max_pixels)
 
 
-def _decode_file(path: Path, channels: int, size: tuple[int, int] | None, background: int, max_pixels: int) -> np.ndarray:
+def _decode_file(
+    path: Path, channels: int, size: tuple[int, int] | None, background: int, max_pixels: int
+) -> np.ndarray:
     """Open, check and decode one file, turning every failure into a DecodeError with a reason."""
     try:
         info = os.stat(path)
@@ -151,8 +155,12 @@ def _first_line(error: Exception) -> str:
 
 
 def _draft_size(image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
-    """The (width, height) a JPEG may be DCT-scaled down to, in stored (pre-EXIF-rotation) orientation."""
-    height, width = size
+    """The (width, height) a JPEG may be DCT-scaled down to, in stored (pre-EXIF-rotation) orientation.
+
+    Twice the target: the bilinear resize then does the last 2x or more. Measured on a
+    3600x3072 photo: 6-7x faster than a full decode, mean difference 0.1-0.2 grey levels
+    (0.5 when drafting to the target size itself) at 28, 64 and 224 px."""
+    height, width = 2 * size[0], 2 * size[1]
     if _orientation(image) in (5, 6, 7, 8):  # these orientations swap width and height
         height, width = width, height
     return width, height
@@ -247,7 +255,9 @@ def _array_to_pil(array: np.ndarray, max_pixels: int) -> Image.Image:
     elif array.ndim == 2:
         hwc = array[:, :, None]
     else:
-        raise DecodeError(f"array of shape {tuple(array.shape)} is not an image (HW, HWC or CHW with 1-4 channels)")
+        raise DecodeError(
+            f"array of shape {tuple(array.shape)} is not an image (HW, HWC or CHW with 1-4 channels)"
+        )
     _check_pixels((hwc.shape[1], hwc.shape[0]), max_pixels)
     hwc = np.ascontiguousarray(to_uint8(hwc))
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[hwc.shape[2]]
@@ -278,9 +288,11 @@ def decode_many(
     background: int = 0,
     threads: int | None = None,
 ) -> list[np.ndarray | DecodeError]:
-    """Decode every source in a thread pool; results in input order, a DecodeError in place of each failure."""
+    """Decode every source in a thread pool; results in input order, a DecodeError in place of a failure."""
     results: list[np.ndarray | DecodeError] = []
-    for batch in iter_decoded(paths, channels, size, background, batch_size=max(1, len(paths)), threads=threads):
+    for batch in iter_decoded(
+        paths, channels, size, background, batch_size=max(1, len(paths)), threads=threads
+    ):
         results.extend(batch)
     return results
 
@@ -320,7 +332,9 @@ def iter_decoded(
 # --- finding images --------------------------------------------------------------------------------
 
 
-def collect_image_paths(inputs: Iterable[str], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
+def collect_image_paths(
+    inputs: Iterable[str], recursive: bool = False
+) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand files, folders and glob patterns into a sorted, de-duplicated list of image files.
 
     - A file named explicitly is kept whatever its extension (decoding will say if it is

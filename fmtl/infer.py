@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fmtl.atomic import atomic_write_text
+from fmtl.errors import FmtlError
 from fmtl.images import DecodeError, collect_image_paths, iter_decoded
 from fmtl.runtime import Classifier, ModelError, Prediction
 
@@ -31,7 +32,7 @@ DEFAULT_MODEL_FOLDER = "export"
 Echo = Callable[[str], object]
 
 
-class InferError(Exception):
+class InferError(FmtlError):
     """A user error (bad model, bad option): the CLI prints the message on one line and exits non-zero."""
 
 
@@ -44,7 +45,10 @@ class Row:
     error: str | None = None
 
     def to_dict(self) -> dict:
-        top = [{"label": p.label, "index": p.index, "probability": round(p.probability, 6)} for p in self.predictions]
+        top = [
+            {"label": p.label, "index": p.index, "probability": round(p.probability, 6)}
+            for p in self.predictions
+        ]
         return {"path": self.path, "top_k": top, "error": self.error}
 
 
@@ -63,7 +67,9 @@ def find_newest_model(folder: str | Path = DEFAULT_MODEL_FOLDER) -> Path:
         raise InferError(f"no --model given and no {folder}/ folder to pick one from: pass --model FILE.onnx")
     models = [p for p in folder.glob("*.onnx") if p.is_file()]
     if not models:
-        raise InferError(f"no .onnx model in {folder}/: run `fmtl export --onnx RUN` or pass --model FILE.onnx")
+        raise InferError(
+            f"no .onnx model in {folder}/: run `fmtl export --onnx RUN` or pass --model FILE.onnx"
+        )
     return max(models, key=lambda p: (p.stat().st_mtime, p.name))
 
 
@@ -165,7 +171,9 @@ def classify_paths(
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, enabled: bool, echo_err: Echo) -> Iterator[tuple[Callable[[int], object], Echo]]:
+def _progress_bar(
+    total: int, enabled: bool, echo_err: Echo
+) -> Iterator[tuple[Callable[[int], object], Echo]]:
     """(update(n), say(message)) for a tqdm bar on stderr; say() prints a message without tearing the bar.
 
     The bar shows only when asked for, on a terminal, and when tqdm is installed."""
@@ -227,16 +235,22 @@ def _table(rows: Sequence[Row]) -> str:
     width = max((len(row.path) for row in rows), default=0)
     lines = []
     for row in rows:
-        text = f"error: {row.error}" if row.error else ", ".join(f"{p.label} {p.probability:.1%}" for p in row.predictions)
+        text = (
+            f"error: {row.error}"
+            if row.error
+            else ", ".join(f"{p.label} {p.probability:.1%}" for p in row.predictions)
+        )
         lines.append(f"{row.path:<{width}}  {text}")
     return "".join(line + "\n" for line in lines)
 
 
 def _csv(rows: Sequence[Row], k: int) -> str:
-    """Header path,rank1_label,rank1_prob,...,rankK_label,rankK_prob,error; blank cells where not applicable."""
+    """Header path,rank1_label,rank1_prob,...,rankK_label,rankK_prob,error; blank cells where n/a."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", *[f"rank{r}_{what}" for r in range(1, k + 1) for what in ("label", "prob")], "error"])
+    writer.writerow(
+        ["path", *[f"rank{r}_{what}" for r in range(1, k + 1) for what in ("label", "prob")], "error"]
+    )
     for row in rows:
         cells = [cell for p in row.predictions for cell in (p.label, f"{p.probability:.6f}")]
         writer.writerow([row.path, *cells, *[""] * (2 * k - len(cells)), row.error or ""])

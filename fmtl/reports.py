@@ -57,7 +57,7 @@ def finish(trainer, seconds: float) -> dict | None:
     """Evaluate the best model on the test split, write metrics.json and the plots, print the summary."""
     accelerator, run_dir = trainer.accelerator, trainer.run_dir
     accelerator.wait_for_everyone()
-    trainer.net.load_state_dict(load_file(str(run_dir / MODEL_WEIGHTS), device=str(accelerator.device)))
+    trainer.net.load_state_dict(load_file(str(run_dir / MODEL_WEIGHTS)))  # copied onto the model's device
     trainer.net.backbone_frozen = False
     probs = predict_probs(trainer, trainer.test_set.images)
     if not accelerator.is_main_process:

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from fmtl.errors import FmtlError
 from fmtl.images import DecodeError, Source, decode_many
 from fmtl.spec import (
     META_ARCHITECTURE,
@@ -32,7 +33,7 @@ from fmtl.spec import (
 )
 
 
-class ModelError(ValueError):
+class ModelError(FmtlError, ValueError):
     """The model file is missing, is not ONNX, or is not an fmtl export; the message is one line."""
 
 
@@ -82,7 +83,8 @@ class Classifier:
         return (self.spec.channels, *self.spec.source_size)
 
     def __repr__(self) -> str:
-        return f"Classifier({str(self.path)!r}, {self.architecture or 'unknown'}, {self.num_classes} classes, input {self.input_shape})"
+        arch = self.architecture or "unknown"
+        return f"Classifier({str(self.path)!r}, {arch}, {self.num_classes} classes, input {self.input_shape})"
 
     def predict_proba(self, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Class probabilities float32 [N, num_classes] for a uint8 batch [N, C, H, W] at the source size."""
@@ -128,7 +130,7 @@ class Classifier:
         return np.stack(decoded)
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[Prediction]]:
-        """Turn probabilities [N, num_classes] into the k best Predictions per row (k clamped to 1..num_classes)."""
+        """The k best Predictions per row of probabilities [N, num_classes], k clamped to 1..num_classes."""
         k = max(1, min(int(k), self.num_classes))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # stable: ties go to the lower index
         return [
@@ -138,10 +140,13 @@ class Classifier:
 
     def _check_batch(self, batch: np.ndarray) -> None:
         if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 numpy batch, got {getattr(batch, 'dtype', type(batch).__name__)}")
+            raise ValueError(
+                f"expected a uint8 numpy batch, got {getattr(batch, 'dtype', type(batch).__name__)}"
+            )
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise ValueError(
-                f"expected a batch of shape [N, {', '.join(map(str, self.input_shape))}], got {list(batch.shape)}"
+                f"expected a batch of shape [N, {', '.join(map(str, self.input_shape))}], "
+                f"got {list(batch.shape)}"
             )
 
 
@@ -163,7 +168,9 @@ def _read_metadata(path: Path, metadata: dict[str, str]) -> tuple[list[str], Inp
     """Class names and InputSpec from the file's metadata_props."""
     missing = [key for key in (META_CLASSES, META_INPUT_SPEC) if key not in metadata]
     if missing:
-        raise ModelError(f"{path} has no fmtl metadata ({', '.join(missing)}): export it with `fmtl export --onnx`")
+        raise ModelError(
+            f"{path} has no fmtl metadata ({', '.join(missing)}): export it with `fmtl export --onnx`"
+        )
     try:
         classes = json.loads(metadata[META_CLASSES])
         spec = InputSpec.from_json(metadata[META_INPUT_SPEC])
@@ -183,9 +190,13 @@ def _check_signature(path: Path, session: ort.InferenceSession, spec: InputSpec,
     want = [None, spec.channels, *spec.source_size]
     shape = inputs[0].shape
     # symbolic dimensions (strings or None) match anything; numbers must agree with the spec
-    if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape, want, strict=True)):
-        raise ModelError(f"{path}: input shape {shape} does not match the input spec [N, {spec.channels}, "
-                         f"{spec.source_size[0]}, {spec.source_size[1]}]")
+    if len(shape) != 4 or any(
+        isinstance(d, int) and w is not None and d != w for d, w in zip(shape, want, strict=True)
+    ):
+        raise ModelError(
+            f"{path}: input shape {shape} does not match the input spec [N, {spec.channels}, "
+            f"{spec.source_size[0]}, {spec.source_size[1]}]"
+        )
     names = [o.name for o in outputs]
     if ONNX_OUTPUT not in names:
         raise ModelError(f"{path}: no output named '{ONNX_OUTPUT}' (found {', '.join(names)})")

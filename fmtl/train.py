@@ -13,6 +13,7 @@ that trains the head alone.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -89,6 +90,7 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     # A hybrid run's backbone gets no gradients in its head-only epochs: DDP must expect that.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.strategy == "hybrid")
     accelerator = Accelerator(
+        cpu=several_processes_without_gpu(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=cfg.log_with,
@@ -97,6 +99,15 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     )
     check_precision(cfg, accelerator.device)
     return accelerator
+
+
+def several_processes_without_gpu() -> bool:
+    """Launched as several processes on a machine with no GPU (launch/cpu-multiprocess.yaml).
+
+    Accelerate only picks its gloo MULTI_CPU mode when told the run is on the CPU; without
+    this each process would train alone, unaware of the others.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
@@ -361,6 +372,10 @@ class Trainer:
             "architecture": self.cfg.model, "num_classes": len(self.classes), "classes": self.classes,
             "input_spec": self.spec.to_dict(), "head": self.cfg.head, "strategy": self.cfg.strategy,
             "weights": str(self.cfg.weights), "data": self.train_set.source, "best_epoch": self.best["epoch"],
+            "data_options": {  # how export and evaluate reload the same splits
+                "source": self.cfg.data, "test_source": self.cfg.test_data, "data_dir": self.cfg.data_dir,
+                "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed, "source_size": self.cfg.source_size,
+            },
             "metrics": metrics,
         }  # fmt: skip
 

@@ -74,15 +74,18 @@ def build_model(
     model.ir_version = 8  # readable by any onnxruntime from 1.14 on
     if with_metadata:
         spec = InputSpec(channels=channels, source_size=source_size, image_size=32, background=0)
-        helper.set_model_props(model, {
-            META_CLASSES: json.dumps(list(classes)),
-            META_INPUT_SPEC: spec.to_json(),
-            META_ARCHITECTURE: "linear_test",
-            META_FMTL_VERSION: "0.1.0",
-            META_METRICS: json.dumps({"val_acc": 0.5}),
-            META_WEIGHTS_SHA256: "0" * 64,
-            META_OPSET: str(OPSET),
-        })
+        helper.set_model_props(
+            model,
+            {
+                META_CLASSES: json.dumps(list(classes)),
+                META_INPUT_SPEC: spec.to_json(),
+                META_ARCHITECTURE: "linear_test",
+                META_FMTL_VERSION: "0.1.0",
+                META_METRICS: json.dumps({"val_acc": 0.5}),
+                META_WEIGHTS_SHA256: "0" * 64,
+                META_OPSET: str(OPSET),
+            },
+        )
     onnx.checker.check_model(model)
     return model
 

@@ -1,0 +1,123 @@
+"""The ``fmtl`` command: thin click commands over the library modules.
+
+Each command imports what it needs when it runs, so ``fmtl infer`` and ``fmtl --version``
+never import torch. User mistakes end as one ``Error: ...`` line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from fmtl import __version__
+
+
+def user_errors(command):
+    """Turn fmtl's user-facing exceptions (all FmtlError, the runtime's too) into one-line click errors."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from fmtl.errors import FmtlError
+
+        try:
+            return command(*args, **kwargs)
+        except FmtlError as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fmtl")
+def main() -> None:
+    """Fine-tune an ImageNet-pretrained CNN on your classes, export it to ONNX, classify folders of images."""
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train(args: tuple[str, ...]) -> None:
+    """Train (same options as `accelerate launch fmtl/train.py`; see `fmtl train --help`)."""
+    from fmtl.train import main as train_main
+
+    sys.exit(train_main(list(args), prog="fmtl train"))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--onnx", "to_onnx", is_flag=True, default=True, help="Export to ONNX (the only format; the default).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file [export/<run name>.onnx].")
+@click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True, help="ONNX opset version.")
+@click.option("--parity-images", type=click.IntRange(1), default=512, show_default=True,
+              help="Validation images on which onnxruntime must agree with PyTorch.")  # fmt: skip
+@click.option("--quantize", type=click.Choice(["int8"]), help="Also write a statically quantized int8 model.")
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
+              help="Refuse the int8 model if it loses more accuracy than this (percentage points).")  # fmt: skip
+@user_errors
+def export(run_dir, to_onnx, output, opset, parity_images, quantize, max_accuracy_drop) -> None:
+    """Export a trained run folder as one self-describing, self-checked ONNX file."""
+    from fmtl.export import export_onnx
+
+    export_onnx(run_dir, output, opset=opset, parity_images=parity_images, quantize=quantize,
+                max_accuracy_drop=max_accuracy_drop, echo=click.echo)  # fmt: skip
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-m", "--model", type=click.Path(dir_okay=False), help="ONNX model [the newest in export/].")
+@click.option("-k", "--top-k", "k", type=click.IntRange(1), default=5, show_default=True, help="Labels per image.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write results here (atomically) instead of stdout.")
+@click.option("-r", "--recursive", is_flag=True, help="Walk folders recursively.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def infer(paths, model, k, batch_size, fmt, output, recursive, quiet) -> None:
+    """Classify image files, folders and globs with an exported model (onnxruntime; no torch)."""
+    from fmtl.infer import run
+
+    sys.exit(run(list(paths), model, k, batch_size, fmt, output, recursive, progress=not quiet))
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--data", help="Data to evaluate on [the model's own training data].")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@user_errors
+def evaluate(model, data, split, batch_size) -> None:
+    """Accuracy, top-5, per-class report and confusion matrix of an ONNX file or a run folder."""
+    from fmtl.evaluate import evaluate as run_evaluation
+
+    run_evaluation(model, data=data, split=split, batch_size=batch_size, echo=click.echo)
+
+
+@main.command()
+@click.argument("pattern", required=False, default="")
+def models(pattern: str) -> None:
+    """List the architectures fmtl can build (optionally those containing PATTERN)."""
+    from fmtl.models import available_models
+
+    for name in available_models():
+        if pattern in name:
+            click.echo(name)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--data", default="fashion-mnist", show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("-n", "--count", type=click.IntRange(1), default=24, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def samples(out_dir, data, split, count, seed) -> None:
+    """Write COUNT images of a dataset as PNG files named after their class (to try `fmtl infer` on)."""
+    from fmtl.data import write_samples
+
+    for path in write_samples(out_dir, data, split, count, seed):
+        click.echo(path)
+
+
+if __name__ == "__main__":
+    main()

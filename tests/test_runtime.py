@@ -1,0 +1,274 @@
+"""fmtl.runtime.Classifier and fmtl.infer.run on tiny real ONNX models and real image files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx_fixtures import GREY_CLASSES, RGB_CLASSES, grey_model, rgb_model, save_model
+from PIL import Image
+
+from fmtl.errors import FmtlError
+from fmtl.images import DecodeError
+from fmtl.infer import InferError, find_newest_model, run
+from fmtl.runtime import Classifier, ModelError, Prediction
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    return {"grey": grey_model(folder), "rgb": rgb_model(folder)}
+
+
+def _direct(model: Path, batch: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return session.run(["probs"], {"images": batch})[0]
+
+
+def _random_batch(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+# --- Classifier ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "classes", "shape"), [("grey", GREY_CLASSES, (1, 28, 28)), ("rgb", RGB_CLASSES, (3, 20, 30))]
+)
+def test_classifier_reads_metadata_and_matches_onnxruntime(models, kind, classes, shape) -> None:
+    clf = Classifier(models[kind])
+    assert clf.classes == list(classes) and clf.input_shape == shape
+    assert clf.architecture == "linear_test" and clf.spec.channels == shape[0]
+    assert clf.spec.source_size == shape[1:] and "weights_sha256" in clf.metadata
+    batch = _random_batch(5, shape)
+    probs = clf.predict_proba(batch, batch_size=2)  # 3 onnxruntime calls
+    np.testing.assert_allclose(probs, _direct(models[kind], batch), rtol=1e-5, atol=1e-6)
+    top = clf.predict(batch, k=2)
+    assert len(top) == 5 and all(len(row) == 2 for row in top)
+    for row, p in zip(top, probs, strict=True):
+        assert isinstance(row[0], Prediction)
+        assert row[0].index == int(p.argmax()) and row[0].label == classes[row[0].index]
+        assert row[0].probability == pytest.approx(float(p.max()), rel=1e-6)
+        assert row[0].probability >= row[1].probability
+
+
+def test_k_is_clamped(models) -> None:
+    clf = Classifier(models["grey"])
+    batch = _random_batch(2, clf.input_shape)
+    assert [len(r) for r in clf.predict(batch, k=50)] == [3, 3]
+    assert [len(r) for r in clf.predict(batch, k=0)] == [1, 1]
+    assert sum(p.probability for p in clf.predict(batch, k=50)[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_on_files_pil_and_arrays(models, tmp_path: Path) -> None:
+    clf = Classifier(models["rgb"])
+    batch = _random_batch(3, clf.input_shape, seed=4)
+    paths = []
+    for i, chw in enumerate(batch):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(chw.transpose(1, 2, 0)).save(paths[-1])  # already at the source size: lossless
+    expected = clf.predict(batch, k=4)
+    assert clf.predict(paths, k=4) == expected
+    assert clf.predict([str(p) for p in paths], k=4) == expected
+    assert clf.predict([Image.open(p) for p in paths], k=4) == expected
+    assert clf.predict(list(batch), k=4) == expected  # CHW arrays
+    assert clf.predict(str(paths[0]), k=4) == expected[:1]
+    assert clf.predict([], k=4) == []
+
+
+def test_predict_resizes_other_sizes(models, tmp_path: Path) -> None:
+    clf = Classifier(models["grey"])
+    Image.new("RGBA", (300, 90), (255, 255, 255, 255)).save(tmp_path / "big.png")
+    [top] = clf.predict([tmp_path / "big.png"], k=3)
+    direct = _direct(models["grey"], np.full((1, 1, 28, 28), 255, np.uint8))[0]
+    assert [p.index for p in top] == list(np.argsort(-direct))
+
+
+def test_predict_names_undecodable_file(models, tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_text("nope")
+    with pytest.raises(DecodeError, match=r"bad\.png: not an image"):
+        Classifier(models["grey"]).predict([tmp_path / "bad.png"])
+
+
+def test_bad_batches_are_refused(models) -> None:
+    clf = Classifier(models["grey"])
+    with pytest.raises(ValueError, match="uint8"):
+        clf.predict_proba(np.zeros((1, 1, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"shape \[N, 1, 28, 28\]"):
+        clf.predict_proba(np.zeros((1, 3, 28, 28), np.uint8))
+    assert clf.predict_proba(np.zeros((0, 1, 28, 28), np.uint8)).shape == (0, 3)
+
+
+def test_model_errors(tmp_path: Path) -> None:
+    (tmp_path / "text.onnx").write_text("this is not onnx")
+    no_meta = save_model(tmp_path / "plain.onnx", with_metadata=False)
+    wrong_input = save_model(tmp_path / "wrong.onnx", input_name="pixels")
+    float_input = save_model(tmp_path / "float.onnx", input_type=onnx.TensorProto.FLOAT)
+    cases = {
+        tmp_path / "missing.onnx": "model not found",
+        tmp_path / "text.onnx": "not a valid ONNX model",
+        no_meta: "no fmtl metadata",
+        wrong_input: "expected one input 'images'",
+        float_input: "expected one input 'images' of uint8",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ModelError, match=message) as info:
+            Classifier(path)
+        assert "\n" not in str(info.value)
+    # the CLI turns FmtlError into a one-line message
+    assert issubclass(ModelError, FmtlError) and issubclass(InferError, FmtlError)
+
+
+def test_metadata_that_contradicts_the_graph(tmp_path: Path) -> None:
+    model = onnx.load(str(grey_model(tmp_path)))
+    for prop in model.metadata_props:
+        if prop.key == "classes":
+            prop.value = json.dumps(["only", "two"])
+    onnx.save(model, str(tmp_path / "two.onnx"))
+    with pytest.raises(ModelError, match="does not match 2 classes"):
+        Classifier(tmp_path / "two.onnx")
+
+
+def test_threads_and_providers_options(models) -> None:
+    clf = Classifier(models["grey"], providers=["CPUExecutionProvider"], threads=1)
+    assert clf.session.get_providers() == ["CPUExecutionProvider"]
+
+
+# --- infer.run -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """3 good images (different sizes and modes), 2 broken ones, a non-image file."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("L", (28, 28), 10).save(folder / "a_dark.png")
+    Image.new("RGB", (64, 40), (250, 250, 250)).save(folder / "b_bright.JPG")
+    Image.new("RGBA", (5, 9), (100, 100, 100, 128)).save(folder / "c_half.webp")
+    (folder / "d_empty.png").write_bytes(b"")
+    (folder / "e_text.png").write_text("hello")
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+class Capture:
+    """Collects what run() says on stdout and stderr."""
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+        self.err: list[str] = []
+
+    def kwargs(self) -> dict:
+        return {"echo": self.out.append, "echo_err": self.err.append, "progress": False}
+
+
+def _run(inputs, model, fmt="csv", k=5, output=None, recursive=False) -> tuple[int, Capture]:
+    cap = Capture()
+    code = run(
+        [str(i) for i in inputs], str(model) if model else None, k, 2, fmt, output, recursive, **cap.kwargs()
+    )
+    return code, cap
+
+
+def test_run_csv_parses_back(models, photos: Path) -> None:
+    code, cap = _run([photos], models["grey"], fmt="csv", k=50)
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(cap.out[0])))
+    assert [Path(r["path"]).name for r in rows] == [
+        "a_dark.png",
+        "b_bright.JPG",
+        "c_half.webp",
+        "d_empty.png",
+        "e_text.png",
+    ]
+    assert set(rows[0]) == {"path", "error"} | {f"rank{r}_{w}" for r in (1, 2, 3) for w in ("label", "prob")}
+    assert rows[0]["rank1_label"] in GREY_CLASSES and rows[0]["error"] == ""
+    assert sum(float(rows[0][f"rank{r}_prob"]) for r in (1, 2, 3)) == pytest.approx(1.0, abs=1e-4)
+    assert rows[3]["error"] == "empty file" and rows[3]["rank1_label"] == ""
+    assert rows[4]["error"] == "not an image (cannot identify)"
+    assert any("d_empty.png: empty file" in line for line in cap.err)
+    assert any("model: " in line and "grey.onnx" in line for line in cap.err)
+
+
+def test_run_agrees_with_classifier(models, photos: Path) -> None:
+    code, cap = _run([photos / "b_bright.JPG"], models["rgb"], fmt="jsonl", k=2)
+    assert code == 0
+    [row] = [json.loads(line) for line in cap.out[0].splitlines()]
+    [top] = Classifier(models["rgb"]).predict([photos / "b_bright.JPG"], k=2)
+    assert [(p["label"], p["index"]) for p in row["top_k"]] == [(p.label, p.index) for p in top]
+    assert row["top_k"][0]["probability"] == pytest.approx(top[0].probability, abs=1e-6)
+    assert row["error"] is None
+
+
+def test_run_json_to_file_atomically(models, photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results" / "preds.json"
+    code, cap = _run([photos], models["grey"], fmt="json", k=2, output=out)
+    assert code == 0 and cap.out == []
+    document = json.loads(out.read_text())
+    assert document["model"] == str(models["grey"]) and document["k"] == 2
+    assert document["classes"] == list(GREY_CLASSES)
+    assert len(document["predictions"]) == 5
+    assert [len(p["top_k"]) for p in document["predictions"]] == [2, 2, 2, 0, 0]
+    assert os.listdir(out.parent) == ["preds.json"]  # no temporary file left behind
+
+
+def test_run_table_and_jsonl(models, photos: Path) -> None:
+    code, cap = _run([photos / "a_dark.png", photos / "d_empty.png"], models["grey"], fmt="table", k=2)
+    assert code == 0
+    lines = cap.out[0].splitlines()
+    assert len(lines) == 2 and lines[0].endswith("%") and lines[1].endswith("error: empty file")
+    column = len(str(photos / "d_empty.png")) + 2  # the longer path, then two spaces
+    assert all(line[column - 2 : column] == "  " and line[column] != " " for line in lines)  # aligned
+    code, cap = _run([photos], models["grey"], fmt="jsonl")
+    assert [json.loads(line)["path"].endswith(".png") for line in cap.out[0].splitlines()].count(True) == 3
+
+
+def test_run_exit_codes(models, photos: Path, tmp_path: Path) -> None:
+    code, cap = _run([photos / "d_empty.png", photos / "e_text.png"], models["grey"])
+    assert code == 1 and "could be read" in cap.err[-1]
+    code, cap = _run([tmp_path / "nowhere"], models["grey"])
+    assert code == 1 and any("no such file" in line for line in cap.err)
+    with pytest.raises(InferError, match="model not found"):
+        _run([photos], tmp_path / "missing.onnx")
+    (tmp_path / "fake.onnx").write_text("x")
+    with pytest.raises(InferError, match="not a valid ONNX model"):
+        _run([photos], tmp_path / "fake.onnx")
+    with pytest.raises(InferError, match="unknown format"):
+        _run([photos], models["grey"], fmt="xml")
+
+
+def test_newest_model_is_used_by_default(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InferError, match="no --model given"):
+        find_newest_model()
+    (tmp_path / "export").mkdir()
+    with pytest.raises(InferError, match="no .onnx model in export"):
+        find_newest_model()
+    old = rgb_model(tmp_path / "export", "old.onnx")
+    new = grey_model(tmp_path / "export", "new.onnx")
+    os.utime(old, (2_000_000_000, 2_000_000_000))  # old.onnx is now the newest
+    assert find_newest_model() == Path("export/old.onnx")
+    os.utime(new, (2_000_000_100, 2_000_000_100))
+    code, cap = _run([photos], None, fmt="csv")
+    assert code == 0 and any("export/new.onnx" in line and "newest" in line for line in cap.err)
+
+
+def test_runtime_modules_do_not_import_torch() -> None:
+    code = "import fmtl.runtime, fmtl.images, fmtl.infer, sys; assert 'torch' not in sys.modules, 'torch'"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
