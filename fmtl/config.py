@@ -44,6 +44,7 @@ class TrainConfig:
     strategy: str = option("hybrid", "linear (frozen backbone), finetune (all), hybrid (head first, then unfreeze)")
     head_epochs: int = option(1, "hybrid: epochs training the head alone before the backbone unfreezes")
     unfreeze: str = option("all", "what fine-tuning trains besides the head: all, or last:N feature blocks")
+    freeze_bn: bool = option(True, "fine-tune with BatchNorm in inference mode, so features don't jump on unfreezing")
     # optimisation
     epochs: int = option(3, "total epochs, all phases together")
     batch_size: int = option(128, "images per step per process")

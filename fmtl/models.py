@@ -175,10 +175,10 @@ def _final_layer(network: nn.Module) -> tuple[str, nn.Module]:
         module = getattr(network, attribute, None)
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             return attribute, module
-        if isinstance(module, nn.Sequential):
-            for index in reversed(range(len(module))):
-                if isinstance(module[index], (nn.Linear, nn.Conv2d)):
-                    return f"{attribute}.{index}", module[index]
+        if isinstance(module, nn.Sequential):  # children may be named "0", "1", ... or e.g. "head" (ViT)
+            for child_name, child in reversed(list(module.named_children())):
+                if isinstance(child, (nn.Linear, nn.Conv2d)):
+                    return f"{attribute}.{child_name}", child
     raise ModelConfigError(f"cannot find the classification layer of {type(network).__name__}")
 
 

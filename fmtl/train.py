@@ -272,6 +272,12 @@ class Trainer:
         self.model.train()
         if phase.frozen:
             net.backbone.eval()  # feature extraction: BatchNorm statistics must not move
+        elif self.cfg.freeze_bn:
+            # Keras' transfer-learning advice: keep BatchNorm in inference mode while fine-tuning. Batch
+            # statistics of a new domain would shift every feature the head was trained on.
+            for module in net.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         use_cache = phase.frozen and self.augment is None
         if use_cache and self.cached is None:
             self.cached = self.extract_features()

@@ -1,0 +1,486 @@
+"""ONNX export: Preprocess + model + softmax as one graph, checked before it is published.
+
+    fmtl export --onnx runs/NAME                 # -> export/NAME.onnx
+    fmtl export --onnx runs/NAME --quantize int8 # -> also export/NAME.int8.onnx
+
+The graph takes uint8 ``images`` [N, C, H, W] at the source size (N dynamic) and gives
+float ``probs`` [N, num_classes]; the preprocessing inside it is ``fmtl.augment.Preprocess``,
+the module training used. The file carries its classes, input spec, metrics and data
+options as metadata_props (keys in fmtl/spec.py), so nothing downstream guesses.
+
+Nothing is published until every check passes: ``onnx.checker`` (full check), the runtime's
+own contract check (``fmtl.runtime.Classifier`` opens it), and parity with PyTorch on real
+validation images (top-1 agreement 100 %, max |Δprob| ≤ 1e-4). The file is written to a
+temporary path beside the target and moved into place atomically; on failure no file is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from fmtl import __version__
+from fmtl.atomic import publish, temp_path_beside
+from fmtl.augment import Preprocess
+from fmtl.checkpoint import MODEL_WEIGHTS, load_model, sha256_file
+from fmtl.data import ImageSet, load_dataset
+from fmtl.errors import FmtlError
+from fmtl.spec import (
+    META_ARCHITECTURE,
+    META_CLASSES,
+    META_FMTL_VERSION,
+    META_INPUT_SPEC,
+    META_METRICS,
+    META_OPSET,
+    META_WEIGHTS_SHA256,
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    InputSpec,
+)
+
+META_DATA_OPTIONS = "data_options"  # JSON: how evaluate reloads the model's own splits (model.json's data_options)
+META_QUANTIZATION = "quantization"  # "int8" in the quantized variant; absent in the fp32 file
+META_QUANTIZATION_CHECK = "quantization_check"  # JSON: fp32 vs int8 accuracy measured when it was made
+DEFAULT_FOLDER = "export"
+PARITY_TOLERANCE = 1e-4  # max |Δprob| allowed between onnxruntime and PyTorch
+MAX_SINGLE_FILE_BYTES = 2**31 - 1  # protobuf's limit: bigger weights would need external data files
+QUANTIZATIONS = ("int8",)
+
+Echo = Callable[[str], object]
+
+
+class ExportError(FmtlError):
+    """The export failed a check (or could not be made); nothing was published."""
+
+
+class Probabilities(nn.Module):
+    """uint8 images at the source size -> class probabilities: exactly what the ONNX graph computes."""
+
+    def __init__(self, preprocess: nn.Module, model: nn.Module):
+        super().__init__()
+        self.preprocess = preprocess
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(self.preprocess(images)).float(), dim=1)
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """onnxruntime against PyTorch on the same uint8 images."""
+
+    images: int  # how many images were compared
+    top1_agreement: float  # share of images whose most probable class is the same, 0..1
+    max_abs_diff: float  # largest |Δprob| over all images and classes
+    tolerance: float  # the largest max_abs_diff allowed
+
+    @property
+    def passed(self) -> bool:
+        return self.images > 0 and self.top1_agreement == 1.0 and self.max_abs_diff <= self.tolerance
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"parity on {self.images} images: top-1 agreement {self.top1_agreement:.2%}, "
+            f"max |Δprob| {self.max_abs_diff:.1e} (limit {self.tolerance:.0e}): {verdict}"
+        )
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """fp32 against int8 on the same labelled images."""
+
+    images: int
+    fp32_accuracy: float  # 0..1
+    int8_accuracy: float  # 0..1
+    fp32_images_per_s: float
+    int8_images_per_s: float
+
+    @property
+    def drop(self) -> float:
+        """Accuracy lost by quantizing, in percentage points (negative: int8 did better)."""
+        return 100 * (self.fp32_accuracy - self.int8_accuracy)
+
+    def summary(self) -> str:
+        speedup = self.int8_images_per_s / max(self.fp32_images_per_s, 1e-9)
+        change = 100 * (self.int8_accuracy - self.fp32_accuracy)
+        return (
+            f"int8 accuracy {self.int8_accuracy:.2%} vs fp32 {self.fp32_accuracy:.2%} ({change:+.2f} pp) on "
+            f"{self.images} val images; {self.int8_images_per_s:.0f} vs {self.fp32_images_per_s:.0f} images/s "
+            f"({speedup:.2f}x)"
+        )
+
+
+# ---------------------------------------------------------------- the export
+
+
+def default_output(run_dir: str | os.PathLike) -> Path:
+    """``export/<run folder name>.onnx``, relative to the current folder."""
+    return Path(DEFAULT_FOLDER) / f"{Path(run_dir).resolve().name}.onnx"
+
+
+def int8_path(output: str | os.PathLike) -> Path:
+    """Where the int8 variant of ``output`` goes: ``NAME.onnx`` -> ``NAME.int8.onnx``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.int8{output.suffix or '.onnx'}")
+
+
+def export_onnx(
+    run_dir: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    opset: int = 18,
+    parity_images: int = 512,
+    quantize: str | None = None,
+    max_accuracy_drop: float = 1.0,
+    echo: Echo = print,
+    *,
+    calibration_images: int = 256,
+    accuracy_images: int = 2000,
+) -> Path:
+    """Export a run folder's model as one checked ONNX file; optionally an int8 variant beside it.
+
+    Args:
+        run_dir: a run folder (model.safetensors + model.json).
+        output: the .onnx file to write (default ``export/<run folder name>.onnx``).
+        opset: ONNX opset of the default domain.
+        parity_images: validation images on which onnxruntime must match PyTorch (at least 1).
+        quantize: None, or ``"int8"`` for static QDQ quantization into ``NAME.int8.onnx``.
+        max_accuracy_drop: the most val accuracy (percentage points) int8 may lose against fp32.
+        echo: where progress lines go.
+        calibration_images: training images that calibrate the int8 activation ranges.
+        accuracy_images: validation images on which fp32 and int8 accuracy and speed are measured.
+
+    Returns:
+        The fp32 .onnx path (the int8 one is ``int8_path(output)``).
+
+    Raises:
+        FmtlError: the run folder or its data cannot be read.
+        ExportError: export, checker, parity or the int8 accuracy limit failed. The fp32 file is
+            published only when all its checks pass; a refused int8 file is removed (the fp32 stays).
+    """
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ExportError(f"unknown quantization {quantize!r}: choose {', '.join(QUANTIZATIONS)}")
+    if parity_images < 1:
+        raise ExportError("parity_images must be at least 1: an export is checked on real images")
+    started = time.perf_counter()
+    model, info, spec = load_model(run_dir)
+    reference = Probabilities(Preprocess(spec), model).eval()
+    output = Path(output) if output else default_output(run_dir)
+    metadata = export_metadata(run_dir, info, spec, opset)
+    images = reference_images(info, spec, "val", parity_images).images.numpy()
+    tmp = temp_path_beside(output)
+    try:
+        write_graph(reference, spec, tmp, opset, metadata, describe(info, spec))
+        check_graph(tmp)
+        report = check_parity(tmp, reference, images)
+        echo(report.summary())
+        if not report.passed:
+            raise ExportError(f"{report.summary()}; the ONNX graph does not compute what the model does, nothing written")
+        publish(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB, opset {opset}) in {time.perf_counter() - started:.1f} s")
+    if quantize == "int8":
+        quantize_int8(output, info, spec, max_accuracy_drop, calibration_images, accuracy_images, echo)
+    return output
+
+
+def export_metadata(run_dir: str | os.PathLike, info: dict, spec: InputSpec, opset: int) -> dict[str, str]:
+    """The metadata_props of the exported file (all strings; JSON where structured).
+
+    Raises:
+        ExportError: model.safetensors is not the file model.json describes.
+    """
+    sha = sha256_file(Path(run_dir) / MODEL_WEIGHTS)
+    if info.get("weights_sha256") and info["weights_sha256"] != sha:
+        raise ExportError(f"{Path(run_dir) / MODEL_WEIGHTS} does not match the sha256 recorded in model.json")
+    return {
+        META_CLASSES: json.dumps(info["classes"]),
+        META_INPUT_SPEC: spec.to_json(),
+        META_ARCHITECTURE: info["architecture"],
+        META_FMTL_VERSION: __version__,
+        META_METRICS: json.dumps(info.get("metrics", {}), sort_keys=True),
+        META_WEIGHTS_SHA256: sha,
+        META_OPSET: str(opset),
+        META_DATA_OPTIONS: json.dumps(info.get("data_options", {}), sort_keys=True),
+    }
+
+
+def describe(info: dict, spec: InputSpec) -> str:
+    """The file's doc_string: what goes in and what comes out."""
+    height, width = spec.source_size
+    return (
+        f"fmtl {info['architecture']} classifier, {len(info['classes'])} classes. Input '{ONNX_INPUT}': uint8 "
+        f"[N, {spec.channels}, {height}, {width}], 0..255, no preprocessing needed (resize to {spec.image_size} "
+        f"and normalisation are in the graph). Output '{ONNX_OUTPUT}': float32 [N, {len(info['classes'])}] softmax "
+        f"probabilities, class names in metadata '{META_CLASSES}'."
+    )
+
+
+def write_graph(
+    module: nn.Module, spec: InputSpec, path: str | os.PathLike, opset: int, metadata: dict[str, str], doc: str = ""
+) -> None:
+    """Export ``module`` (uint8 images -> probs) with a dynamic batch axis to one self-contained file.
+
+    Uses torch.export (``dynamo=True``, torch's default exporter), which handled every backbone
+    tried here (EfficientNet-Lite0, ResNet, MobileNetV3, ConvNeXt) and the antialiased resize.
+
+    Raises:
+        ExportError: the model is too big for one file, or the exporter failed.
+    """
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    if size > MAX_SINGLE_FILE_BYTES:
+        raise ExportError(f"the model's weights take {size / 2**30:.1f} GiB: over the 2 GiB an ONNX file can hold")
+    example = torch.zeros((2, spec.channels, *spec.source_size), dtype=torch.uint8)  # 2, not 1: 1 gets specialised
+    try:
+        program = torch.onnx.export(
+            module.eval(), (example,), dynamo=True, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, opset_version=opset,
+            external_data=False, optimize=True, verbose=False,
+        )  # fmt: skip
+    except Exception as error:  # the exporter raises many types; its first line names the unsupported part
+        raise ExportError(f"torch.onnx.export failed: {_first_line(error)}") from error
+    program.model.metadata_props.update(metadata)
+    program.model.doc_string = doc
+    program.save(str(path), external_data=False)
+
+
+def check_graph(path: str | os.PathLike) -> None:
+    """onnx's full checker, then the runtime's own contract (input/output names, types, shapes, metadata).
+
+    Raises:
+        ExportError: either check failed.
+    """
+    from fmtl.runtime import Classifier, ModelError
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ExportError(f"the exported graph is not valid ONNX: {_first_line(error)}") from None
+    try:
+        Classifier(path, providers=["CPUExecutionProvider"])
+    except ModelError as error:
+        raise ExportError(f"the exported graph does not fit fmtl's runtime: {error}") from None
+
+
+# ---------------------------------------------------------------- parity
+
+
+def onnx_probs(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Run an images -> probs session over a uint8 batch in chunks."""
+    parts = [session.run([ONNX_OUTPUT], {ONNX_INPUT: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def torch_probs(module: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Run an images -> probs torch module over a uint8 batch in chunks."""
+    module.eval()
+    parts = [module(torch.from_numpy(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def check_parity(
+    onnx_path: str | os.PathLike,
+    torch_module: nn.Module,
+    images_uint8: np.ndarray,
+    tolerance: float = PARITY_TOLERANCE,
+) -> ParityReport:
+    """Compare onnxruntime (all graph optimisations on, as the runtime runs it) with PyTorch.
+
+    Args:
+        onnx_path: a graph with input ``images`` (uint8) and output ``probs``.
+        torch_module: the reference, uint8 images -> probabilities (e.g. ``Probabilities``).
+        images_uint8: real images, uint8 [N, C, H, W] at the source size.
+        tolerance: the largest |Δprob| that still passes.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    images_uint8 = np.ascontiguousarray(images_uint8, dtype=np.uint8)
+    got, want = onnx_probs(session, images_uint8), torch_probs(torch_module, images_uint8)
+    if len(images_uint8) == 0:
+        return ParityReport(0, 0.0, float("inf"), tolerance)
+    if got.shape != want.shape:
+        return ParityReport(len(images_uint8), 0.0, float("inf"), tolerance)
+    return ParityReport(
+        images=len(images_uint8),
+        top1_agreement=float((got.argmax(1) == want.argmax(1)).mean()),
+        max_abs_diff=float(np.abs(got.astype(np.float64) - want).max()),
+        tolerance=tolerance,
+    )
+
+
+def reference_images(info: dict, spec: InputSpec, split: str, count: int) -> ImageSet:
+    """A seeded, stratified sample of the run's own ``split`` (``train`` or ``val``), as trained.
+
+    Raises:
+        FmtlError: the run's data cannot be loaded, or its images no longer match the input spec.
+    """
+    opts = info.get("data_options") or {}
+    if not opts.get("source"):
+        raise ExportError("model.json has no data_options: cannot find the run's images for the checks")
+    try:
+        data = load_dataset(
+            opts["source"], split, data_dir=opts.get("data_dir"), val_fraction=opts.get("val_fraction", 0.1),
+            seed=opts.get("seed", 0), source_size=opts.get("source_size", spec.source_size[0]),
+        )  # fmt: skip
+    except FmtlError as error:
+        raise type(error)(f"the export checks need the run's {split} images: {error}") from None
+    if len(data) == 0 and split == "val":  # trained with val_fraction 0
+        return reference_images(info, spec, "train", count)
+    if data.channels != spec.channels or data.size != tuple(spec.source_size):
+        raise ExportError(f"{opts['source']} now holds {data.channels}x{data.size[0]}x{data.size[1]} images, the model "
+                          f"was trained on {spec.channels}x{spec.source_size[0]}x{spec.source_size[1]}")  # fmt: skip
+    return sample(data, count, opts.get("seed", 0))
+
+
+def sample(data: ImageSet, count: int, seed: int) -> ImageSet:
+    """``count`` images (all when fewer) drawn without replacement by a seeded permutation, in index order."""
+    if count >= len(data):
+        return data
+    generator = torch.Generator().manual_seed(seed)
+    return data.subset(torch.randperm(len(data), generator=generator)[:count].sort().values)
+
+
+# ---------------------------------------------------------------- int8
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over uint8 batches."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 32):
+        self.batches = iter([images[i : i + batch_size] for i in range(0, len(images), batch_size)])
+
+    def get_next(self) -> dict | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {ONNX_INPUT: np.ascontiguousarray(batch)}
+
+
+def quantize_int8(
+    fp32_path: Path,
+    info: dict,
+    spec: InputSpec,
+    max_accuracy_drop: float = 1.0,
+    calibration_images: int = 256,
+    accuracy_images: int = 2000,
+    echo: Echo = print,
+) -> QuantizationReport:
+    """Static QDQ int8 quantization of an exported fp32 file into ``int8_path(fp32_path)``.
+
+    Args:
+        fp32_path: a published fmtl export.
+        info: the run's model.json (its data_options locate the images).
+        spec: the run's input spec.
+        max_accuracy_drop: the most val accuracy (percentage points) int8 may lose.
+        calibration_images: training images calibrating the activation ranges.
+        accuracy_images: validation images for the accuracy and speed comparison.
+        echo: where the report line goes.
+
+    Raises:
+        ExportError: quantization failed or lost too much accuracy; no int8 file is left.
+    """
+    target = int8_path(fp32_path)
+    calibration = reference_images(info, spec, "train", calibration_images).images.numpy()
+    val = reference_images(info, spec, "val", accuracy_images)
+    tmp = temp_path_beside(target)
+    try:
+        quantize_file(fp32_path, tmp, calibration)
+        report = compare_accuracy(fp32_path, tmp, val.images.numpy(), val.labels.numpy())
+        _write_int8_metadata(fp32_path, tmp, report)
+        echo(report.summary())
+        if report.drop > max_accuracy_drop:
+            raise ExportError(f"{report.summary()}: int8 loses {report.drop:.2f} pp, more than the "
+                              f"{max_accuracy_drop:g} allowed; kept {fp32_path} only")  # fmt: skip
+        publish(tmp, target)
+    except ExportError:
+        target.unlink(missing_ok=True)  # an older int8 file would not match the fp32 just written
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    echo(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    return report
+
+
+def quantize_file(fp32_path: str | os.PathLike, output: str | os.PathLike, calibration: np.ndarray) -> None:
+    """quant_pre_process, then quantize_static (QDQ, per-channel int8 weights, uint8 activations).
+
+    The preprocessing nodes (everything before the first Conv/Gemm/MatMul: Cast, /255, Resize,
+    channel Expand, normalise) and the final Softmax stay float: quantizing them was measured to
+    cost accuracy (each adds a rounding of the input image, and a quantized Softmax rounds the
+    output probabilities to steps of 1/255) while saving no time, since they are cheap elementwise ops.
+
+    Raises:
+        ExportError: onnxruntime's quantization tools failed.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = temp_path_beside(output)
+    try:
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared), str(output), _Calibration(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=float_nodes(onnx.load(str(prepared), load_external_data=False)),
+        )  # fmt: skip
+    except Exception as error:  # onnxruntime's tools raise assorted types
+        raise ExportError(f"int8 quantization failed: {_first_line(error)}") from error
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def float_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes kept float: those before the first Conv/Gemm/MatMul, and every Softmax."""
+    nodes = list(model.graph.node)  # ONNX graphs are stored in topological order
+    first = next((i for i, n in enumerate(nodes) if n.op_type in ("Conv", "Gemm", "MatMul")), 0)
+    return [n.name for n in nodes[:first]] + [n.name for n in nodes if n.op_type == "Softmax"]
+
+
+def compare_accuracy(
+    fp32_path: str | os.PathLike, int8_path_: str | os.PathLike, images: np.ndarray, labels: np.ndarray
+) -> QuantizationReport:
+    """Accuracy and images/s of two images -> probs files on the same labelled images."""
+    results = [_accuracy_and_speed(path, images, labels) for path in (fp32_path, int8_path_)]
+    return QuantizationReport(len(images), results[0][0], results[1][0], results[0][1], results[1][1])
+
+
+def _accuracy_and_speed(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    onnx_probs(session, images[:64])  # warm-up: first runs allocate
+    started = time.perf_counter()
+    probs = onnx_probs(session, images)
+    seconds = time.perf_counter() - started
+    return float((probs.argmax(1) == labels).mean()), len(images) / max(seconds, 1e-9)
+
+
+def _write_int8_metadata(fp32_path: Path, int8_file: Path, report: QuantizationReport) -> None:
+    """Copy the fp32 file's metadata_props into the int8 one, add the quantization keys, check it."""
+    source = onnx.load(str(fp32_path), load_external_data=False)
+    model = onnx.load(str(int8_file))
+    props = {p.key: p.value for p in source.metadata_props}
+    props[META_QUANTIZATION] = "int8"
+    props[META_QUANTIZATION_CHECK] = json.dumps({
+        "images": report.images, "fp32_accuracy": report.fp32_accuracy, "int8_accuracy": report.int8_accuracy,
+    })  # fmt: skip
+    onnx.helper.set_model_props(model, props)
+    model.doc_string = f"{source.doc_string} Static int8 (QDQ) quantization of the fp32 export."
+    onnx.save(model, str(int8_file))
+    check_graph(int8_file)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,40 @@
+"""Config: defaults, YAML, command line, closest-name errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fmtl.config import TrainConfig, load_config
+from fmtl.errors import FmtlError
+
+
+def test_every_field_has_a_help_comment():
+    for field in dataclasses.fields(TrainConfig):
+        assert field.metadata.get("help"), field.name
+
+
+def test_yaml_then_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 7\nlr: 0.01\nimage-size: 48\n")
+    config = load_config(["--config", str(path), "--lr", "0.02", "--no-augment"])
+    assert (config.epochs, config.lr, config.image_size, config.augment) == (7, 0.02, 48, False)
+
+
+def test_unknown_keys_get_the_closest_name(tmp_path):
+    with pytest.raises(FmtlError, match="did you mean --epochs"):
+        load_config(["--epoch", "3"])
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_szie: 3\n")
+    with pytest.raises(FmtlError, match="unknown key 'batch_szie'; did you mean batch_size"):
+        load_config(["--config", str(path)])
+
+
+def test_invalid_values_are_rejected():
+    with pytest.raises(FmtlError, match="strategy"):
+        load_config(["--strategy", "magic"])
+    with pytest.raises(FmtlError, match="head-epochs"):
+        load_config(["--strategy", "hybrid", "--epochs", "1", "--head-epochs", "1"])
+    with pytest.raises(FmtlError, match="not found"):
+        load_config(["--config", "/no/such.yaml"])
