@@ -35,6 +35,7 @@ class TrainConfig:
     source_size: int = option(224, "side that folder images of mixed sizes are stored at")
     val_fraction: float = option(0.1, "share of the training data held out for validation (stratified)")
     max_train_samples: int = option(0, "train on a seeded, stratified subset of this many images (0: all)")
+    max_eval_samples: int = option(0, "validate and test on seeded, stratified subsets of this size (0: all)")
     # model
     model: str = option("efficientnet_lite0", "any torchvision classifier name, or efficientnet_lite0")
     weights: str = option("DEFAULT", "DEFAULT, a torchvision weights name, a .pth/.safetensors file, or none")

@@ -25,8 +25,7 @@ def classification_report(
     probs, labels = np.asarray(probs), np.asarray(labels)
     predictions = probs.argmax(axis=1)
     matrix = confusion_matrix(predictions, labels, len(classes))
-    k = min(k, len(classes))
-    topk = np.argsort(-probs, axis=1)[:, :k]
+    topk = np.argsort(-probs, axis=1)[:, : min(k, len(classes))]  # named top{k} even when clamped
     true_positive = np.diag(matrix).astype(float)
     predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
     precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)

@@ -19,7 +19,9 @@ from fmtl.atomic import atomic_write_text
 from fmtl.checkpoint import MODEL_WEIGHTS, read_model_info, write_model_info
 from fmtl.metrics import classification_report, format_report
 
-RESULT_COLUMNS = ["epoch", "phase", "train_loss", "val_loss", "val_acc", "val_top5", "lr", "seconds", "images_per_s"]
+RESULT_COLUMNS = [
+    "epoch", "phase", "train_loss", "val_loss", "val_acc", "val_top5", "val_images", "lr", "seconds", "images_per_s",
+]  # fmt: skip
 
 
 def write_config(run_dir: Path, cfg) -> None:
