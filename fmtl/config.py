@@ -62,7 +62,7 @@ class TrainConfig:
     augment: bool = option(True, "random flip, rotation, translation, scale, brightness/contrast")
     seed: int = option(0, "seeds the split, subset, initialisation, shuffling and augmentation")
     # hardware
-    mixed_precision: str = option("no", "no, fp16 or bf16 (GPUs; bf16 on a CPU without native bf16 is refused)")
+    mixed_precision: str | None = option(None, "no, fp16 or bf16 (unset: the accelerate config's; bf16 needs native support)")
     force_bf16: bool = option(False, "allow bf16 on a CPU without native bf16 (slow: emulated)")
     channels_last: bool = option(True, "channels_last memory format for conv backbones")
     threads: int = option(0, "torch intra-op threads per process (0: torch's default)")
@@ -75,7 +75,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
-        _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.mixed_precision is not None:
+            _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("optimizer", self.optimizer, ("adamw", "sgd"))
         for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:

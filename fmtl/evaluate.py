@@ -104,10 +104,9 @@ def _load_onnx(path: Path) -> LoadedModel:
 
 def _load_run(path: Path) -> LoadedModel:
     from fmtl.augment import Preprocess
-    from fmtl.checkpoint import load_model
-    from fmtl.export import Probabilities, torch_probs
+    from fmtl.export import Probabilities, load_run, torch_probs
 
-    model, info, spec = load_model(path)
+    model, info, spec = load_run(path)
     predict = functools.partial(torch_probs, Probabilities(Preprocess(spec), model).eval())
     return LoadedModel(predict, list(info["classes"]), spec, info.get("data_options") or {}, "pytorch")
 

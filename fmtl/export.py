@@ -55,6 +55,7 @@ DEFAULT_FOLDER = "export"
 PARITY_TOLERANCE = 1e-4  # max |Δprob| allowed between onnxruntime and PyTorch
 MAX_SINGLE_FILE_BYTES = 2**31 - 1  # protobuf's limit: bigger weights would need external data files
 QUANTIZATIONS = ("int8",)
+MIN_OPSET = 18  # torch.export's ONNX translation starts at 18; its down-conversion to 17 fails on these graphs
 
 Echo = Callable[[str], object]
 
@@ -152,7 +153,7 @@ def export_onnx(
     Args:
         run_dir: a run folder (model.safetensors + model.json).
         output: the .onnx file to write (default ``export/<run folder name>.onnx``).
-        opset: ONNX opset of the default domain.
+        opset: ONNX opset of the default domain (18 or newer).
         parity_images: validation images on which onnxruntime must match PyTorch (at least 1).
         quantize: None, or ``"int8"`` for static QDQ quantization into ``NAME.int8.onnx``.
         max_accuracy_drop: the most val accuracy (percentage points) int8 may lose against fp32.
@@ -168,12 +169,9 @@ def export_onnx(
         ExportError: export, checker, parity or the int8 accuracy limit failed. The fp32 file is
             published only when all its checks pass; a refused int8 file is removed (the fp32 stays).
     """
-    if quantize not in (None, *QUANTIZATIONS):
-        raise ExportError(f"unknown quantization {quantize!r}: choose {', '.join(QUANTIZATIONS)}")
-    if parity_images < 1:
-        raise ExportError("parity_images must be at least 1: an export is checked on real images")
+    _check_options(opset, parity_images, quantize)
     started = time.perf_counter()
-    model, info, spec = load_model(run_dir)
+    model, info, spec = load_run(run_dir)
     reference = Probabilities(Preprocess(spec), model).eval()
     output = Path(output) if output else default_output(run_dir)
     metadata = export_metadata(run_dir, info, spec, opset)
@@ -193,6 +191,29 @@ def export_onnx(
     if quantize == "int8":
         quantize_int8(output, info, spec, max_accuracy_drop, calibration_images, accuracy_images, echo)
     return output
+
+
+def _check_options(opset: int, parity_images: int, quantize: str | None) -> None:
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ExportError(f"unknown quantization {quantize!r}: choose {', '.join(QUANTIZATIONS)}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: torch's exporter writes opset {MIN_OPSET} or newer")
+    if parity_images < 1:
+        raise ExportError("parity_images must be at least 1: an export is checked on real images")
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict, InputSpec]:
+    """``checkpoint.load_model``, with a damaged or mismatched weights file reported in one line.
+
+    Raises:
+        FmtlError: not a run folder, or its weights do not load into the model model.json describes.
+    """
+    try:
+        return load_model(run_dir)
+    except FmtlError:
+        raise
+    except Exception as error:  # safetensors and load_state_dict raise assorted types for bad weights
+        raise FmtlError(f"cannot load the model in {run_dir}: {_one_line(error)}") from error
 
 
 def export_metadata(run_dir: str | os.PathLike, info: dict, spec: InputSpec, opset: int) -> dict[str, str]:
@@ -249,7 +270,10 @@ def write_graph(
             external_data=False, optimize=True, verbose=False,
         )  # fmt: skip
     except Exception as error:  # the exporter raises many types; its first line names the unsupported part
-        raise ExportError(f"torch.onnx.export failed: {_first_line(error)}") from error
+        raise ExportError(f"torch.onnx.export failed: {_one_line(error)}") from error
+    written = program.model.opset_imports.get("")
+    if written != opset:  # the exporter falls back to another opset (with a log line) when it cannot convert
+        raise ExportError(f"torch's exporter could not write opset {opset} (it wrote {written})")
     program.model.metadata_props.update(metadata)
     program.model.doc_string = doc
     program.save(str(path), external_data=False)
@@ -266,7 +290,7 @@ def check_graph(path: str | os.PathLike) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ExportError(f"the exported graph is not valid ONNX: {_first_line(error)}") from None
+        raise ExportError(f"the exported graph is not valid ONNX: {_one_line(error)}") from None
     try:
         Classifier(path, providers=["CPUExecutionProvider"])
     except ModelError as error:
@@ -435,7 +459,7 @@ def quantize_file(fp32_path: str | os.PathLike, output: str | os.PathLike, calib
             nodes_to_exclude=float_nodes(onnx.load(str(prepared), load_external_data=False)),
         )  # fmt: skip
     except Exception as error:  # onnxruntime's tools raise assorted types
-        raise ExportError(f"int8 quantization failed: {_first_line(error)}") from error
+        raise ExportError(f"int8 quantization failed: {_one_line(error)}") from error
     finally:
         prepared.unlink(missing_ok=True)
 
@@ -481,6 +505,7 @@ def _write_int8_metadata(fp32_path: Path, int8_file: Path, report: QuantizationR
     check_graph(int8_file)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (lines joined), cut at ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -67,9 +67,10 @@ def phase_of(phases: list[Phase], epoch: int) -> Phase:
 
 def check_precision(cfg: TrainConfig) -> None:
     """bf16 on a CPU without native support is emulated (~0.3 GFLOP/s against 140 in fp32 on one machine here)."""
-    if torch.cuda.is_available() or cfg.mixed_precision == "no":
+    precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if torch.cuda.is_available() or precision == "no":
         return
-    if cfg.mixed_precision == "fp16":
+    if precision == "fp16":
         raise FmtlError("--mixed-precision fp16 needs a GPU; on a CPU use no (or bf16 where the CPU supports it)")
     if not cpu_has_native_bf16() and not cfg.force_bf16:
         raise FmtlError(
