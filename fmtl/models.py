@@ -232,16 +232,17 @@ def apply_freeze(model: FmtlModel, policy: str) -> None:
 def parameter_groups(model: FmtlModel, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
     """Optimizer groups: trainable backbone parameters at ``lr * backbone_lr_scale``, the head at ``lr``.
 
-    Biases and normalisation weights (1-D tensors) get no weight decay.
+    Biases and normalisation weights (1-D tensors) get no weight decay. Each group names its ``part``
+    ("backbone" or "head"), so schedules can treat the two differently.
     """
     groups = []
-    for part, part_lr in ((model.backbone, lr * backbone_lr_scale), (model.head, lr)):
+    for name, part, part_lr in (("backbone", model.backbone, lr * backbone_lr_scale), ("head", model.head, lr)):
         params = [p for p in part.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         groups += [
-            {"params": decay, "lr": part_lr, "weight_decay": weight_decay},
-            {"params": no_decay, "lr": part_lr, "weight_decay": 0.0},
+            {"params": decay, "lr": part_lr, "weight_decay": weight_decay, "part": name},
+            {"params": no_decay, "lr": part_lr, "weight_decay": 0.0, "part": name},
         ]
     return [g for g in groups if g["params"]]
 

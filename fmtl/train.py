@@ -166,8 +166,8 @@ def index_loader(n: int, batch_size: int, shuffle: bool, seed: int) -> DataLoade
     return DataLoader(range(n), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def lr_lambdas(cfg: TrainConfig, phases: list[Phase], steps_per_epoch: int, with_backbone: bool) -> list:
-    """Per-group schedule factors: warmup then cosine within each phase; a backbone rests (0) while frozen."""
+def lr_factors(cfg: TrainConfig, phases: list[Phase], steps_per_epoch: int) -> dict:
+    """Schedule factors per part: warmup then cosine within each phase; a backbone rests (0) while frozen."""
 
     def within(phase: Phase, step: int) -> float:
         start = (phase.first_epoch - 1) * steps_per_epoch
@@ -179,34 +179,27 @@ def lr_lambdas(cfg: TrainConfig, phases: list[Phase], steps_per_epoch: int, with
         progress = (local - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
+    def phase_at(step: int) -> Phase:
+        return phase_of(phases, min(step // steps_per_epoch + 1, cfg.epochs))
+
     def head(step: int) -> float:
-        return within(phase_of(phases, min(step // steps_per_epoch + 1, cfg.epochs)), step)
+        return within(phase_at(step), step)
 
     def backbone(step: int) -> float:
-        phase = phase_of(phases, min(step // steps_per_epoch + 1, cfg.epochs))
-        return 0.0 if phase.frozen else within(phase, step)
+        return 0.0 if phase_at(step).frozen else within(phase_at(step), step)
 
-    return [backbone, backbone, head, head] if with_backbone else [head, head]
+    return {"head": head, "backbone": backbone}
 
 
 def make_optimizer(cfg: TrainConfig, model: FmtlModel, phases: list[Phase], steps_per_epoch: int):
+    """One optimizer and one scheduler for the whole run (all phases), so a resumed state always fits."""
     groups = parameter_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay)
-    with_backbone = any(p.requires_grad for p in model.backbone.parameters())
-    # parameter_groups returns (decay, no-decay) per part, dropping empty ones; keep four slots aligned.
-    groups = _pad_groups(groups, model) if with_backbone else groups
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     else:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    lambdas = lr_lambdas(cfg, phases, steps_per_epoch, with_backbone)[: len(groups)]
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
-def _pad_groups(groups: list[dict], model: FmtlModel) -> list[dict]:
-    backbone_ids = {id(p) for p in model.backbone.parameters()}
-    backbone = [g for g in groups if id(g["params"][0]) in backbone_ids]
-    head = [g for g in groups if id(g["params"][0]) not in backbone_ids]
-    return backbone + head if len(backbone) == 2 and len(head) == 2 else backbone + head
+    factors = lr_factors(cfg, phases, steps_per_epoch)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [factors[g["part"]] for g in groups])
 
 
 # ---------------------------------------------------------------- the loop
@@ -227,6 +220,7 @@ class Trainer:
         self.augment = Augment(seed=cfg.seed + accelerator.process_index) if cfg.augment else None
         self.train_images = self._on_device(self.train_set.images)
         self.train_labels = self.train_set.labels.to(device)
+        self.val_images = self._on_device(self.val_set.images)
         train_loader = index_loader(len(self.train_set), cfg.batch_size, shuffle=True, seed=cfg.seed)
         val_loader = index_loader(len(self.val_set), cfg.eval_batch_size, shuffle=False, seed=0)
         steps = math.ceil(len(train_loader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
@@ -329,12 +323,6 @@ class Trainer:
             stacked, order = torch.cat(parts), torch.cat(order)
             features[name] = torch.empty_like(stacked).index_copy_(0, order.to(stacked.device), stacked)
         return features
-
-    @property
-    def val_images(self) -> torch.Tensor:
-        if not hasattr(self, "_val_images"):
-            self._val_images = self._on_device(self.val_set.images)
-        return self._val_images
 
     @torch.no_grad()
     def evaluate_val(self, phase: Phase) -> dict:
