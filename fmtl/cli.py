@@ -48,7 +48,7 @@ def train(args: tuple[str, ...]) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--onnx", "to_onnx", is_flag=True, default=True, help="Export to ONNX (the only format; the default).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file [export/<run name>.onnx].")
-@click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True, help="ONNX opset version.")
+@click.option("--opset", type=click.IntRange(18, 23), default=18, show_default=True, help="ONNX opset version.")
 @click.option("--parity-images", type=click.IntRange(1), default=512, show_default=True,
               help="Validation images on which onnxruntime must agree with PyTorch.")  # fmt: skip
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a statically quantized int8 model.")

@@ -69,9 +69,16 @@ def evaluate(
     check_fit(dataset, loaded)
     probs = loaded.predict(dataset.images.numpy(), batch_size)
     report = classification_report(probs, dataset.labels.numpy(), loaded.classes)
-    echo(f"{model_path} ({loaded.kind}) on {dataset.source or 'the given images'}, {split} split, {len(dataset)} images")
+    where = dataset.source or "the given images"
+    echo(f"{model_path} ({loaded.kind}) on {where}, {split} split, {len(dataset)} images")
     echo(format_report(report, loaded.classes))
-    return {**report, "model": str(model_path), "split": split, "data": dataset.source, "runtime": loaded.kind}
+    return {
+        **report,
+        "model": str(model_path),
+        "split": split,
+        "data": dataset.source,
+        "runtime": loaded.kind,
+    }
 
 
 def load_for_evaluation(model_path: str | os.PathLike) -> LoadedModel:
@@ -121,8 +128,9 @@ def load_split(loaded: LoadedModel, data: str | None, split: str) -> ImageSet:
     if data is None and not opts.get("source"):
         raise FmtlError("the model does not record the data it was trained on: give the data to evaluate on")
     return load_dataset(
-        data or opts["source"], split, data_dir=opts.get("data_dir"), val_fraction=opts.get("val_fraction", 0.1),
-        seed=opts.get("seed", 0), test_source=opts.get("test_source") if data is None else None,
+        data or opts["source"], split, data_dir=opts.get("data_dir"),
+        val_fraction=opts.get("val_fraction", 0.1), seed=opts.get("seed", 0),
+        test_source=opts.get("test_source") if data is None else None,
         source_size=opts.get("source_size") or loaded.spec.source_size[0],
     )  # fmt: skip
 

@@ -48,14 +48,14 @@ from fmtl.spec import (
     InputSpec,
 )
 
-META_DATA_OPTIONS = "data_options"  # JSON: how evaluate reloads the model's own splits (model.json's data_options)
+META_DATA_OPTIONS = "data_options"  # JSON: model.json's data_options, so evaluate can reload the splits
 META_QUANTIZATION = "quantization"  # "int8" in the quantized variant; absent in the fp32 file
 META_QUANTIZATION_CHECK = "quantization_check"  # JSON: fp32 vs int8 accuracy measured when it was made
 DEFAULT_FOLDER = "export"
 PARITY_TOLERANCE = 1e-4  # max |Δprob| allowed between onnxruntime and PyTorch
 MAX_SINGLE_FILE_BYTES = 2**31 - 1  # protobuf's limit: bigger weights would need external data files
 QUANTIZATIONS = ("int8",)
-MIN_OPSET = 18  # torch.export's ONNX translation starts at 18; its down-conversion to 17 fails on these graphs
+MIN_OPSET = 18  # torch.export's ONNX translation starts at 18; converting down to 17 fails on these graphs
 
 Echo = Callable[[str], object]
 
@@ -115,10 +115,10 @@ class QuantizationReport:
     def summary(self) -> str:
         speedup = self.int8_images_per_s / max(self.fp32_images_per_s, 1e-9)
         change = 100 * (self.int8_accuracy - self.fp32_accuracy)
+        fp32_speed, int8_speed = self.fp32_images_per_s, self.int8_images_per_s
         return (
             f"int8 accuracy {self.int8_accuracy:.2%} vs fp32 {self.fp32_accuracy:.2%} ({change:+.2f} pp) on "
-            f"{self.images} val images; {self.int8_images_per_s:.0f} vs {self.fp32_images_per_s:.0f} images/s "
-            f"({speedup:.2f}x)"
+            f"{self.images} val images; {int8_speed:.0f} vs {fp32_speed:.0f} images/s ({speedup:.2f}x)"
         )
 
 
@@ -183,11 +183,14 @@ def export_onnx(
         report = check_parity(tmp, reference, images)
         echo(report.summary())
         if not report.passed:
-            raise ExportError(f"{report.summary()}; the ONNX graph does not compute what the model does, nothing written")
+            raise ExportError(
+                f"{report.summary()}; the graph does not compute what the model does, nothing written"
+            )
         publish(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
-    echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB, opset {opset}) in {time.perf_counter() - started:.1f} s")
+    seconds, megabytes = time.perf_counter() - started, output.stat().st_size / 1e6
+    echo(f"wrote {output} ({megabytes:.1f} MB, opset {opset}) in {seconds:.1f} s")
     if quantize == "int8":
         quantize_int8(output, info, spec, max_accuracy_drop, calibration_images, accuracy_images, echo)
     return output
@@ -219,6 +222,12 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict, InputSpec]:
 def export_metadata(run_dir: str | os.PathLike, info: dict, spec: InputSpec, opset: int) -> dict[str, str]:
     """The metadata_props of the exported file (all strings; JSON where structured).
 
+    Args:
+        run_dir: the run folder (its model.safetensors is hashed).
+        info: its model.json.
+        spec: its input spec.
+        opset: the opset being written.
+
     Raises:
         ExportError: model.safetensors is not the file model.json describes.
     """
@@ -239,30 +248,47 @@ def export_metadata(run_dir: str | os.PathLike, info: dict, spec: InputSpec, ops
 
 def describe(info: dict, spec: InputSpec) -> str:
     """The file's doc_string: what goes in and what comes out."""
-    height, width = spec.source_size
+    (height, width), classes = spec.source_size, len(info["classes"])
     return (
-        f"fmtl {info['architecture']} classifier, {len(info['classes'])} classes. Input '{ONNX_INPUT}': uint8 "
-        f"[N, {spec.channels}, {height}, {width}], 0..255, no preprocessing needed (resize to {spec.image_size} "
-        f"and normalisation are in the graph). Output '{ONNX_OUTPUT}': float32 [N, {len(info['classes'])}] softmax "
-        f"probabilities, class names in metadata '{META_CLASSES}'."
+        f"fmtl {info['architecture']} classifier, {classes} classes. Input '{ONNX_INPUT}': uint8 "
+        f"[N, {spec.channels}, {height}, {width}], 0..255, no preprocessing needed (resize to "
+        f"{spec.image_size} and normalisation are in the graph). Output '{ONNX_OUTPUT}': float32 "
+        f"[N, {classes}] softmax probabilities, class names in metadata '{META_CLASSES}'."
     )
 
 
 def write_graph(
-    module: nn.Module, spec: InputSpec, path: str | os.PathLike, opset: int, metadata: dict[str, str], doc: str = ""
+    module: nn.Module,
+    spec: InputSpec,
+    path: str | os.PathLike,
+    opset: int,
+    metadata: dict[str, str],
+    doc: str = "",
 ) -> None:
     """Export ``module`` (uint8 images -> probs) with a dynamic batch axis to one self-contained file.
 
     Uses torch.export (``dynamo=True``, torch's default exporter), which handled every backbone
     tried here (EfficientNet-Lite0, ResNet, MobileNetV3, ConvNeXt) and the antialiased resize.
 
+    Args:
+        module: takes one argument named ``images`` (uint8 [N, C, H, W]) and returns probabilities.
+        spec: gives the channels and source size of the example input.
+        path: the file to write (weights inside, no external data).
+        opset: the default-domain opset the file must have.
+        metadata: metadata_props to set (string values).
+        doc: the model's doc_string.
+
     Raises:
         ExportError: the model is too big for one file, or the exporter failed.
     """
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     if size > MAX_SINGLE_FILE_BYTES:
-        raise ExportError(f"the model's weights take {size / 2**30:.1f} GiB: over the 2 GiB an ONNX file can hold")
-    example = torch.zeros((2, spec.channels, *spec.source_size), dtype=torch.uint8)  # 2, not 1: 1 gets specialised
+        raise ExportError(
+            f"the model's weights take {size / 2**30:.1f} GiB: over the 2 GiB an ONNX file can hold"
+        )
+    # A batch of 2, not 1: torch.export specialises a dimension of size 1 to a constant. The key
+    # "images" is the name of module.forward's argument; input_names gives the graph input that name too.
+    example = torch.zeros((2, spec.channels, *spec.source_size), dtype=torch.uint8)
     try:
         program = torch.onnx.export(
             module.eval(), (example,), dynamo=True, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
@@ -301,16 +327,34 @@ def check_graph(path: str | os.PathLike) -> None:
 
 
 def onnx_probs(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run an images -> probs session over a uint8 batch in chunks."""
-    parts = [session.run([ONNX_OUTPUT], {ONNX_INPUT: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    """Run an images -> probs session over a uint8 batch in chunks.
+
+    Args:
+        session: a session with input ``images`` and output ``probs``.
+        images: uint8 [N, C, H, W].
+        batch_size: images per ``session.run``.
+    """
+    parts = [
+        session.run([ONNX_OUTPUT], {ONNX_INPUT: images[i : i + batch_size]})[0]
+        for i in range(0, len(images), batch_size)
+    ]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
 @torch.no_grad()
 def torch_probs(module: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run an images -> probs torch module over a uint8 batch in chunks."""
+    """Run an images -> probs torch module (CPU, eval mode, no gradients) over a uint8 batch in chunks.
+
+    Args:
+        module: e.g. ``Probabilities``.
+        images: uint8 [N, C, H, W].
+        batch_size: images per forward pass.
+    """
     module.eval()
-    parts = [module(torch.from_numpy(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+    parts = [
+        module(torch.from_numpy(images[i : i + batch_size])).numpy()
+        for i in range(0, len(images), batch_size)
+    ]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
@@ -364,8 +408,11 @@ def reference_images(info: dict, spec: InputSpec, split: str, count: int) -> Ima
     if len(data) == 0 and split == "val":  # trained with val_fraction 0
         return reference_images(info, spec, "train", count)
     if data.channels != spec.channels or data.size != tuple(spec.source_size):
-        raise ExportError(f"{opts['source']} now holds {data.channels}x{data.size[0]}x{data.size[1]} images, the model "
-                          f"was trained on {spec.channels}x{spec.source_size[0]}x{spec.source_size[1]}")  # fmt: skip
+        found, trained = (data.channels, *data.size), (spec.channels, *spec.source_size)
+        raise ExportError(
+            f"{opts['source']} now holds {'x'.join(map(str, found))} images, the model was trained on "
+            f"{'x'.join(map(str, trained))}"
+        )
     return sample(data, count, opts.get("seed", 0))
 
 
@@ -454,8 +501,8 @@ def quantize_file(fp32_path: str | os.PathLike, output: str | os.PathLike, calib
     try:
         quant_pre_process(str(fp32_path), str(prepared))
         quantize_static(
-            str(prepared), str(output), _Calibration(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(prepared), str(output), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=float_nodes(onnx.load(str(prepared), load_external_data=False)),
         )  # fmt: skip
     except Exception as error:  # onnxruntime's tools raise assorted types
@@ -474,12 +521,21 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
 def compare_accuracy(
     fp32_path: str | os.PathLike, int8_path_: str | os.PathLike, images: np.ndarray, labels: np.ndarray
 ) -> QuantizationReport:
-    """Accuracy and images/s of two images -> probs files on the same labelled images."""
+    """Accuracy and images/s (onnxruntime, CPU, batches of 64) of two images -> probs files.
+
+    Args:
+        fp32_path: the reference file.
+        int8_path_: the quantized file.
+        images: uint8 [N, C, H, W] labelled images.
+        labels: their class indices.
+    """
     results = [_accuracy_and_speed(path, images, labels) for path in (fp32_path, int8_path_)]
     return QuantizationReport(len(images), results[0][0], results[1][0], results[0][1], results[1][1])
 
 
-def _accuracy_and_speed(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+def _accuracy_and_speed(
+    path: str | os.PathLike, images: np.ndarray, labels: np.ndarray
+) -> tuple[float, float]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -17,11 +17,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from fmtl import export
 from fmtl.augment import Preprocess
 from fmtl.checkpoint import load_model, sha256_file
-from fmtl.data import load_dataset
+from fmtl.data import ImageSet, load_dataset
 from fmtl.errors import FmtlError
 from fmtl.evaluate import evaluate
 from fmtl.export import ExportError, Probabilities, check_parity, export_onnx, int8_path, quantize_int8
@@ -33,24 +34,28 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # The tiny model's int8 accuracy is measured on its 600 val images, where one image is 0.17 pp: measured
 # drops were 1-2 pp there (0.2-0.4 pp on the 10,000 test images), so the 1 pp default would be a coin toss.
 INT8_LIMIT = 3.0
-META_KEYS = {"classes", "input_spec", "architecture", "fmtl_version", "metrics", "weights_sha256", "opset", "data_options"}
+META_KEYS = set(
+    "classes input_spec architecture fmtl_version metrics weights_sha256 opset data_options".split()
+)
 
 
 def _write_csv(path: Path, split: str, count: int) -> Path:
     data = load_dataset("fashion-mnist", split)
     rows = np.column_stack([data.labels[:count].numpy(), data.images[:count].reshape(count, -1).numpy()])
-    np.savetxt(path, rows, fmt="%d", delimiter=",", header="label," + ",".join(f"pixel{i}" for i in range(1, 785)),
-               comments="")  # fmt: skip
+    header = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
+    np.savetxt(path, rows, fmt="%d", delimiter=",", header=header, comments="")
     return path
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("runs")
-    train_csv, test_csv = _write_csv(folder / "train.csv", "train", 2000), _write_csv(folder / "test.csv", "test", 1000)
-    args = ["--data", str(train_csv), "--test-data", str(test_csv), "--val-fraction", "0.3", "--max-train-samples",
-            "1000", "--image-size", "32", "--epochs", "2", "--strategy", "linear", "--no-augment", "--lr", "0.01",
-            "--no-save-state", "--output", str(folder / "tiny"), "--quiet"]  # fmt: skip
+    train_csv = _write_csv(folder / "train.csv", "train", 2000)
+    test_csv = _write_csv(folder / "test.csv", "test", 1000)
+    args = ["--data", str(train_csv), "--test-data", str(test_csv), "--val-fraction", "0.3",
+            "--max-train-samples", "1000", "--image-size", "32", "--epochs", "2", "--strategy", "linear",
+            "--no-augment", "--lr", "0.01", "--no-save-state", "--quiet"]  # fmt: skip
+    args += ["--output", str(folder / "tiny")]
     assert train_main(args) == 0
     return folder / "tiny"
 
@@ -91,7 +96,8 @@ def test_export_lands_in_export_folder_with_metadata(run_dir, exported) -> None:
     assert json.loads(props["classes"]) == info["classes"]
     assert InputSpec.from_json(props["input_spec"]) == InputSpec.from_dict(info["input_spec"])
     assert props["weights_sha256"] == sha256_file(run_dir / "model.safetensors") == info["weights_sha256"]
-    assert json.loads(props["metrics"]) == info["metrics"] and json.loads(props["data_options"]) == info["data_options"]
+    assert json.loads(props["metrics"]) == info["metrics"]
+    assert json.loads(props["data_options"]) == info["data_options"]
     assert props["architecture"] == "efficientnet_lite0" and props["opset"] == "18"
     assert "uint8" in model.doc_string and "quantization" not in props
     assert [o.version for o in model.opset_import if o.domain == ""] == [18]
@@ -105,7 +111,8 @@ def test_export_reports_passing_parity(exported) -> None:
 def test_graph_has_dynamic_batch_and_softmax_output(run_dir, exported) -> None:
     session = _session(exported["path"])
     (inp,), (out,) = session.get_inputs(), session.get_outputs()
-    assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [1, 28, 28]) and isinstance(inp.shape[0], str)
+    assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [1, 28, 28])
+    assert isinstance(inp.shape[0], str)  # symbolic: any batch size
     assert (out.name, out.type, out.shape[1]) == ("probs", "tensor(float)", 10)
     images = _val_images(7)
     seven = session.run(["probs"], {"images": images})[0]
@@ -118,27 +125,40 @@ def test_graph_has_dynamic_batch_and_softmax_output(run_dir, exported) -> None:
 # --- the parity gate -----------------------------------------------------------------------------
 
 
+ALTERATIONS = {
+    "normalisation": {"mean": (0.45,) * 3, "std": (0.55,) * 3},
+    "resize": {"interpolation": "bicubic"},
+}
+
+
 @pytest.fixture(scope="module")
-def altered_graph(run_dir, tmp_path_factory) -> Path:
-    """The run's model behind a Preprocess whose mean/std differ from training's, with real metadata."""
+def altered_graphs(run_dir, tmp_path_factory) -> dict[str, Path]:
+    """The run's model behind a Preprocess that differs from training's, with the real metadata."""
     model, info, spec = load_model(run_dir)
-    wrong = dataclasses.replace(spec, mean=(0.45,) * 3, std=(0.55,) * 3)
-    path = tmp_path_factory.mktemp("altered") / "altered.onnx"
     metadata = export.export_metadata(run_dir, info, spec, 18)
-    export.write_graph(Probabilities(Preprocess(wrong), model), spec, path, 18, metadata)
-    return path
+    folder, graphs = tmp_path_factory.mktemp("altered"), {}
+    for name, change in ALTERATIONS.items():
+        wrong = Preprocess(dataclasses.replace(spec, **change))
+        graphs[name] = folder / f"{name}.onnx"
+        export.write_graph(Probabilities(wrong, model), spec, graphs[name], 18, metadata)
+    return graphs
 
 
-def test_check_parity_catches_altered_preprocessing(run_dir, altered_graph) -> None:
+@pytest.mark.parametrize("alteration", list(ALTERATIONS))
+def test_check_parity_catches_altered_preprocessing(run_dir, altered_graphs, alteration) -> None:
     model, _, spec = load_model(run_dir)
-    report = check_parity(altered_graph, Probabilities(Preprocess(spec), model), _val_images(64))
+    report = check_parity(altered_graphs[alteration], Probabilities(Preprocess(spec), model), _val_images(64))
     assert not report.passed and report.images == 64 and report.max_abs_diff > 1e-3
     assert "FAILED" in report.summary()
 
 
-def test_export_refuses_graph_that_fails_parity(run_dir, altered_graph, tmp_path, monkeypatch) -> None:
+def test_export_refuses_graph_that_fails_parity(run_dir, altered_graphs, tmp_path, monkeypatch) -> None:
     """A graph that does not compute what the model computes is never published."""
-    monkeypatch.setattr(export, "write_graph", lambda module, spec, path, *rest: shutil.copyfile(altered_graph, path))
+
+    def write_altered(module, spec, path, *rest) -> None:
+        shutil.copyfile(altered_graphs["resize"], path)
+
+    monkeypatch.setattr(export, "write_graph", write_altered)
     output = tmp_path / "out" / "model.onnx"
     with pytest.raises(ExportError, match="parity"):
         export_onnx(run_dir, output, parity_images=64, echo=lambda _: None)
@@ -152,9 +172,12 @@ def test_bad_run_folder_gives_one_line_error(tmp_path) -> None:
     assert "\n" not in str(caught.value) and not (tmp_path / "x.onnx").exists()
 
 
-def test_unknown_quantization_is_refused(run_dir, tmp_path) -> None:
+def test_unknown_quantization_and_old_opset_are_refused(run_dir, tmp_path) -> None:
     with pytest.raises(ExportError, match="int8"):
         export_onnx(run_dir, tmp_path / "x.onnx", quantize="int4", echo=lambda _: None)
+    with pytest.raises(ExportError, match="opset 17"):
+        export_onnx(run_dir, tmp_path / "x.onnx", opset=17, echo=lambda _: None)
+    assert _leftovers(tmp_path) == []
 
 
 # --- int8 ----------------------------------------------------------------------------------------
@@ -171,12 +194,14 @@ def test_int8_file_is_within_accuracy_limit_and_carries_metadata(exported) -> No
     assert 100 * (check["fp32_accuracy"] - check["int8_accuracy"]) <= INT8_LIMIT
     assert int8.stat().st_size < exported["path"].stat().st_size / 2
     session = _session(int8)
-    assert session.get_inputs()[0].type == "tensor(uint8)" and session.get_outputs()[0].type == "tensor(float)"
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    assert session.get_outputs()[0].type == "tensor(float)"
 
 
 def test_int8_refused_when_limit_is_impossible(run_dir, exported, tmp_path) -> None:
     fp32 = shutil.copyfile(exported["path"], tmp_path / "m.onnx")
-    (tmp_path / "m.int8.onnx").write_bytes(b"stale")  # an earlier int8 file must not survive beside the new fp32
+    # An earlier int8 file must not survive beside the new fp32.
+    (tmp_path / "m.int8.onnx").write_bytes(b"stale")
     _, info, spec = load_model(run_dir)
     with pytest.raises(ExportError, match="more than the -100 allowed"):
         quantize_int8(fp32, info, spec, max_accuracy_drop=-100, calibration_images=64, accuracy_images=256,
@@ -210,7 +235,8 @@ with gzip.open(f"{folder}/t10k-images-idx3-ubyte.gz") as f:
 with gzip.open(f"{folder}/t10k-labels-idx1-ubyte.gz") as f:
     labels = np.frombuffer(f.read(), np.uint8, offset=8)
 session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-probs = np.concatenate([session.run(["probs"], {"images": images[i:i + 500]})[0] for i in range(0, len(images), 500)])
+batches = [session.run(["probs"], {"images": images[i:i + 500]})[0] for i in range(0, len(images), 500)]
+probs = np.concatenate(batches)
 assert not any(name.startswith("fmtl") for name in sys.modules)
 print((probs.argmax(1) == labels).mean())
 """
@@ -229,5 +255,10 @@ def test_evaluate_refuses_data_that_does_not_fit(exported) -> None:
     data.classes = [f"c{i}" for i in range(10)]
     with pytest.raises(FmtlError, match="classes"):
         evaluate(exported["path"], data=data, echo=lambda _: None)
+    big = ImageSet(
+        torch.zeros((2, 1, 32, 32), dtype=torch.uint8), torch.zeros(2, dtype=torch.long), data.classes
+    )
+    with pytest.raises(FmtlError, match="1x32x32 images, the model takes 1x28x28"):
+        evaluate(exported["path"], data=big, echo=lambda _: None)
     with pytest.raises(FmtlError, match="not found"):
         evaluate(Path(exported["folder"]) / "missing.onnx", echo=lambda _: None)
