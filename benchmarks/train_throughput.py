@@ -1,24 +1,31 @@
 """Training throughput: fmtl against the lesson-style peer loop, in one process and one run.
 
-    .venv/bin/python benchmarks/train_throughput.py            # full run, about 3-4 minutes on 2 cores
+    .venv/bin/python benchmarks/train_throughput.py            # full run, about 3-4 minutes on 2 quiet cores
     .venv/bin/python benchmarks/train_throughput.py --quick    # smoke run, about 1 minute
-
-Three measurements, each against its reference in the same run:
 
 1. The peer (``../shared/peers/lesson_loop.py``, run through its own ``main()``): per-sample
    torchvision transforms on PIL images, a frozen ResNet-18 (random weights) at 224 px with
    augmentation, batch 64, N timed batches after one warm-up batch.
 2. fmtl on the same workload through its shipped code: a real ``Trainer`` (resnet18, random
    weights, ``linear`` strategy, new 10-class head, augmentation on, 224 px, batch 64) timing
-   ``Trainer.train_step`` on uint8 index batches of real Fashion-MNIST. Peer and fmtl rounds
-   alternate, so both see the same background load; the summary takes the median round.
+   ``Trainer.train_step`` on uint8 index batches of real Fashion-MNIST, N batches after one
+   warm-up. The same step with the frozen backbone's BatchNorm folded into its convolutions,
+   and with the frozen backbone compiled (``torch.compile``, inductor freezing), is timed
+   beside it: changes proposed for fmtl, not shipped. Peer and fmtl runs alternate, and the
+   summary takes the median of the undisturbed runs of each.
 3. The feature cache: EfficientNet-Lite0 (ImageNet weights) at 64 px, no augmentation, on a
    seeded subset of Fashion-MNIST: the epoch that extracts the backbone features against an
-   epoch on the cached features (both through ``Trainer.train_one_epoch``).
+   epoch on the cached features (both ``Trainer.train_one_epoch``).
+4. Where the speed comes from: the frozen ResNet-18 forward with one change at a time
+   (channels_last, inference_mode, BatchNorm mode, folded BatchNorm, batch size, threads),
+   and the per-batch work besides it; interleaved, median of ``--repeats``.
+5. Last, the peer and fmtl once more with glibc told to keep freed memory (``mallopt``): by
+   default each batch's activations are fresh mmap'ed pages, faulted in and zeroed by the kernel.
+   Process-wide and not undoable, hence last; a change proposed for fmtl's CPU runs.
 
-Then variants of the frozen ResNet-18 forward (channels_last, inference_mode, BatchNorm mode,
-folded BatchNorm, batch size, threads) and of the preprocessing, interleaved, median of
-``--repeats``, to show where the speed comes from. Both loops use the same torch thread count.
+Both loops use the same torch thread count. This machine may be shared: every measurement
+notes the share of the CPU other processes took meanwhile (from /proc/stat), and one where
+they took more than ``--max-background`` is measured again (up to ``--retries`` times).
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import importlib.util
 import io
 import os
 import platform
 import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -49,30 +58,39 @@ from fmtl.train import Trainer, make_accelerator
 
 DEFAULT_PEER = Path(__file__).resolve().parents[2] / "shared/peers/lesson_loop.py"
 TARGET_SPEEDUP, TARGET_CACHE = 2.0, 50.0
+PEER, FMTL = "peer lesson loop", "fmtl"
+FOLDED, COMPILED = "fmtl + folded BatchNorm *", "fmtl + compiled backbone *"  # * proposed, not shipped
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="the peer script [%(default)s]")
-    parser.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX .gz files (else fmtl's search)")
-    parser.add_argument("--batches", type=int, default=10, help="timed batches per round, after 1 warm-up [10]")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating peer/fmtl rounds [2]")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch, both loops [64]")
-    parser.add_argument("--image-size", type=int, default=224, help="side the backbone sees, both loops [224]")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads, both loops (0: torch's default)")
-    parser.add_argument("--cache-samples", type=int, default=5000, help="training images for the cache test [5000]")
-    parser.add_argument("--cache-size", type=int, default=64, help="image side for the cache test [64]")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats per variant (median) [3]")
-    parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
-                        help="time the forward/preprocessing variants [on]")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="short run: 3 batches, 1 round, 1000 cache images, 1 repeat")
+    add = parser.add_argument
+    add("--peer", type=Path, default=DEFAULT_PEER, help="the peer script [%(default)s]")
+    add("--data-dir", help="folder of the Fashion-MNIST IDX .gz files (else fmtl's own search)")
+    add("--batches", type=int, default=10, help="timed batches per run, after 1 warm-up [10]")
+    add("--rounds", type=int, default=2, help="alternating peer/fmtl runs; the summary takes the median of the undisturbed ones [2]")
+    add("--batch-size", type=int, default=64, help="images per batch, both loops [64]")
+    add("--image-size", type=int, default=224, help="side the backbone sees, both loops [224]")
+    add("--threads", type=int, default=0, help="torch intra-op threads, both loops (0: torch's default)")
+    add("--cache-samples", type=int, default=5000, help="training images for the feature-cache test [5000]")
+    add("--cache-size", type=int, default=64, help="image side for the feature-cache test [64]")
+    add("--repeats", type=int, default=3, help="repeats per variant, median taken [3]")
+    add("--variants", action=argparse.BooleanOptionalAction, default=True, help="time the variants [on]")
+    add("--compile", action=argparse.BooleanOptionalAction, default=True,
+        help="also time fmtl with its frozen backbone compiled (about 15-25 s to compile) [on]")  # fmt: skip
+    add("--max-background", type=float, default=0.10, help="CPU share of other processes that counts as disturbed")
+    add("--retries", type=int, default=2, help="times a disturbed measurement is repeated [2]")
+    add("--kept-memory", action=argparse.BooleanOptionalAction, default=True,
+        help="last, measure again with glibc keeping freed memory (process-wide) [on]")  # fmt: skip
+    add("--quick", action="store_true", help="3 batches, 1 round, 1000 cache images, 1 repeat, no compile")
     args = parser.parse_args()
     if args.quick:
-        args.batches, args.rounds, args.cache_samples, args.repeats = 3, 1, 1000, 1
+        args.batches, args.rounds, args.cache_samples, args.repeats, args.compile = 3, 1, 1000, 1, False
     return args
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- the machine, and who else is using it
 
 
 def machine() -> str:
@@ -90,25 +108,45 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def cpu_sample() -> tuple[float, float, float] | None:
+    """(machine CPU seconds, of them idle, this process's CPU seconds), or None off Linux."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    hz, own = os.sysconf("SC_CLK_TCK"), os.times()
+    return sum(ticks) / hz, (ticks[3] + ticks[4]) / hz, own.user + own.system
 
 
-def endless(loader) -> Iterator[torch.Tensor]:
-    """Index batches epoch after epoch (a subset smaller than the run never runs dry)."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def background_share(start, end) -> float | None:
+    """Share of the machine's CPU time that other processes used between two samples."""
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    total, idle, own = (b - a for a, b in zip(start, end, strict=True))
+    return max(0.0, total - idle - own) / total
 
 
-# ---------------------------------------------------------------- 1. the peer
+def clean(label: str, measure: Callable[[], object], args: argparse.Namespace) -> tuple[object, float | None]:
+    """``measure()``, again while other processes took more than ``--max-background`` of the CPU."""
+    for attempt in range(args.retries + 1):
+        start, started = cpu_sample(), time.perf_counter()
+        result = measure()
+        share = background_share(start, cpu_sample())
+        if share is None or share <= args.max_background or attempt == args.retries:
+            break
+        pause = min(5.0, max(1.0, time.perf_counter() - started))  # let a short burst of someone else's pass
+        print(f"    ({label}: other processes took {share:.0%} of the CPU; again in {pause:.0f} s)", flush=True)
+        time.sleep(pause)
+    return result, share
+
+
+def noted(share: float | None, args: argparse.Namespace) -> str:
+    if share is None:
+        return ""
+    return f"[others {share:4.0%}{' DISTURBED' if share > args.max_background else ''}]"
+
+
+# ---------------------------------------------------------------- 1. the peer, through its own main()
 
 
 def load_peer(path: Path):
@@ -121,7 +159,7 @@ def load_peer(path: Path):
 
 
 def peer_rate(peer, args: argparse.Namespace, data_dir: Path) -> float:
-    """One run of the peer's own ``main()``; its printed images/s."""
+    """One run of the peer's ``main()``: the images/s it prints."""
     argv = [str(args.peer), "--model", "resnet18", "--image-size", str(args.image_size), "--batch-size",
             str(args.batch_size), "--batches", str(args.batches), "--threads", str(torch.get_num_threads()),
             "--data-dir", str(data_dir)]  # fmt: skip
@@ -149,11 +187,20 @@ def throughput_config(args: argparse.Namespace, output: str) -> TrainConfig:
     )  # fmt: skip
 
 
+def full_batches(trainer: Trainer) -> Iterator[torch.Tensor]:
+    """Index batches, epoch after epoch; an epoch's short last batch is skipped, as the peer never meets one."""
+    epoch = 0
+    while True:
+        trainer.train_loader.set_epoch(epoch)
+        yield from (b for b in trainer.train_loader if len(b) == trainer.cfg.batch_size)
+        epoch += 1
+
+
 def fmtl_rate(trainer: Trainer, batches: Iterator[torch.Tensor], count: int) -> float:
     """``train_step`` as ``train_one_epoch`` runs it in a frozen phase with augmentation."""
     trainer.net.backbone_frozen = True
     trainer.model.train()
-    trainer.net.backbone.eval()
+    trainer.net.backbone.eval()  # what a frozen phase does: BatchNorm statistics stay put
     trainer.train_step(next(batches), use_cache=False)  # warm-up, as the peer's
     start, seen = time.perf_counter(), 0
     for _ in range(count):
@@ -163,56 +210,136 @@ def fmtl_rate(trainer: Trainer, batches: Iterator[torch.Tensor], count: int) -> 
     return seen / (time.perf_counter() - start)
 
 
-def compare_loops(peer, trainer: Trainer, args: argparse.Namespace, data_dir: Path) -> tuple[float, float]:
-    batches = endless(trainer.train_loader)
-    peer_rates, fmtl_rates = [], []
-    for round_ in range(1, args.rounds + 1):
-        peer_rates.append(peer_rate(peer, args, data_dir))
-        fmtl_rates.append(fmtl_rate(trainer, batches, args.batches))
-        print(f"  round {round_}: peer {peer_rates[-1]:6.1f} img/s   fmtl {fmtl_rates[-1]:6.1f} img/s   "
-              f"{fmtl_rates[-1] / peer_rates[-1]:.2f}x   (load {load_average()})", flush=True)  # fmt: skip
-    return statistics.median(peer_rates), statistics.median(fmtl_rates)
+@contextlib.contextmanager
+def backbone_swapped(trainer: Trainer, backbone: torch.nn.Module | None):
+    """Run ``train_step`` with another module as the frozen backbone (None: fmtl's own)."""
+    original = trainer.net.backbone
+    if backbone is not None:
+        trainer.net.backbone = backbone
+    try:
+        yield
+    finally:
+        trainer.net.backbone = original
+
+
+def folded_backbone(trainer: Trainer) -> torch.nn.Module:
+    """The frozen backbone with each BatchNorm folded into the convolution before it (eval mode only)."""
+    return fuse(trainer.net.backbone.eval()).to(memory_format=torch.channels_last)
+
+
+def compiled_backbone(trainer: Trainer) -> tuple[torch.nn.Module | None, str]:
+    """The frozen backbone through ``torch.compile`` with inductor's freezing (weights as constants)."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(trainer.net.backbone.eval())
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            compiled(trainer.batch(trainer.train_images, torch.arange(trainer.cfg.batch_size), augment=True))
+    except Exception as error:  # noqa: BLE001 - no C++ compiler, unsupported platform...: skip, say why
+        return None, f"torch.compile unavailable here: {str(error).splitlines()[0][:120]}"
+    return compiled, f"compiled in {time.perf_counter() - start:.1f} s"
+
+
+def build_loops(peer, trainer: Trainer, args: argparse.Namespace, data_dir: Path) -> dict[str, Callable[[], float]]:
+    """Each loop to compare: a function that runs it once and returns its images/s."""
+    batches = full_batches(trainer)
+    loops: dict[str, Callable[[], float]] = {PEER: lambda: peer_rate(peer, args, data_dir)}
+    backbones = {FMTL: None, FOLDED: folded_backbone(trainer)}
+    if args.compile:
+        compiled, message = compiled_backbone(trainer)
+        print(f"  frozen backbone for the compiled runs: {message}")
+        if compiled is not None:
+            backbones[COMPILED] = compiled
+    for name, backbone in backbones.items():
+        loops[name] = lambda backbone=backbone: timed_fmtl(trainer, backbone, batches, args.batches)
+    return loops
+
+
+def compare_loops(loops: dict[str, Callable[[], float]], rounds: int, args) -> dict[str, tuple[float, bool]]:
+    """Median images/s of each loop over alternating runs, and whether any of its runs was undisturbed."""
+    rates: dict[str, list[tuple[float, bool]]] = {name: [] for name in loops}
+    for round_ in range(1, rounds + 1):
+        for name, measure in loops.items():
+            faults = page_faults()
+            rate, share = clean(name, measure, args)
+            faults = (page_faults() - faults) / (args.batches + 1) / 1000
+            rates[name].append((rate, share is None or share <= args.max_background))
+            extra = " " * 30 if name == PEER else f"{rate / rates[PEER][-1][0]:5.2f}x peer {faults:6.0f}k faults/batch"
+            print(f"  round {round_}  {name:<27} {rate:6.1f} img/s  {extra}  {noted(share, args)}", flush=True)
+    return {name: undisturbed_median(values) for name, values in rates.items()}
+
+
+def undisturbed_median(values: list[tuple[float, bool]]) -> tuple[float, bool]:
+    """Median of the undisturbed measurements; of all of them (and False) when every one was disturbed."""
+    undisturbed = [value for value, ok in values if ok]
+    return statistics.median(undisturbed or [value for value, _ in values]), bool(undisturbed)
+
+
+def timed_fmtl(trainer: Trainer, backbone: torch.nn.Module | None, batches, count: int) -> float:
+    with backbone_swapped(trainer, backbone):
+        return fmtl_rate(trainer, batches, count)
+
+
+def keep_freed_memory() -> str | None:
+    """Make glibc keep freed memory for reuse: no mmap for big blocks, no trimming. None where it can't.
+
+    By default every batch's activations (hundreds of MB at 224 px) are fresh mmap'ed pages, each
+    page faulted in and zeroed by the kernel, then handed back when freed. This is process-wide
+    and cannot be undone cleanly, so it is measured last.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**30)):
+        return None
+    return "mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB"
+
+
+def page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # ---------------------------------------------------------------- 3. the feature cache
 
 
 def cache_epochs(accelerator: Accelerator, args: argparse.Namespace, output: str) -> dict:
-    """Seconds of the epoch that extracts features and of the epochs that reuse them."""
+    """Seconds of an epoch that extracts the backbone features, and of one on the cached features."""
     cfg = TrainConfig(
-        model="efficientnet_lite0", strategy="linear", image_size=args.cache_size, augment=False, epochs=3,
+        model="efficientnet_lite0", strategy="linear", image_size=args.cache_size, augment=False, epochs=4,
         max_train_samples=args.cache_samples, max_eval_samples=max(args.cache_samples // 10, 100),
         quiet=True, save_state=False, output=output, data_dir=args.data_dir,
     )  # fmt: skip
     trainer = Trainer(cfg, accelerator, Path(output))
     phase = trainer.phases[0]
-    seconds = []
-    for epoch in range(1, cfg.epochs + 1):
+
+    def epoch(number: int, extract: bool) -> float:
+        if extract:
+            trainer.cached = None  # train_one_epoch extracts the features again
         start = time.perf_counter()
-        trainer.train_one_epoch(epoch, phase)
-        seconds.append(time.perf_counter() - start)
-    return {"extract": seconds[0], "cached": statistics.median(seconds[1:]), "train": len(trainer.train_set),
-            "val": len(trainer.val_set), "batch_size": cfg.batch_size}  # fmt: skip
+        trainer.train_one_epoch(number, phase)
+        return time.perf_counter() - start
+
+    extract, extract_share = clean("extract epoch", lambda: epoch(1, extract=True), args)
+    cached, cached_share = clean("cached epochs", lambda: statistics.median(epoch(n, False) for n in (2, 3, 4)), args)
+    return {"extract": extract, "cached": cached, "train": len(trainer.train_set), "val": len(trainer.val_set),
+            "batch_size": cfg.batch_size, "shares": (extract_share, cached_share)}  # fmt: skip
 
 
 # ---------------------------------------------------------------- 4. where the speed comes from
 
 
-def forward_variants(trainer: Trainer, args: argparse.Namespace) -> list[tuple[str, float]]:
+def forward_variants(trainer: Trainer, args: argparse.Namespace) -> tuple[list, float | None]:
     """images/s of the frozen backbone's forward pass, one change at a time from fmtl's setting."""
-    backbone = trainer.net.backbone.eval()
+    backbone, b, threads = trainer.net.backbone.eval(), args.batch_size, torch.get_num_threads()
     nchw = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
-    folded = fuse(backbone).to(memory_format=torch.channels_last)  # BatchNorm folded into the convolutions
-    train_bn = copy.deepcopy(backbone).train()  # the peer's model.train(): batch statistics
-    data = trainer.train_images
-    batch = torch.arange(args.batch_size)
-    x = trainer.batch(data, batch, augment=True)
-    x_nchw = x.contiguous()
-    x_half = trainer.batch(data, batch[: args.batch_size // 2], augment=True)
-    x_double = trainer.batch(data, torch.arange(2 * args.batch_size) % len(data), augment=True)
-    threads = torch.get_num_threads()
+    train_bn = copy.deepcopy(backbone).train()  # the peer's model.train(): batch statistics, running stats move
+    x = trainer.batch(trainer.train_images, torch.arange(b), augment=True)
+    x_half = x[: b // 2].clone()
+    x_double = torch.cat([x, x]).contiguous(memory_format=torch.channels_last)
 
-    def run(model, images, grad_mode=torch.no_grad, num_threads=threads):
+    def forward(model, images, grad_mode=torch.no_grad, num_threads=threads):
         def call():
             torch.set_num_threads(num_threads)
             try:
@@ -221,75 +348,81 @@ def forward_variants(trainer: Trainer, args: argparse.Namespace) -> list[tuple[s
             finally:
                 torch.set_num_threads(threads)
 
-        return call
+        return call, len(images)
 
-    b = args.batch_size
     variants = {
-        f"fmtl: eval, no_grad, channels_last, b{b}, {threads} threads": (run(backbone, x), b),
-        "  NCHW (channels_last off)": (run(nchw, x_nchw), b),
-        "  inference_mode instead of no_grad": (run(backbone, x, torch.inference_mode), b),
-        "  BatchNorm in train mode (as the peer)": (run(train_bn, x), b),
-        "  BatchNorm folded into conv (fx fuse)": (run(folded, x), b),
-        f"  batch {b // 2}": (run(backbone, x_half), b // 2),
-        f"  batch {2 * b}": (run(backbone, x_double), 2 * b),
+        f"fmtl: eval, no_grad, channels_last, b{b}, {threads} threads": forward(backbone, x),
+        "  NCHW (channels_last off)": forward(nchw, x.contiguous()),
+        "  inference_mode instead of no_grad": forward(backbone, x, torch.inference_mode),
+        "  BatchNorm in train mode (as the peer)": forward(train_bn, x),
+        "  BatchNorm folded into the convolutions": forward(folded_backbone(trainer), x),
+        f"  batch {b // 2}": forward(backbone, x_half),
+        f"  batch {2 * b}": forward(backbone, x_double),
     }
     if threads > 1:
-        variants[f"  {threads // 2} thread(s)"] = (run(backbone, x, num_threads=threads // 2), b)
-    return interleaved({name: fn for name, (fn, _) in variants.items()}, args.repeats,
-                       {name: n for name, (_, n) in variants.items()})  # fmt: skip
+        variants[f"  {threads // 2} thread(s)"] = forward(backbone, x, num_threads=threads // 2)
+    return interleaved(variants, args.repeats, args)
 
 
-def preprocessing_variants(trainer: Trainer, args: argparse.Namespace) -> list[tuple[str, float]]:
-    """images/s of ``Trainer.batch`` (augment at the source size, then resize) and alternatives."""
-    data, indices = trainer.train_images, torch.arange(args.batch_size)
+def batch_variants(trainer: Trainer, args: argparse.Namespace) -> tuple[list, float | None]:
+    """images/s of ``Trainer.batch`` (augment at the source size, then resize), alternatives, and the head step."""
+    data, indices, b = trainer.train_images, torch.arange(args.batch_size), args.batch_size
     pre, augment = trainer.preprocess, trainer.augment
 
-    def augment_after_resize():  # the peer's order: resize to 224 first, then warp every pixel at 224
-        x = augment(pre.resize(data[indices].float() / 255.0))
-        x = x.expand(-1, 3, -1, -1) * pre.scale + pre.shift
-        return x.contiguous(memory_format=torch.channels_last)
+    def augment_after_resize():  # the peer's order: resize to 224 first, then warp every 224 px image
+        with torch.no_grad():
+            x = augment(pre.resize(data[indices].float() / 255.0))
+            return (x.expand(-1, 3, -1, -1) * pre.scale + pre.shift).contiguous(memory_format=torch.channels_last)
 
     with torch.no_grad():
-        x = trainer.batch(data, indices, augment=True)
-        head_input = trainer.net.backbone(x)
+        features = trainer.net.backbone(trainer.batch(data, indices, augment=True))
 
     def head_step():  # what train_step adds after the backbone: head, loss, backward, optimizer
-        logits = trainer.model(head_input, from_features=True)
+        logits = trainer.model(features, from_features=True)
         loss = torch.nn.functional.cross_entropy(logits, trainer.train_labels[indices], label_smoothing=0.1)
         trainer.accelerator.backward(loss)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
     variants = {
-        "fmtl Trainer.batch: augment at 28 px, resize": lambda: trainer.batch(data, indices, augment=True),
-        "  Trainer.batch without augmentation": lambda: trainer.batch(data, indices, augment=False),
-        "  augment after resizing (at 224 px)": augment_after_resize,
-        "  head + loss + backward + AdamW step": head_step,
+        "fmtl Trainer.batch: augment at 28 px, then resize": (lambda: trainer.batch(data, indices, True), b),
+        "  Trainer.batch without augmentation": (lambda: trainer.batch(data, indices, False), b),
+        "  augment after resizing (at 224 px)": (augment_after_resize, b),
+        "  head + loss + backward + AdamW step": (head_step, b),
     }
-    with torch.no_grad():
-        timed = interleaved({k: v for k, v in variants.items() if "backward" not in k}, args.repeats * 3,
-                            dict.fromkeys(variants, args.batch_size))  # fmt: skip
-    timed += interleaved({"  head + loss + backward + AdamW step": head_step}, args.repeats * 3,
-                         {"  head + loss + backward + AdamW step": args.batch_size})  # fmt: skip
-    return timed
+    return interleaved(variants, args.repeats * 3, args)
 
 
-def interleaved(calls: dict[str, Callable], repeats: int, images: dict[str, int]) -> list[tuple[str, float]]:
-    """Median images/s of each call, the calls taking turns so background load hits them alike."""
-    for fn in calls.values():
+def interleaved(calls: dict[str, tuple[Callable, int]], repeats: int, args) -> tuple[list, float | None]:
+    """Median images/s of each call; the calls take turns, and a disturbed turn is taken again."""
+    for fn, _ in calls.values():
         fn()  # warm-up: oneDNN builds its kernels for each shape and layout on first use
     times: dict[str, list[float]] = {name: [] for name in calls}
+
+    def one_turn() -> dict[str, float]:
+        turn = {}
+        for name, (fn, _) in calls.items():
+            start = time.perf_counter()
+            fn()
+            turn[name] = time.perf_counter() - start
+        return turn
+
+    shares = []
     for _ in range(repeats):
-        for name, fn in calls.items():
-            times[name].append(median_time(fn, 1))
-    return [(name, images[name] / statistics.median(t)) for name, t in times.items()]
+        turn, share = clean("a turn of the variants", one_turn, args)
+        shares.append(share)
+        for name, seconds in turn.items():
+            times[name].append(seconds)
+    worst = max((s for s in shares if s is not None), default=None)
+    return [(name, calls[name][1] / statistics.median(t)) for name, t in times.items()], worst
 
 
-def print_rates(title: str, rates: list[tuple[str, float]]) -> None:
-    print(title)
+def print_rates(title: str, measured: tuple[list[tuple[str, float]], float | None], args) -> None:
+    rates, worst = measured
+    print(f"{title:<58} {noted(worst, args).replace('others', 'worst turn: others')}")
     reference = rates[0][1]
     for name, rate in rates:
-        print(f"  {name:<52} {rate:8.1f} img/s   {rate / reference:5.2f}x")
+        print(f"  {name:<56} {rate:9.1f} img/s   {rate / reference:5.2f}x")
 
 
 # ---------------------------------------------------------------- main
@@ -307,29 +440,53 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         set_seed(cfg.seed)
-        print(f"machine: {machine()}; load average {load_average()}")
-        print(f"peer: {args.peer}\ndata: {data_dir}\n")
+        print(f"machine: {machine()}; load average {load_average()}\npeer: {args.peer}\ndata: {data_dir}\n")
         trainer = Trainer(cfg, accelerator, Path(cfg.output))
         tag = f"resnet18 {args.image_size}px b{args.batch_size} aug"
         print(f"throughput, {tag}, {args.batches} timed batches after 1 warm-up, {args.rounds} round(s):", flush=True)
-        peer_ips, fmtl_ips = compare_loops(peer, trainer, args, data_dir)
+        loops = build_loops(peer, trainer, args, data_dir)
+        rates = compare_loops(loops, args.rounds, args)
         if args.variants:
-            print()
-            print_rates("frozen resnet18 forward, one change at a time:", forward_variants(trainer, args))
-            print_rates("per-batch work besides the backbone:", preprocessing_variants(trainer, args))
-        del trainer
-        accelerator.free_memory()
-        print(f"\nfeature cache: efficientnet_lite0 {args.cache_size}px, {args.cache_samples} images ...", flush=True)
+            print_rates("\nfrozen resnet18 forward, one change at a time:", forward_variants(trainer, args), args)
+            print_rates("per-batch work besides the backbone:", batch_variants(trainer, args), args)
+        print(f"\nfeature cache, efficientnet_lite0 {args.cache_size}px, {args.cache_samples} images:", flush=True)
         cache = cache_epochs(accelerator, args, str(Path(tmp) / "lite0"))
+        print(f"  extract epoch: the backbone on {cache['train']} train + {cache['val']} val images, then the "
+              f"head: {cache['extract']:.2f} s {noted(cache['shares'][0], args)}\n  cached epoch: the head alone, "
+              f"batch {cache['batch_size']}, median of 3 epochs: {cache['cached']:.3f} s "
+              f"{noted(cache['shares'][1], args)}")  # fmt: skip
+        kept = kept_memory_rates(loops, args)
+    summary(rates, kept, cache, tag, args)
+
+
+def kept_memory_rates(loops: dict[str, Callable[[], float]], args) -> dict[str, tuple[float, bool]]:
+    """The peer and fmtl once more, with glibc keeping freed memory (last: it cannot be undone)."""
+    how = keep_freed_memory() if args.kept_memory else None
+    if how is None:
+        return {}
+    print(f"\nwith glibc keeping freed memory ({how}), 1 round:", flush=True)
+    return compare_loops({name: loops[name] for name in (PEER, FMTL, COMPILED) if name in loops}, 1, args)
+
+
+def summary(rates: dict, kept: dict, cache: dict, tag: str, args: argparse.Namespace) -> None:
+    """The figures that matter, each fmtl rate as a multiple of the peer's (default allocator)."""
+    print()
+    peer, peer_clean = rates[PEER]
+    for label, table in (("", rates), ("kept memory: ", kept)):
+        for name, (rate, undisturbed) in table.items():
+            flag = "" if undisturbed and peer_clean else "   DISTURBED"
+            if name == PEER:
+                versus = f"   {rate / peer:.2f}x the peer as shipped" if label else ""
+            else:
+                target = f"   (target >= {TARGET_SPEEDUP:g}x)" if name == FMTL and not label else ""
+                versus = f"   {rate / peer:.2f}x peer{target}"
+            print(f"{label + name:<39} {tag}: {rate:6.1f} img/s{versus}{flag}")
     cache_tag = f"lite0 {args.cache_size}px {cache['train']} imgs:"
-    print(f"  extract epoch: backbone on {cache['train']} train + {cache['val']} val images, then the head; "
-          f"cached epochs: the head alone, batch {cache['batch_size']} (median of epochs 2-3)\n")  # fmt: skip
-    print(f"peer lesson loop   {tag}: {peer_ips:6.1f} img/s")
-    print(f"fmtl               {tag}: {fmtl_ips:6.1f} img/s   {fmtl_ips / peer_ips:.2f}x peer   "
-          f"(target >= {TARGET_SPEEDUP:g}x)")  # fmt: skip
-    print(f"feature cache      {cache_tag:<28} extract epoch {cache['extract']:.2f} s, cached epoch "
-          f"{cache['cached']:.3f} s   {cache['extract'] / cache['cached']:.0f}x  (target >= {TARGET_CACHE:g}x)")  # fmt: skip
-    print(f"machine            {machine()}; load average {load_average()}")
+    flag = "" if all(s is None or s <= args.max_background for s in cache["shares"]) else "   DISTURBED"
+    print(f"{'feature cache':<39} {cache_tag:<23} extract epoch {cache['extract']:.2f} s, cached epoch "
+          f"{cache['cached']:.3f} s   {cache['extract'] / cache['cached']:.0f}x  (target >= {TARGET_CACHE:g}x){flag}")  # fmt: skip
+    print(f"{'machine':<39} {machine()}; load average {load_average()}")
+    print("* proposed for fmtl, not shipped; 'kept memory': glibc told to keep freed memory (see --kept-memory)")
 
 
 if __name__ == "__main__":
