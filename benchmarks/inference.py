@@ -1,6 +1,6 @@
 """Inference speed: PyTorch eager against onnxruntime fp32 and int8, same model, same real images, one run.
 
-    .venv/bin/python benchmarks/inference.py                 # about 4-5 minutes on 2 cores
+    .venv/bin/python benchmarks/inference.py                 # about 3.5 minutes on 2 quiet cores (8 when busy)
     .venv/bin/python benchmarks/inference.py --quick         # smoke run, about 2 minutes
     .venv/bin/python benchmarks/inference.py --run runs/NAME # an existing run folder instead of training one
 
