@@ -16,7 +16,6 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install --quiet $(TORCH_PINS) 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import torch, torchvision, accelerate, onnxruntime, fmtl"

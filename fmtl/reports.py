@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file
 
 from fmtl import plots
@@ -37,31 +36,13 @@ def write_results(run_dir: Path, history: list[dict]) -> None:
     atomic_write_text(run_dir / "results.csv", buffer.getvalue())
 
 
-@torch.no_grad()
-def predict_probs(trainer, images: torch.Tensor) -> np.ndarray:
-    """Softmax probabilities for a uint8 image tensor, sharded across processes and gathered in order."""
-    loader = trainer.accelerator.prepare(_indices(len(images), trainer.cfg.eval_batch_size))
-    model, parts = trainer.model.eval(), []
-    device_images = trainer._on_device(images)
-    for indices in loader:
-        logits = model(trainer.batch(device_images, indices, augment=False)).float()
-        parts.append(trainer.accelerator.gather_for_metrics(logits.softmax(1)).cpu())
-    return torch.cat(parts).numpy()
-
-
-def _indices(n: int, batch_size: int):
-    from torch.utils.data import DataLoader
-
-    return DataLoader(range(n), batch_size=batch_size, shuffle=False)
-
-
 def finish(trainer, seconds: float) -> dict | None:
     """Evaluate the best model on the test split, write metrics.json and the plots, print the summary."""
     accelerator, run_dir = trainer.accelerator, trainer.run_dir
     accelerator.wait_for_everyone()
     trainer.net.load_state_dict(load_file(str(run_dir / MODEL_WEIGHTS)))  # copied onto the model's device
     trainer.net.backbone_frozen = False
-    probs = predict_probs(trainer, trainer.test_set.images)
+    probs = trainer.predict_probs(trainer.test_set.images)
     if not accelerator.is_main_process:
         return None
     labels = trainer.test_set.labels.numpy()

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -344,6 +345,16 @@ class Trainer:
             stacked, order = torch.cat(parts), torch.cat(order)
             features[name] = torch.empty_like(stacked).index_copy_(0, order.to(stacked.device), stacked)
         return features
+
+    @torch.no_grad()
+    def predict_probs(self, images: torch.Tensor) -> np.ndarray:
+        """Softmax probabilities for uint8 images, sharded across processes and gathered in order."""
+        loader = self.accelerator.prepare(index_loader(len(images), self.cfg.eval_batch_size, False, 0))
+        model, device_images, parts = self.model.eval(), self._on_device(images), []
+        for indices in loader:
+            logits = model(self.batch(device_images, indices, augment=False)).float()
+            parts.append(self.accelerator.gather_for_metrics(logits.softmax(1)).cpu())
+        return torch.cat(parts).numpy()
 
     @torch.no_grad()
     def evaluate_val(self, phase: Phase) -> dict:

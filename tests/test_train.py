@@ -138,3 +138,19 @@ def test_image_folder_and_csv_sources_train(tmp_path):
     assert train("--data", str(tmp_path / "train.csv"), "--test-data", str(tmp_path / "train.csv"), "--strategy",
                  "finetune", "--epochs", "1", "--output", str(tmp_path / "run-csv")) == 0  # fmt: skip
     assert json.loads((tmp_path / "run-csv" / "metrics.json").read_text())["num_images"] == 400
+
+
+def test_other_recipes_train_and_are_recorded(tmp_path):
+    run = tmp_path / "recipe"
+    assert train("--strategy", "finetune", "--optimizer", "sgd", "--head", "mlp", "--no-freeze-bn", "--unfreeze",
+                 "last:2", "--patience", "1", "--epochs", "3", "--max-train-samples", "500", "--max-eval-samples",
+                 "300", "--output", str(run)) == 0  # fmt: skip
+    config = (run / "config.yaml").read_text()
+    for line in ("optimizer: sgd", "head: mlp", "freeze_bn: false", "unfreeze: last:2", "patience: 1"):
+        assert line in config
+    rows = read_results(run)
+    best = max(range(len(rows)), key=lambda i: float(rows[i]["val_acc"]))
+    assert len(rows) <= best + 2  # patience 1: at most one epoch after the best
+    info = json.loads((run / "model.json").read_text())
+    assert info["head"] == "mlp"
+    assert "head.0.weight" in load_file(str(run / "model.safetensors"))
