@@ -2,6 +2,10 @@
 # Each creates .venv when it is missing and makes sure Fashion-MNIST is present.
 
 PYTHON ?= python3
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip's notes about this machine's missing extra index folders are noise, not failures
+QUIET_PIP := sed '/is ignored: it is neither a file nor a directory/d'
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -10,14 +14,19 @@ DATA_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_RUN := runs/demo
 
-.PHONY: setup data test test-fast demo lint bench clean
+RT_VENV := .venv-runtime
+RT_MODELS := .venv-runtime-models
+LINTED := fmtl tests benchmarks
 
+.PHONY: setup data test test-full test-fast test-runtime demo lint format bench clean
+
+# The full development install: training side, runtime side, test tools, linter.
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PINS) 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install --quiet $(TORCH_PINS) 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install --quiet -e ".[dev]" 2>&1 | $(QUIET_PIP)
 	$(PY) -c "import torch, torchvision, accelerate, onnxruntime, fmtl"
 	touch $(STAMP)
 
@@ -34,15 +43,36 @@ data:
 		echo "Fashion-MNIST not installed and apt-get unavailable: fmtl will try torchvision's download"; \
 	fi
 
-test: setup data
+# What CI runs: lint and format check, the full suite, then the runtime suite in a torch-free install.
+test: lint test-full test-runtime
+
+test-full: setup data
 	$(PY) -m pytest -q
 
 # The quick subset: everything but the trainings and multi-process launches.
 test-fast: setup data
 	$(PY) -m pytest -q -m "not slow"
 
+# A clean venv with only the runtime install (the README's `pip install .`): torch must not be
+# importable there, and tests/runtime must pass on models the full install writes.
+test-runtime: setup
+	rm -rf $(RT_VENV) $(RT_MODELS)
+	$(PYTHON) -m venv $(RT_VENV)
+	$(RT_VENV)/bin/python -m pip install --quiet . 2>&1 | $(QUIET_PIP)
+	@for m in torch torchvision accelerate onnx; do \
+		if $(RT_VENV)/bin/python -c "import $$m" 2>/dev/null; then echo "runtime install has $$m"; exit 1; fi; \
+	done; echo "runtime install: no torch, torchvision, accelerate or onnx"
+	$(RT_VENV)/bin/python -m pip install --quiet pytest httpx 2>&1 | $(QUIET_PIP)
+	$(PY) tests/runtime/onnx_fixtures.py $(RT_MODELS)
+	cd tests && FMTL_TEST_MODELS=$(CURDIR)/$(RT_MODELS) ../$(RT_VENV)/bin/python -m pytest -q -p no:cacheprovider runtime
+
 lint: setup
-	$(VENV)/bin/ruff check fmtl tests benchmarks
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+format: setup
+	$(VENV)/bin/ruff check --fix $(LINTED)
+	$(VENV)/bin/ruff format $(LINTED)
 
 # The main job: train the default recipe, export (an int8 twin too, unless it loses more than
 # a point of accuracy: then only the fp32 file stays), and classify a folder of sample images.
@@ -58,4 +88,4 @@ bench: setup data
 	$(PY) benchmarks/inference.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache $(RT_VENV) $(RT_MODELS)

@@ -7,11 +7,11 @@
 1. The model: trains a small real one (``python -m fmtl.train``, ResNet-18 at 112 px, random-init
    backbone, linear head, 1 epoch on 1,000 images: speed does not depend on the weights, and
    "identical top-1" is the check) unless ``--run`` names a run folder, then exports it with
-   ``fmtl.export.export_onnx(..., quantize="int8")`` into a temporary folder: fp32 and int8 files.
+   ``fmtl.training.export.export_onnx(..., quantize="int8")`` into a temporary folder: fp32 and int8 files.
 2. The same uint8 Fashion-MNIST test images ([N, 1, 28, 28]) go through four contenders:
-   PyTorch eager (``fmtl.export.Probabilities``: Preprocess + model + softmax, eval,
+   PyTorch eager (``fmtl.training.export.Probabilities``: Preprocess + model + softmax, eval,
    ``torch.inference_mode()``), the same in channels_last, onnxruntime fp32 and int8 as
-   ``fmtl.runtime.Classifier`` opens them. Batch 1 (a few hundred calls) and batch 64 (a few
+   ``fmtl.runtime.classifier.Classifier`` opens them. Batch 1 (a few hundred calls) and batch 64 (a few
    dozen calls), each on successive test images, after a warm-up; images/s from the median call,
    p50/p99 latency per call (p99 of a few dozen calls is about their maximum). The contenders take turns, and the whole comparison runs
    ``--rounds`` times; the round in which other processes used the least CPU is reported (each
@@ -21,7 +21,7 @@
    optimisation level, threads, spinning, execution mode, memory pattern, arena, int8), batch 1
    and 64, interleaved, median of ``--repeats``, with eager in the same table; then spinning on
    and off again with every core also kept busy by another process (a shared machine).
-4. ``fmtl.infer.run`` end to end on a folder of PNG test images (decoding included), fp32 and int8,
+4. ``fmtl.runtime.infer.run`` end to end on a folder of PNG test images (decoding included), fp32 and int8,
    and ``classify_paths`` with the runtime's session and with spinning off, and decoding alone.
 
 Disturbance: a block of calls during which other processes used more than 0.3 CPUs is measured
@@ -71,14 +71,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from fmtl.augment import Preprocess
-from fmtl.checkpoint import load_model
-from fmtl.data import find_fashion_mnist, load_dataset, write_samples
-from fmtl.export import Probabilities, export_onnx, int8_path
-from fmtl.images import decode_many
-from fmtl.infer import classify_paths, run
-from fmtl.runtime import Classifier
+from fmtl.runtime.classifier import Classifier
+from fmtl.runtime.images import decode_many
+from fmtl.runtime.infer import classify_paths, run
 from fmtl.spec import ONNX_INPUT, ONNX_OUTPUT
+from fmtl.training.augment import Preprocess
+from fmtl.training.checkpoint import load_model
+from fmtl.training.data import find_fashion_mnist, load_dataset, write_samples
+from fmtl.training.export import Probabilities, export_onnx, int8_path
 
 TARGET_BATCH1, TARGET_BATCH64 = 1.3, 1.0  # ort fp32 / best eager
 DISTURBED = 0.3  # CPUs used by other processes during a measurement above which it is flagged
@@ -254,7 +254,7 @@ def open_session(path: Path, threads: int = 0, spinning: bool = True, **options)
 
 
 def runtime_session(path: Path, threads: int) -> ort.InferenceSession:
-    """The session ``fmtl.runtime.Classifier`` opens (CPU provider; threads=None is its default)."""
+    """The session ``fmtl.runtime.classifier.Classifier`` opens (CPU provider; threads=None is its default)."""
     return Classifier(path, providers=["CPUExecutionProvider"], threads=threads or None).session
 
 
@@ -292,9 +292,7 @@ def batches(images: np.ndarray, batch: int, calls: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(images[s : s + batch]) for s in starts]
 
 
-def time_calls(
-    fn: Run, inputs: list, keep: bool = False, warmup: bool = True, limit: float = BLOCK_LIMIT
-) -> Timing:
+def time_calls(fn: Run, inputs: list, keep: bool = False, warmup: bool = True, limit: float = BLOCK_LIMIT) -> Timing:
     """Call ``fn`` on each input in turn (stopping after ``limit`` seconds, 3 calls at least)."""
     time.sleep(0.05)  # let the previous contender's spinning threads go to sleep
     if warmup:  # each library builds its kernels for a new shape on first use
@@ -479,7 +477,7 @@ def print_contended(variants: dict[str, Run], inputs: dict[int, list[np.ndarray]
 
 
 def infer_rates(fp32: Path, int8: Path, folder: Path, args: argparse.Namespace, load: Load) -> None:
-    """``fmtl.infer.run`` as the CLI calls it (its Classifier takes onnxruntime's default threads), and parts."""
+    """``fmtl.runtime.infer.run`` as the CLI calls it (its Classifier takes onnxruntime's default threads), and parts."""
     images = folder / "images"
     images.mkdir()
     paths = write_samples(images, "fashion-mnist", "test", args.infer_images, seed=0)
@@ -495,11 +493,13 @@ def infer_rates(fp32: Path, int8: Path, folder: Path, args: argparse.Namespace, 
     nospin.session = open_session(fp32, args.threads, spinning=False)
     spec = nospin.spec
     thunks = {
-        "fmtl.infer.run, fp32 (open + decode + classify + jsonl)": infer(fp32),
-        "fmtl.infer.run, int8": infer(int8),
+        "fmtl.runtime.infer.run, fp32 (open + decode + classify + jsonl)": infer(fp32),
+        "fmtl.runtime.infer.run, int8": infer(int8),
         "  classify_paths, fp32 as Classifier opens it": lambda: classify_paths(shipped, paths, 5, 64),
         "  classify_paths, fp32 with spinning off": lambda: classify_paths(nospin, paths, 5, 64),
-        "  decoding alone (fmtl.images.decode_many)": lambda: decode_many(paths, spec.channels, spec.source_size),
+        "  decoding alone (fmtl.runtime.images.decode_many)": lambda: decode_many(
+            paths, spec.channels, spec.source_size
+        ),
     }
     opened = {name: _seconds(lambda p=p: Classifier(p, providers=["CPUExecutionProvider"])) for name, p in
               (("fp32", fp32), ("int8", int8))}  # fmt: skip
@@ -554,7 +554,9 @@ def main() -> None:
     if args.data_dir:  # the training subprocess and write_samples find it there too
         os.environ["FMTL_DATA_DIR"] = args.data_dir
     if find_fashion_mnist() is None:
-        sys.exit("Fashion-MNIST not found: give --data-dir, set FMTL_DATA_DIR, or apt-get install dataset-fashion-mnist")
+        sys.exit(
+            "Fashion-MNIST not found: give --data-dir, set FMTL_DATA_DIR, or apt-get install dataset-fashion-mnist"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()

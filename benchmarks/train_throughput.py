@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import importlib.util
 import io
 import os
@@ -55,15 +54,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.fx.experimental.optimization import fuse
 
-from fmtl.config import TrainConfig
-from fmtl.data import find_fashion_mnist
-from fmtl.train import Trainer, make_accelerator
+from fmtl.training.config import TrainConfig
+from fmtl.training.data import find_fashion_mnist
+from fmtl.training.loop import Trainer, make_accelerator
 
 DEFAULT_PEER = Path(__file__).resolve().parents[2] / "shared/peers/lesson_loop.py"
 TARGET_SPEEDUP, TARGET_CACHE = 2.0, 50.0
 PEER, FMTL = "peer lesson loop", "fmtl"
 FOLDED, COMPILED = "fmtl + folded BatchNorm *", "fmtl + compiled backbone *"  # * proposed, not shipped
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,7 +70,12 @@ def parse_args() -> argparse.Namespace:
     add("--peer", type=Path, default=DEFAULT_PEER, help="the peer script [%(default)s]")
     add("--data-dir", help="folder of the Fashion-MNIST IDX .gz files (else fmtl's own search)")
     add("--batches", type=int, default=10, help="timed batches per run, after 1 warm-up [10]")
-    add("--rounds", type=int, default=2, help="alternating peer/fmtl runs; the summary takes the median of the undisturbed ones [2]")
+    add(
+        "--rounds",
+        type=int,
+        default=2,
+        help="alternating peer/fmtl runs; the summary takes the median of the undisturbed ones [2]",
+    )
     add("--batch-size", type=int, default=64, help="images per batch, both loops [64]")
     add("--image-size", type=int, default=224, help="side the backbone sees, both loops [224]")
     add("--threads", type=int, default=0, help="torch intra-op threads, both loops (0: torch's default)")
@@ -285,19 +288,13 @@ def timed_fmtl(trainer: Trainer, backbone: torch.nn.Module | None, batches, coun
 
 
 def keep_freed_memory() -> str | None:
-    """Make glibc keep freed memory for reuse: no mmap for big blocks, no trimming. None where it can't.
+    """fmtl's own entry-point setting (``fmtl.train.keep_freed_memory``); None where glibc lacks it.
 
-    By default every batch's activations (hundreds of MB at 224 px) are fresh mmap'ed pages, each
-    page faulted in and zeroed by the kernel, then handed back when freed. This is process-wide
-    and cannot be undone cleanly, so it is measured last.
+    Process-wide and cannot be undone cleanly, so it is measured last.
     """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return None
-    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**30)):
-        return None
-    return "mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB"
+    from fmtl.train import keep_freed_memory as keep
+
+    return "mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB" if keep() else None
 
 
 def page_faults() -> int:
@@ -435,7 +432,9 @@ def main() -> None:
     args = parse_args()
     data_dir = find_fashion_mnist(args.data_dir)
     if data_dir is None:
-        sys.exit("Fashion-MNIST not found: give --data-dir, set FMTL_DATA_DIR, or apt-get install dataset-fashion-mnist")
+        sys.exit(
+            "Fashion-MNIST not found: give --data-dir, set FMTL_DATA_DIR, or apt-get install dataset-fashion-mnist"
+        )
     peer = load_peer(args.peer)
     with tempfile.TemporaryDirectory(prefix="fmtl-bench-") as tmp:
         cfg = throughput_config(args, str(Path(tmp) / "resnet18"))

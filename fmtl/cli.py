@@ -57,7 +57,7 @@ def train(args: tuple[str, ...]) -> None:
 @user_errors
 def export(run_dir, to_onnx, output, opset, parity_images, quantize, max_accuracy_drop) -> None:
     """Export a trained run folder as one self-describing, self-checked ONNX file."""
-    from fmtl.export import export_onnx
+    from fmtl.training.export import export_onnx
 
     export_onnx(run_dir, output, opset=opset, parity_images=parity_images, quantize=quantize,
                 max_accuracy_drop=max_accuracy_drop, echo=click.echo)  # fmt: skip
@@ -68,14 +68,18 @@ def export(run_dir, to_onnx, output, opset, parity_images, quantize, max_accurac
 @click.option("-m", "--model", type=click.Path(dir_okay=False), help="ONNX model [the newest in export/].")
 @click.option("-k", "--top-k", "k", type=click.IntRange(1), default=5, show_default=True, help="Labels per image.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]), default="table", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write results here (atomically) instead of stdout.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]), default="table", show_default=True
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Write results here (atomically) instead of stdout."
+)
 @click.option("-r", "--recursive", is_flag=True, help="Walk folders recursively.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def infer(paths, model, k, batch_size, fmt, output, recursive, quiet) -> None:
     """Classify image files, folders and globs with an exported model (onnxruntime; no torch)."""
-    from fmtl.infer import run
+    from fmtl.runtime.infer import run
 
     sys.exit(run(list(paths), model, k, batch_size, fmt, output, recursive, progress=not quiet))
 
@@ -88,7 +92,7 @@ def infer(paths, model, k, batch_size, fmt, output, recursive, quiet) -> None:
 @user_errors
 def evaluate(model, data, split, batch_size) -> None:
     """Accuracy, top-5, per-class report and confusion matrix of an ONNX file or a run folder."""
-    from fmtl.evaluate import evaluate as run_evaluation
+    from fmtl.training.evaluate import evaluate as run_evaluation
 
     run_evaluation(model, data=data, split=split, batch_size=batch_size, echo=click.echo)
 
@@ -97,7 +101,7 @@ def evaluate(model, data, split, batch_size) -> None:
 @click.argument("pattern", required=False, default="")
 def models(pattern: str) -> None:
     """List the architectures fmtl can build (optionally those containing PATTERN)."""
-    from fmtl.models import available_models
+    from fmtl.training.models import available_models
 
     for name in available_models():
         if pattern in name:
@@ -113,7 +117,7 @@ def models(pattern: str) -> None:
 @user_errors
 def samples(out_dir, data, split, count, seed) -> None:
     """Write COUNT images of a dataset as PNG files named after their class (to try `fmtl infer` on)."""
-    from fmtl.data import write_samples
+    from fmtl.training.data import write_samples
 
     for path in write_samples(out_dir, data, split, count, seed):
         click.echo(path)

@@ -1,13 +1,15 @@
-"""Shared fixtures: real Fashion-MNIST, small."""
+"""Shared fixtures: real Fashion-MNIST, small. Torch-free, so tests/runtime runs in the runtime-only install."""
 
 from __future__ import annotations
 
 import pytest
 
-from fmtl.data import find_fashion_mnist
-
 
 def pytest_configure(config):
+    try:
+        from fmtl.training.data import find_fashion_mnist
+    except ModuleNotFoundError:  # the runtime-only install: no training side, no dataset needed
+        return
     if find_fashion_mnist() is None:
         raise pytest.UsageError("Fashion-MNIST is missing: run `make test` (it installs dataset-fashion-mnist)")
 

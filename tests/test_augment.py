@@ -6,9 +6,9 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from fmtl.augment import Augment, Preprocess
-from fmtl.data import load_dataset
 from fmtl.spec import InputSpec
+from fmtl.training.augment import Augment, Preprocess
+from fmtl.training.data import load_dataset
 
 
 @pytest.fixture(scope="module")

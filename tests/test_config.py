@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from fmtl.config import TrainConfig, load_config
 from fmtl.errors import FmtlError
+from fmtl.training.config import TrainConfig, load_config
 
 
 def test_every_field_has_a_help_comment():

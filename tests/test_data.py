@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fmtl.data import FASHION_MNIST_CLASSES, load_csv, load_dataset, read_idx, seeded_subset, stratified_split
 from fmtl.errors import DataError, MissingSplitError
+from fmtl.training.data import FASHION_MNIST_CLASSES, load_csv, load_dataset, read_idx, seeded_subset, stratified_split
 
 
 def test_fashion_mnist_sizes_and_classes():
@@ -55,7 +55,7 @@ def test_idx_reader_checks_magic_and_size(tmp_path):
 
 
 def test_missing_fashion_mnist_names_three_ways(tmp_path, monkeypatch):
-    import fmtl.data as data
+    import fmtl.training.data as data
 
     monkeypatch.setattr(data, "SYSTEM_DATA_DIR", tmp_path / "none")
     monkeypatch.delenv("FMTL_DATA_DIR", raising=False)
@@ -159,7 +159,7 @@ def test_image_folder_cache_skips_decoding(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first = load_dataset(str(tmp_path / "clothes"), "train", val_fraction=0)
-        import fmtl.data as data
+        import fmtl.training.data as data
 
         monkeypatch.setattr(data, "_decode_folder", lambda *a: pytest.fail("decoded again"))
         second = load_dataset(str(tmp_path / "clothes"), "train", val_fraction=0)

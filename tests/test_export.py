@@ -19,24 +19,22 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fmtl import export
-from fmtl.augment import Preprocess
-from fmtl.checkpoint import load_model, sha256_file
-from fmtl.data import ImageSet, load_dataset
 from fmtl.errors import FmtlError
-from fmtl.evaluate import evaluate
-from fmtl.export import ExportError, Probabilities, check_parity, export_onnx, int8_path, quantize_int8
 from fmtl.spec import InputSpec
-from fmtl.train import main as train_main
+from fmtl.training import export
+from fmtl.training.augment import Preprocess
+from fmtl.training.checkpoint import load_model, sha256_file
+from fmtl.training.data import ImageSet, load_dataset
+from fmtl.training.evaluate import evaluate
+from fmtl.training.export import ExportError, Probabilities, check_parity, export_onnx, int8_path, quantize_int8
+from fmtl.training.loop import main as train_main
 
 pytestmark = pytest.mark.slow
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # The tiny model's int8 accuracy is measured on its 600 val images, where one image is 0.17 pp: measured
 # drops were 1-2 pp there (0.2-0.4 pp on the 10,000 test images), so the 1 pp default would be a coin toss.
 INT8_LIMIT = 3.0
-META_KEYS = set(
-    "classes input_spec architecture fmtl_version metrics weights_sha256 opset data_options".split()
-)
+META_KEYS = set("classes input_spec architecture fmtl_version metrics weights_sha256 opset data_options".split())
 
 
 def _write_csv(path: Path, split: str, count: int) -> Path:
@@ -255,9 +253,7 @@ def test_evaluate_refuses_data_that_does_not_fit(exported) -> None:
     data.classes = [f"c{i}" for i in range(10)]
     with pytest.raises(FmtlError, match="classes"):
         evaluate(exported["path"], data=data, echo=lambda _: None)
-    big = ImageSet(
-        torch.zeros((2, 1, 32, 32), dtype=torch.uint8), torch.zeros(2, dtype=torch.long), data.classes
-    )
+    big = ImageSet(torch.zeros((2, 1, 32, 32), dtype=torch.uint8), torch.zeros(2, dtype=torch.long), data.classes)
     with pytest.raises(FmtlError, match="1x32x32 images, the model takes 1x28x28"):
         evaluate(exported["path"], data=big, echo=lambda _: None)
     with pytest.raises(FmtlError, match="not found"):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fmtl.efficientnet_lite import (
+from fmtl.training.efficientnet_lite import (
     LITE0_IMAGE_SIZE,
     LITE0_MEAN,
     LITE0_STD,
@@ -118,9 +118,7 @@ def test_packaged_path_loads_like_default(imagenet_model: torch.nn.Module) -> No
     ("size", "kernel", "stride", "expected"),
     [(224, 3, 2, (0, 1)), (224, 5, 2, (1, 2)), (225, 3, 2, (1, 1)), (7, 5, 1, (2, 2)), (1, 3, 2, (1, 1))],
 )
-def test_same_padding_matches_tensorflow(
-    size: int, kernel: int, stride: int, expected: tuple[int, int]
-) -> None:
+def test_same_padding_matches_tensorflow(size: int, kernel: int, stride: int, expected: tuple[int, int]) -> None:
     assert same_padding(size, kernel, stride) == expected
 
 

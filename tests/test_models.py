@@ -7,11 +7,12 @@ import torch
 from safetensors.torch import save_file
 
 from fmtl.errors import ModelConfigError
-from fmtl.models import apply_freeze, create_model, parameter_groups, parameter_summary
+from fmtl.training.models import apply_freeze, create_model, parameter_groups, parameter_summary
 
 
 @pytest.mark.parametrize(
-    "name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "vgg11", "convnext_tiny", "densenet121"]
+    "name",
+    ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "vgg11", "convnext_tiny", "densenet121"],
 )
 def test_torchvision_architectures_build_with_random_weights(name):
     model = create_model(name, num_classes=10, weights=None).eval()

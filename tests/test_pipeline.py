@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmtl.checkpoint import load_model
-from fmtl.data import load_dataset
+from fmtl.training.checkpoint import load_model
+from fmtl.training.data import load_dataset
 
 pytestmark = pytest.mark.slow
 FMTL = str(Path(sys.executable).parent / "fmtl")
@@ -43,7 +43,7 @@ def test_train_export_infer_evaluate(tmp_path):
 
     # infer's top-1 on the PNGs equals PyTorch's on the same dataset images.
     net, info, spec = load_model(tmp_path / "runs" / "tiny")
-    from fmtl.augment import Preprocess
+    from fmtl.training.augment import Preprocess
 
     test = load_dataset("fashion-mnist", "test")
     for row in (r for r in rows if not r["error"]):

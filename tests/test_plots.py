@@ -1,4 +1,4 @@
-"""fmtl.plots: every figure is a readable PNG, written atomically, on real Fashion-MNIST images."""
+"""fmtl.training.plots: every figure is a readable PNG, written atomically, on real Fashion-MNIST images."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from fmtl import plots
+from fmtl.training import plots
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = [
@@ -194,7 +194,7 @@ def test_saving_error_removes_temp_and_keeps_old_file(tmp_path: Path, monkeypatc
 
 def test_no_torch_and_no_pyplot_figures_on_import() -> None:
     code = (
-        "import sys, numpy as np, fmtl.plots as p, tempfile, os\n"
+        "import sys, numpy as np, fmtl.training.plots as p, tempfile, os\n"
         "d = tempfile.mkdtemp(); p.plot_augmentations(np.zeros((1, 4, 4)), np.zeros((1, 1, 4, 4)), os.path.join(d, 'a.png'))\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"

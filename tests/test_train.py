@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fmtl.data import load_dataset, seeded_subset
-from fmtl.models import create_model
-from fmtl.train import main
+from fmtl.training.data import load_dataset, seeded_subset
+from fmtl.training.loop import main
+from fmtl.training.models import create_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,10 +92,10 @@ def test_existing_run_folder_is_not_overwritten(linear_run, capsys):
 
 
 def test_bf16_is_refused_on_a_cpu_without_native_bf16(tmp_path, capsys, monkeypatch):
-    import fmtl.train
+    import fmtl.training.loop
 
     # Machines here differ (some EPYCs lack AVX512-BF16/AMX): test the refusal itself, never run bf16.
-    monkeypatch.setattr(fmtl.train, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(fmtl.training.loop, "cpu_has_native_bf16", lambda: False)
     assert train("--mixed-precision", "bf16", "--output", str(tmp_path / "r")) == 2
     assert "no native bf16" in capsys.readouterr().err
 
@@ -115,8 +115,11 @@ def test_two_processes_count_each_validation_image_once(tmp_path):
     assert expected % 101  # the last batch is short: Accelerate pads it, gather_for_metrics must drop the padding
     assert all(int(r["val_images"]) == expected for r in read_results(run))
     metrics = json.loads((run / "metrics.json").read_text())
-    assert np.array(metrics["confusion_matrix"]).sum() == metrics["num_images"] == len(
-        seeded_subset(load_dataset("fashion-mnist", "test"), 1919, seed=0))
+    assert (
+        np.array(metrics["confusion_matrix"]).sum()
+        == metrics["num_images"]
+        == len(seeded_subset(load_dataset("fashion-mnist", "test"), 1919, seed=0))
+    )
 
 
 def test_image_folder_and_csv_sources_train(tmp_path):

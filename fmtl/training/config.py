@@ -31,7 +31,9 @@ class TrainConfig:
     # data
     data: str = option("fashion-mnist", "fashion-mnist, a Kaggle-style CSV, or an image folder")
     test_data: str | None = option(None, "a separate test CSV or folder (else the source's own test split)")
-    data_dir: str | None = option(None, "folder holding the Fashion-MNIST IDX files (else FMTL_DATA_DIR, Debian's, cache)")
+    data_dir: str | None = option(
+        None, "folder holding the Fashion-MNIST IDX files (else FMTL_DATA_DIR, Debian's, cache)"
+    )
     source_size: int = option(224, "side that folder images of mixed sizes are stored at")
     val_fraction: float = option(0.1, "share of the training data held out for validation (stratified)")
     max_train_samples: int = option(0, "train on a seeded, stratified subset of this many images (0: all)")
@@ -62,10 +64,13 @@ class TrainConfig:
     augment: bool = option(True, "random flip, rotation, translation, scale, brightness/contrast")
     seed: int = option(0, "seeds the split, subset, initialisation, shuffling and augmentation")
     # hardware
-    mixed_precision: str | None = option(None, "no, fp16 or bf16 (unset: the accelerate config's; bf16 needs native support)")
+    mixed_precision: str | None = option(
+        None, "no, fp16 or bf16 (unset: the accelerate config's; bf16 needs native support)"
+    )
     force_bf16: bool = option(False, "allow bf16 on a CPU without native bf16 (slow: emulated)")
     channels_last: bool = option(True, "channels_last memory format for conv backbones")
     threads: int = option(0, "torch intra-op threads per process (0: torch's default)")
+    keep_freed_memory: bool = option(True, "CPU + glibc: keep freed memory in the process (no per-batch page faults)")
     # output
     output: str | None = option(None, "run folder (default runs/<model>-<data>-<time>)")
     resume: str | None = option(None, "continue the run in this folder from its last completed epoch")
@@ -108,13 +113,17 @@ def closest(key: str, prefix: str = "") -> str:
 
 
 def build_parser(prog: str = "fmtl train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Fine-tune a pretrained CNN on your classes.", allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Fine-tune a pretrained CNN on your classes.", allow_abbrev=False
+    )
     parser.add_argument("--config", help="YAML file of options (the command line overrides it)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = {"bool": None, "int": int, "float": float}.get(str(f.type), str)
         extra = {"action": argparse.BooleanOptionalAction} if f.type in ("bool", bool) else {"type": kind}
-        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} [{f.default}]", **extra)
+        parser.add_argument(
+            flag, dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} [{f.default}]", **extra
+        )
     return parser
 
 

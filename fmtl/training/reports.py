@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
-from fmtl import plots
 from fmtl.atomic import atomic_write_text
-from fmtl.checkpoint import MODEL_WEIGHTS, read_model_info, write_model_info
-from fmtl.metrics import classification_report, format_report
+from fmtl.training import plots
+from fmtl.training.checkpoint import MODEL_WEIGHTS, read_model_info, write_model_info
+from fmtl.training.metrics import classification_report, format_report
 
 RESULT_COLUMNS = [
     "epoch", "phase", "train_loss", "val_loss", "val_acc", "val_top5", "val_images", "lr", "seconds", "images_per_s",
@@ -50,7 +50,10 @@ def finish(trainer, seconds: float) -> dict | None:
     report.update({"split": trainer.test_name, "best_epoch": trainer.best["epoch"], "train_seconds": round(seconds, 1)})
     atomic_write_text(run_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
     info = read_model_info(run_dir)
-    info["metrics"] = {**info["metrics"], "test": {k: report[k] for k in ("split", "accuracy", "top5", "macro_f1", "num_images")}}
+    info["metrics"] = {
+        **info["metrics"],
+        "test": {k: report[k] for k in ("split", "accuracy", "top5", "macro_f1", "num_images")},
+    }
     write_model_info(run_dir, info)
     draw_plots(trainer, probs, report)
     accelerator.print(summary(trainer, report, seconds))
@@ -63,10 +66,14 @@ def draw_plots(trainer, probs: np.ndarray, report: dict) -> None:
     plots.plot_confusion_matrix(np.array(report["confusion_matrix"]), trainer.classes, run_dir / "confusion_matrix.png")
     shown = np.random.default_rng(trainer.cfg.seed).choice(len(test), size=min(16, len(test)), replace=False)
     plots.plot_predictions(
-        test.images[shown].numpy(), test.labels[shown].numpy(), probs[shown], trainer.classes, run_dir / "predictions.png"
+        test.images[shown].numpy(),
+        test.labels[shown].numpy(),
+        probs[shown],
+        trainer.classes,
+        run_dir / "predictions.png",
     )
     original = test.images[int(shown[0])].float() / 255
-    from fmtl.augment import Augment
+    from fmtl.training.augment import Augment
 
     augmented = Augment(seed=trainer.cfg.seed)(original.unsqueeze(0).repeat(7, 1, 1, 1))
     plots.plot_augmentations(original.numpy(), augmented.numpy(), run_dir / "augmentations.png")

@@ -334,7 +334,7 @@ def _split_folder(root: Path, split: str | None) -> Path:
 
 
 def _class_images(folder: Path) -> list[Path]:
-    from fmtl.images import IMAGE_EXTENSIONS
+    from fmtl.runtime.images import IMAGE_EXTENSIONS
 
     images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if not images:
@@ -353,7 +353,7 @@ def _folder_cache_key(files: list[tuple[Path, int]], source_size: int) -> str:
 def _decode_folder(files: list[tuple[Path, int]], source_size: int):
     from PIL import Image
 
-    from fmtl.images import DecodeError, decode_many
+    from fmtl.runtime.images import DecodeError, decode_many
 
     modes, sizes = set(), set()
     for path, _ in files:

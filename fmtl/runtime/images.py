@@ -255,9 +255,7 @@ def _array_to_pil(array: np.ndarray, max_pixels: int) -> Image.Image:
     elif array.ndim == 2:
         hwc = array[:, :, None]
     else:
-        raise DecodeError(
-            f"array of shape {tuple(array.shape)} is not an image (HW, HWC or CHW with 1-4 channels)"
-        )
+        raise DecodeError(f"array of shape {tuple(array.shape)} is not an image (HW, HWC or CHW with 1-4 channels)")
     _check_pixels((hwc.shape[1], hwc.shape[0]), max_pixels)
     hwc = np.ascontiguousarray(to_uint8(hwc))
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[hwc.shape[2]]
@@ -290,9 +288,7 @@ def decode_many(
 ) -> list[np.ndarray | DecodeError]:
     """Decode every source in a thread pool; results in input order, a DecodeError in place of a failure."""
     results: list[np.ndarray | DecodeError] = []
-    for batch in iter_decoded(
-        paths, channels, size, background, batch_size=max(1, len(paths)), threads=threads
-    ):
+    for batch in iter_decoded(paths, channels, size, background, batch_size=max(1, len(paths)), threads=threads):
         results.extend(batch)
     return results
 
@@ -332,9 +328,7 @@ def iter_decoded(
 # --- finding images --------------------------------------------------------------------------------
 
 
-def collect_image_paths(
-    inputs: Iterable[str], recursive: bool = False
-) -> tuple[list[Path], list[tuple[str, str]]]:
+def collect_image_paths(inputs: Iterable[str], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand files, folders and glob patterns into a sorted, de-duplicated list of image files.
 
     - A file named explicitly is kept whatever its extension (decoding will say if it is

@@ -67,7 +67,7 @@ def load_model(run_dir: str | os.PathLike):
     """The trained model of a run folder (eval mode, CPU), its model.json and its InputSpec."""
     from safetensors.torch import load_file
 
-    from fmtl.models import create_model
+    from fmtl.training.models import create_model
 
     info = read_model_info(run_dir)
     model = create_model(info["architecture"], info["num_classes"], weights=None, head=info.get("head", "linear"))

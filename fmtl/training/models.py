@@ -97,7 +97,7 @@ def create_model(
 
 
 def _build_lite0(weights: str | None) -> tuple[nn.Module, InputDefaults]:
-    from fmtl.efficientnet_lite import LITE0_IMAGE_SIZE, LITE0_MEAN, LITE0_STD, efficientnet_lite0
+    from fmtl.training.efficientnet_lite import LITE0_IMAGE_SIZE, LITE0_MEAN, LITE0_STD, efficientnet_lite0
 
     try:
         network = efficientnet_lite0(weights=weights)
@@ -123,7 +123,9 @@ def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Input
         chosen = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
     except KeyError:
         valid = ", ".join(["DEFAULT", *enum.__members__])
-        raise ModelConfigError(f"unknown weights {weights!r} for {name}: choose one of {valid}, none, or a file") from None
+        raise ModelConfigError(
+            f"unknown weights {weights!r} for {name}: choose one of {valid}, none, or a file"
+        ) from None
     try:
         return torchvision.models.get_model(name, weights=chosen), _defaults_from_weights(chosen)
     except (OSError, RuntimeError) as error:  # URLError is an OSError
@@ -189,7 +191,9 @@ def _in_features(layer: nn.Module) -> int:
 def _new_head(in_features: int, num_classes: int, kind: str) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_features, num_classes)
-    return nn.Sequential(nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, num_classes))
+    return nn.Sequential(
+        nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, num_classes)
+    )
 
 
 def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:

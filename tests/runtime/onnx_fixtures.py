@@ -9,12 +9,19 @@ and batching mistakes show up.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ModuleNotFoundError:  # the runtime-only install: use the models the full install wrote
+    onnx = None
 
 from fmtl.spec import (
     META_ARCHITECTURE,
@@ -41,10 +48,11 @@ def build_model(
     *,
     with_metadata: bool = True,
     input_name: str = ONNX_INPUT,
-    input_type: int = TensorProto.UINT8,
+    input_type: int | None = None,
     seed: int = 0,
 ) -> onnx.ModelProto:
     """A linear softmax classifier over the raw pixels, with fmtl's metadata_props."""
+    input_type = TensorProto.UINT8 if input_type is None else input_type
     height, width = source_size
     features = channels * height * width
     rng = np.random.default_rng(seed)
@@ -100,9 +108,27 @@ def save_model(path: str | Path, **kwargs) -> Path:
 
 def grey_model(folder: Path, name: str = "grey.onnx") -> Path:
     """1 channel, 28x28 (Fashion-MNIST-like), 3 classes."""
+    if onnx is None:
+        return prebuilt("grey.onnx", folder / name)
     return save_model(folder / name, channels=1, source_size=(28, 28), classes=GREY_CLASSES)
 
 
 def rgb_model(folder: Path, name: str = "rgb.onnx") -> Path:
     """3 channels, 20 high x 30 wide (not square, so a width/height mix-up fails), 4 classes."""
+    if onnx is None:
+        return prebuilt("rgb.onnx", folder / name)
     return save_model(folder / name, channels=3, source_size=(20, 30), classes=RGB_CLASSES, seed=1)
+
+
+def prebuilt(name: str, path: Path) -> Path:
+    """A model written by ``python tests/runtime/onnx_fixtures.py DIR`` in the full install."""
+    folder = os.environ.get("FMTL_TEST_MODELS")
+    if not folder or not (Path(folder) / name).is_file():
+        raise RuntimeError("onnx is not installed: set FMTL_TEST_MODELS to a folder written by onnx_fixtures.py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(Path(folder) / name, path))
+
+
+if __name__ == "__main__":  # write the fixture models for the runtime-only test run
+    out = Path(sys.argv[1])
+    grey_model(out), rgb_model(out)

@@ -1,6 +1,6 @@
 """The torch-free classifier: one fmtl ONNX file, onnxruntime, numpy and pillow.
 
-    from fmtl.runtime import Classifier
+    from fmtl.runtime.classifier import Classifier
     clf = Classifier("export/model.onnx")
     for top in clf.predict(["shoe.png", "shirt.jpg"], k=3):
         print(top[0].label, top[0].probability)
@@ -22,7 +22,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from fmtl.errors import FmtlError
-from fmtl.images import DecodeError, Source, decode_many
+from fmtl.runtime.images import DecodeError, Source, decode_many
 from fmtl.spec import (
     META_ARCHITECTURE,
     META_CLASSES,
@@ -140,13 +140,10 @@ class Classifier:
 
     def _check_batch(self, batch: np.ndarray) -> None:
         if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8:
-            raise ValueError(
-                f"expected a uint8 numpy batch, got {getattr(batch, 'dtype', type(batch).__name__)}"
-            )
+            raise ValueError(f"expected a uint8 numpy batch, got {getattr(batch, 'dtype', type(batch).__name__)}")
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise ValueError(
-                f"expected a batch of shape [N, {', '.join(map(str, self.input_shape))}], "
-                f"got {list(batch.shape)}"
+                f"expected a batch of shape [N, {', '.join(map(str, self.input_shape))}], got {list(batch.shape)}"
             )
 
 
@@ -172,9 +169,7 @@ def _read_metadata(path: Path, metadata: dict[str, str]) -> tuple[list[str], Inp
     """Class names and InputSpec from the file's metadata_props."""
     missing = [key for key in (META_CLASSES, META_INPUT_SPEC) if key not in metadata]
     if missing:
-        raise ModelError(
-            f"{path} has no fmtl metadata ({', '.join(missing)}): export it with `fmtl export --onnx`"
-        )
+        raise ModelError(f"{path} has no fmtl metadata ({', '.join(missing)}): export it with `fmtl export --onnx`")
     try:
         classes = json.loads(metadata[META_CLASSES])
         spec = InputSpec.from_json(metadata[META_INPUT_SPEC])

@@ -160,9 +160,7 @@ def _star_best(ax: Axes, epochs: np.ndarray, accuracy: np.ndarray) -> None:
         return
     best = int(np.nanargmax(accuracy))
     label = f"best {accuracy[best]:.1f}% (epoch {epochs[best]:g})"
-    ax.plot(
-        epochs[best], accuracy[best], "*", color="gold", markeredgecolor="black", markersize=15, label=label
-    )
+    ax.plot(epochs[best], accuracy[best], "*", color="gold", markeredgecolor="black", markersize=15, label=label)
 
 
 def _mark_phases(ax: Axes, epochs: np.ndarray, phases: list[str]) -> None:
@@ -187,9 +185,7 @@ def _mark_phases(ax: Axes, epochs: np.ndarray, phases: list[str]) -> None:
 # ---------------------------------------------------------------- confusion matrix
 
 
-def plot_confusion_matrix(
-    matrix: Any, classes: Sequence[str], path: str | os.PathLike, normalize: bool = True
-) -> None:
+def plot_confusion_matrix(matrix: Any, classes: Sequence[str], path: str | os.PathLike, normalize: bool = True) -> None:
     """A confusion matrix: rows are true classes, columns predicted classes.
 
     Args:
@@ -307,9 +303,7 @@ def plot_predictions(
     _save(fig, path)
 
 
-def _check_predictions(
-    images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]
-) -> None:
+def _check_predictions(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> None:
     """Raise ValueError unless images, labels, probs and classes agree in shape."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be [N, C, H, W] with C = 1 or 3, got shape {images.shape}")
@@ -329,9 +323,7 @@ def _pair_axes(fig: Figure, count: int) -> list[tuple[Axes, Axes]]:
     return [(fig.add_subplot(grid[r, 2 * c]), fig.add_subplot(grid[r, 2 * c + 1])) for r, c in cells]
 
 
-def _draw_prediction(
-    ax: Axes, image: np.ndarray, label: int, probs: np.ndarray, classes: Sequence[str]
-) -> None:
+def _draw_prediction(ax: Axes, image: np.ndarray, label: int, probs: np.ndarray, classes: Sequence[str]) -> None:
     """The image framed and titled in green (right) or red (wrong)."""
     pred = int(probs.argmax())
     colour = RIGHT if pred == label else WRONG

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fmtl.data import ImageSet, load_dataset
 from fmtl.errors import FmtlError
-from fmtl.metrics import classification_report, format_report
 from fmtl.spec import InputSpec
+from fmtl.training.data import ImageSet, load_dataset
+from fmtl.training.metrics import classification_report, format_report
 
 Echo = Callable[[str], object]
 Predict = Callable[[np.ndarray, int], np.ndarray]  # (uint8 batch, batch size) -> probs [N, num_classes]
@@ -96,8 +96,8 @@ def load_for_evaluation(model_path: str | os.PathLike) -> LoadedModel:
 
 
 def _load_onnx(path: Path) -> LoadedModel:
-    from fmtl.export import META_DATA_OPTIONS
-    from fmtl.runtime import Classifier, ModelError
+    from fmtl.runtime.classifier import Classifier, ModelError
+    from fmtl.training.export import META_DATA_OPTIONS
 
     try:
         classifier = Classifier(path)
@@ -110,8 +110,8 @@ def _load_onnx(path: Path) -> LoadedModel:
 
 
 def _load_run(path: Path) -> LoadedModel:
-    from fmtl.augment import Preprocess
-    from fmtl.export import Probabilities, load_run, torch_probs
+    from fmtl.training.augment import Preprocess
+    from fmtl.training.export import Probabilities, load_run, torch_probs
 
     model, info, spec = load_run(path)
     predict = functools.partial(torch_probs, Probabilities(Preprocess(spec), model).eval())

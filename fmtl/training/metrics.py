@@ -18,9 +18,7 @@ def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: i
     return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def classification_report(
-    probs: np.ndarray, labels: np.ndarray, classes: list[str], k: int = 5
-) -> dict:
+def classification_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], k: int = 5) -> dict:
     """Accuracy, top-k, per-class precision/recall/F1/support and the confusion matrix, as plain JSON types."""
     probs, labels = np.asarray(probs), np.asarray(labels)
     predictions = probs.argmax(axis=1)
@@ -33,7 +31,12 @@ def classification_report(
     denominator = precision + recall
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
     per_class = {
-        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(actual[i])}
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(actual[i]),
+        }
         for i, name in enumerate(classes)
     }
     return {

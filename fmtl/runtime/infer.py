@@ -23,8 +23,8 @@ import numpy as np
 
 from fmtl.atomic import atomic_write_text
 from fmtl.errors import FmtlError
-from fmtl.images import DecodeError, collect_image_paths, iter_decoded
-from fmtl.runtime import Classifier, ModelError, Prediction
+from fmtl.runtime.classifier import Classifier, ModelError, Prediction
+from fmtl.runtime.images import DecodeError, collect_image_paths, iter_decoded
 
 FORMATS = ("table", "csv", "json", "jsonl")
 DEFAULT_MODEL_FOLDER = "export"
@@ -45,10 +45,7 @@ class Row:
     error: str | None = None
 
     def to_dict(self) -> dict:
-        top = [
-            {"label": p.label, "index": p.index, "probability": round(p.probability, 6)}
-            for p in self.predictions
-        ]
+        top = [{"label": p.label, "index": p.index, "probability": round(p.probability, 6)} for p in self.predictions]
         return {"path": self.path, "top_k": top, "error": self.error}
 
 
@@ -67,9 +64,7 @@ def find_newest_model(folder: str | Path = DEFAULT_MODEL_FOLDER) -> Path:
         raise InferError(f"no --model given and no {folder}/ folder to pick one from: pass --model FILE.onnx")
     models = [p for p in folder.glob("*.onnx") if p.is_file()]
     if not models:
-        raise InferError(
-            f"no .onnx model in {folder}/: run `fmtl export --onnx RUN` or pass --model FILE.onnx"
-        )
+        raise InferError(f"no .onnx model in {folder}/: run `fmtl export --onnx RUN` or pass --model FILE.onnx")
     return max(models, key=lambda p: (p.stat().st_mtime, p.name))
 
 
@@ -88,7 +83,7 @@ def run(
     """Classify every image in ``inputs`` and write one row per image; return the exit code.
 
     Args:
-        inputs: files, folders and glob patterns (see fmtl.images.collect_image_paths).
+        inputs: files, folders and glob patterns (see fmtl.runtime.images.collect_image_paths).
         model: an fmtl .onnx file, or None for the newest one in export/.
         k: predictions per image, clamped to the number of classes.
         batch_size: images decoded and classified at a time.
@@ -171,9 +166,7 @@ def classify_paths(
 
 
 @contextlib.contextmanager
-def _progress_bar(
-    total: int, enabled: bool, echo_err: Echo
-) -> Iterator[tuple[Callable[[int], object], Echo]]:
+def _progress_bar(total: int, enabled: bool, echo_err: Echo) -> Iterator[tuple[Callable[[int], object], Echo]]:
     """(update(n), say(message)) for a tqdm bar on stderr; say() prints a message without tearing the bar.
 
     The bar shows only when asked for, on a terminal, and when tqdm is installed."""
@@ -236,9 +229,7 @@ def _table(rows: Sequence[Row]) -> str:
     lines = []
     for row in rows:
         text = (
-            f"error: {row.error}"
-            if row.error
-            else ", ".join(f"{p.label} {p.probability:.1%}" for p in row.predictions)
+            f"error: {row.error}" if row.error else ", ".join(f"{p.label} {p.probability:.1%}" for p in row.predictions)
         )
         lines.append(f"{row.path:<{width}}  {text}")
     return "".join(line + "\n" for line in lines)
@@ -248,9 +239,7 @@ def _csv(rows: Sequence[Row], k: int) -> str:
     """Header path,rank1_label,rank1_prob,...,rankK_label,rankK_prob,error; blank cells where n/a."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(
-        ["path", *[f"rank{r}_{what}" for r in range(1, k + 1) for what in ("label", "prob")], "error"]
-    )
+    writer.writerow(["path", *[f"rank{r}_{what}" for r in range(1, k + 1) for what in ("label", "prob")], "error"])
     for row in rows:
         cells = [cell for p in row.predictions for cell in (p.label, f"{p.probability:.6f}")]
         writer.writerow([row.path, *cells, *[""] * (2 * k - len(cells)), row.error or ""])

@@ -1,4 +1,4 @@
-"""fmtl.images on real files: every PIL mode, EXIF, broken files, bombs, and path collection."""
+"""fmtl.runtime.images on real files: every PIL mode, EXIF, broken files, bombs, and path collection."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmtl.images import (
+from fmtl.runtime.images import (
     DecodeError,
     collect_image_paths,
     decode_image,
@@ -83,9 +83,7 @@ def test_mode_scaling_rules(tmp_path: Path) -> None:
     # I within 0..255: kept
     assert decode_image(Image.fromarray(np.array([[3, 200]], np.int32)), 1, None).tolist() == [[[3, 200]]]
     # F within 0..1: fractions of 255
-    assert decode_image(Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)), 1, None).tolist() == [
-        [[0, 128, 255]]
-    ]
+    assert decode_image(Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)), 1, None).tolist() == [[[0, 128, 255]]]
     # mode 1: 0 / 255
     assert set(np.unique(decode_image(Image.new("1", (4, 4), 1), 1, None))) == {255}
 
@@ -332,9 +330,7 @@ def test_glob_matching_folders_and_empty_folder(tree: Path, tmp_path: Path) -> N
 
 
 def test_same_file_twice_is_listed_once(tree: Path) -> None:
-    paths, _ = collect_image_paths(
-        [str(tree / "a.png"), str(tree), str(tree / "sub" / "loop" / "a.png")], False
-    )
+    paths, _ = collect_image_paths([str(tree / "a.png"), str(tree), str(tree / "sub" / "loop" / "a.png")], False)
     assert _names(paths, tree) == ["B.JPG", "a.png"]
 
 

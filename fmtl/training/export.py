@@ -4,12 +4,12 @@
     fmtl export --onnx runs/NAME --quantize int8 # -> also export/NAME.int8.onnx
 
 The graph takes uint8 ``images`` [N, C, H, W] at the source size (N dynamic) and gives
-float ``probs`` [N, num_classes]; the preprocessing inside it is ``fmtl.augment.Preprocess``,
+float ``probs`` [N, num_classes]; the preprocessing inside it is ``fmtl.training.augment.Preprocess``,
 the module training used. The file carries its classes, input spec, metrics and data
 options as metadata_props (keys in fmtl/spec.py), so nothing downstream guesses.
 
 Nothing is published until every check passes: ``onnx.checker`` (full check), the runtime's
-own contract check (``fmtl.runtime.Classifier`` opens it), and parity with PyTorch on real
+own contract check (``fmtl.runtime.classifier.Classifier`` opens it), and parity with PyTorch on real
 validation images (top-1 agreement 100 %, max |Δprob| ≤ 1e-4). The file is written to a
 temporary path beside the target and moved into place atomically; on failure no file is left.
 """
@@ -31,9 +31,6 @@ from torch import nn
 
 from fmtl import __version__
 from fmtl.atomic import publish, temp_path_beside
-from fmtl.augment import Preprocess
-from fmtl.checkpoint import MODEL_WEIGHTS, load_model, sha256_file
-from fmtl.data import ImageSet, load_dataset
 from fmtl.errors import FmtlError
 from fmtl.spec import (
     META_ARCHITECTURE,
@@ -47,6 +44,9 @@ from fmtl.spec import (
     ONNX_OUTPUT,
     InputSpec,
 )
+from fmtl.training.augment import Preprocess
+from fmtl.training.checkpoint import MODEL_WEIGHTS, load_model, sha256_file
+from fmtl.training.data import ImageSet, load_dataset
 
 META_DATA_OPTIONS = "data_options"  # JSON: model.json's data_options, so evaluate can reload the splits
 META_QUANTIZATION = "quantization"  # "int8" in the quantized variant; absent in the fp32 file
@@ -183,9 +183,7 @@ def export_onnx(
         report = check_parity(tmp, reference, images)
         echo(report.summary())
         if not report.passed:
-            raise ExportError(
-                f"{report.summary()}; the graph does not compute what the model does, nothing written"
-            )
+            raise ExportError(f"{report.summary()}; the graph does not compute what the model does, nothing written")
         publish(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -283,9 +281,7 @@ def write_graph(
     """
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     if size > MAX_SINGLE_FILE_BYTES:
-        raise ExportError(
-            f"the model's weights take {size / 2**30:.1f} GiB: over the 2 GiB an ONNX file can hold"
-        )
+        raise ExportError(f"the model's weights take {size / 2**30:.1f} GiB: over the 2 GiB an ONNX file can hold")
     # A batch of 2, not 1: torch.export specialises a dimension of size 1 to a constant. The key
     # "images" is the name of module.forward's argument; input_names gives the graph input that name too.
     example = torch.zeros((2, spec.channels, *spec.source_size), dtype=torch.uint8)
@@ -311,7 +307,7 @@ def check_graph(path: str | os.PathLike) -> None:
     Raises:
         ExportError: either check failed.
     """
-    from fmtl.runtime import Classifier, ModelError
+    from fmtl.runtime.classifier import Classifier, ModelError
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -351,10 +347,7 @@ def torch_probs(module: nn.Module, images: np.ndarray, batch_size: int = 64) -> 
         batch_size: images per forward pass.
     """
     module.eval()
-    parts = [
-        module(torch.from_numpy(images[i : i + batch_size])).numpy()
-        for i in range(0, len(images), batch_size)
-    ]
+    parts = [module(torch.from_numpy(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
@@ -533,9 +526,7 @@ def compare_accuracy(
     return QuantizationReport(len(images), results[0][0], results[1][0], results[0][1], results[1][1])
 
 
-def _accuracy_and_speed(
-    path: str | os.PathLike, images: np.ndarray, labels: np.ndarray
-) -> tuple[float, float]:
+def _accuracy_and_speed(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,450 @@
+"""The transfer-learning loop, driven by Hugging Face Accelerate.
+
+    accelerate launch fmtl/train.py --model efficientnet_lite0 --data fashion-mnist
+    python -m fmtl.train [OPTIONS]          # the same, one process
+    fmtl train [OPTIONS]                    # the same, through the CLI
+
+Data stays uint8 at its source size; the loaders hand out index batches (sharded by
+``accelerator.prepare``) and each batch is preprocessed and augmented on the device. A
+frozen backbone without augmentation has its features computed once; every epoch after
+that trains the head alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fmtl.errors import FmtlError, MissingSplitError
+from fmtl.spec import InputSpec
+from fmtl.training import reports
+from fmtl.training.augment import Augment, Preprocess
+from fmtl.training.checkpoint import load_training_state, save_model, save_training_state
+from fmtl.training.config import TrainConfig, load_config
+from fmtl.training.data import ImageSet, load_dataset, seeded_subset
+from fmtl.training.metrics import topk_correct
+from fmtl.training.models import FmtlModel, apply_freeze, create_model, parameter_groups, parameter_summary
+
+
+@dataclass
+class Phase:
+    """One stretch of epochs with the backbone either frozen (feature extraction) or training."""
+
+    name: str  # "linear" or "finetune"
+    first_epoch: int  # 1-based, inclusive
+    last_epoch: int
+
+    @property
+    def frozen(self) -> bool:
+        return self.name == "linear"
+
+
+def plan_phases(cfg: TrainConfig) -> list[Phase]:
+    if cfg.strategy == "linear":
+        return [Phase("linear", 1, cfg.epochs)]
+    if cfg.strategy == "finetune":
+        return [Phase("finetune", 1, cfg.epochs)]
+    return [Phase("linear", 1, cfg.head_epochs), Phase("finetune", cfg.head_epochs + 1, cfg.epochs)]
+
+
+def phase_of(phases: list[Phase], epoch: int) -> Phase:
+    return next(p for p in phases if p.first_epoch <= epoch <= p.last_epoch)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def check_precision(cfg: TrainConfig) -> None:
+    """bf16 on a CPU without native support is emulated (~0.3 GFLOP/s against 140 in fp32 on one machine here)."""
+    precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if torch.cuda.is_available() or precision == "no":
+        return
+    if precision == "fp16":
+        raise FmtlError("--mixed-precision fp16 needs a GPU; on a CPU use no (or bf16 where the CPU supports it)")
+    if not cpu_has_native_bf16() and not cfg.force_bf16:
+        raise FmtlError(
+            "this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 would be emulated and far slower than fp32; "
+            "use --mixed-precision no, or --force-bf16 to insist"
+        )
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+    # A hybrid run's backbone gets no gradients in its head-only epochs: DDP must expect that.
+    check_precision(cfg)  # before Accelerate fixes the process-wide precision
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.strategy == "hybrid")
+    accelerator = Accelerator(
+        cpu=several_processes_without_gpu(),
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=cfg.log_with,
+        project_dir=str(run_dir),
+        kwargs_handlers=[ddp],
+    )
+    return accelerator
+
+
+def several_processes_without_gpu() -> bool:
+    """Launched as several processes on a machine with no GPU (launch/cpu-multiprocess.yaml).
+
+    Accelerate only picks its gloo MULTI_CPU mode when told the run is on the CPU; without
+    this each process would train alone, unaware of the others.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.resume:
+        return Path(cfg.resume)
+    if cfg.output:
+        return Path(cfg.output)
+    data_name = Path(cfg.data).stem if cfg.data != "fashion-mnist" else "fashion-mnist"
+    return Path("runs") / f"{cfg.model}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_splits(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, ImageSet, str]:
+    """Train (optionally subset), val and test sets; the val split stands in when there is no test split."""
+    options = dict(data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, source_size=cfg.source_size)
+    train = seeded_subset(load_dataset(cfg.data, "train", **options), cfg.max_train_samples, cfg.seed)
+    val = seeded_subset(load_dataset(cfg.data, "val", **options), cfg.max_eval_samples, cfg.seed)
+    try:
+        test, test_name = load_dataset(cfg.data, "test", test_source=cfg.test_data, **options), "test"
+        test = seeded_subset(test, cfg.max_eval_samples, cfg.seed)
+    except MissingSplitError:
+        test, test_name = val, "val (the data has no test split)"
+    if len(val) == 0:
+        raise FmtlError("the validation split is empty: raise --val-fraction or add more images")
+    if test.classes != train.classes or test.size != train.size or test.channels != train.channels:
+        raise FmtlError(f"the test data ({test.source}) does not match the training data's classes, size or channels")
+    return train, val, test, test_name
+
+
+def input_spec(model: FmtlModel, data: ImageSet, cfg: TrainConfig) -> InputSpec:
+    defaults = model.input_defaults
+    return InputSpec(
+        channels=data.channels,
+        source_size=data.size,
+        image_size=cfg.image_size or defaults.image_size,
+        mean=defaults.mean,
+        std=defaults.std,
+        interpolation=defaults.interpolation,
+    )
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> FmtlModel:
+    model = create_model(cfg.model, num_classes, weights=cfg.weights, head=cfg.head)
+    if cfg.strategy == "linear":
+        apply_freeze(model, "frozen")
+    else:
+        apply_freeze(model, cfg.unfreeze)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def index_loader(n: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """Batches of indices into the uint8 image tensor (no per-sample Python beyond the sampler)."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(range(n), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def lr_factors(cfg: TrainConfig, phases: list[Phase], steps_per_epoch: int) -> dict:
+    """Schedule factors per part: warmup then cosine within each phase; a backbone rests (0) while frozen."""
+
+    def within(phase: Phase, step: int) -> float:
+        start = (phase.first_epoch - 1) * steps_per_epoch
+        total = (phase.last_epoch - phase.first_epoch + 1) * steps_per_epoch
+        warmup = max(1, int(cfg.warmup_fraction * total))
+        local = step - start
+        if local < warmup:
+            return (local + 1) / warmup
+        progress = (local - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def phase_at(step: int) -> Phase:
+        return phase_of(phases, min(step // steps_per_epoch + 1, cfg.epochs))
+
+    def head(step: int) -> float:
+        return within(phase_at(step), step)
+
+    def backbone(step: int) -> float:
+        return 0.0 if phase_at(step).frozen else within(phase_at(step), step)
+
+    return {"head": head, "backbone": backbone}
+
+
+def make_optimizer(cfg: TrainConfig, model: FmtlModel, phases: list[Phase], steps_per_epoch: int):
+    """One optimizer and one scheduler for the whole run (all phases), so a resumed state always fits."""
+    groups = parameter_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    factors = lr_factors(cfg, phases, steps_per_epoch)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [factors[g["part"]] for g in groups])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """Holds what one run needs; ``fit`` is the epoch loop, the rest are its steps."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, run_dir: Path):
+        self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
+        self.train_set, self.val_set, self.test_set, self.test_name = load_splits(cfg)
+        self.classes = self.train_set.classes
+        model = build_model(cfg, len(self.classes))
+        self.spec = input_spec(model, self.train_set, cfg)
+        self.phases = plan_phases(cfg)
+        device = accelerator.device
+        self.preprocess = Preprocess(self.spec).to(device)
+        self.augment = Augment(seed=cfg.seed + accelerator.process_index) if cfg.augment else None
+        self.train_images = self._on_device(self.train_set.images)
+        self.train_labels = self.train_set.labels.to(device)
+        self.val_images = self._on_device(self.val_set.images)
+        train_loader = index_loader(len(self.train_set), cfg.batch_size, shuffle=True, seed=cfg.seed)
+        val_loader = index_loader(len(self.val_set), cfg.eval_batch_size, shuffle=False, seed=0)
+        steps = math.ceil(len(train_loader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
+        optimizer, scheduler = make_optimizer(cfg, model, self.phases, steps)
+        self.model, self.optimizer, self.train_loader, self.val_loader, self.scheduler = accelerator.prepare(
+            model, optimizer, train_loader, val_loader, scheduler
+        )
+        # Clip only what the optimizer updates: walking a frozen backbone every step is wasted time.
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.history: list[dict] = []
+        self.best = {"val_acc": -1.0, "epoch": 0}
+        self.cached: dict | None = None  # backbone features, when a frozen phase has no augmentation
+
+    def _on_device(self, images: torch.Tensor) -> torch.Tensor:
+        # A few hundred MB of uint8 is cheap to keep on a GPU; a huge folder dataset stays in host memory.
+        return images.to(self.accelerator.device) if images.nbytes < 2**31 else images
+
+    @property
+    def net(self) -> FmtlModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def batch(self, images: torch.Tensor, indices: torch.Tensor, augment: bool) -> torch.Tensor:
+        x = images[indices.to(images.device)].to(self.accelerator.device, non_blocking=True)
+        x = self.preprocess(x, self.augment if augment else None)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def fit(self, start_epoch: int) -> None:
+        for epoch in range(start_epoch, self.cfg.epochs + 1):
+            phase = phase_of(self.phases, epoch)
+            started = time.perf_counter()
+            train_loss, seen = self.train_one_epoch(epoch, phase)
+            val = self.evaluate_val(phase)
+            seconds = time.perf_counter() - started
+            row = {
+                "epoch": epoch, "phase": phase.name, "train_loss": train_loss, "val_loss": val["loss"],
+                "val_acc": val["acc"], "val_top5": val["top5"], "val_images": val["count"],
+                "lr": self.scheduler.get_last_lr()[-1],
+                "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 1),
+            }  # fmt: skip
+            self.end_epoch(row)
+            if self.should_stop(epoch):
+                self.accelerator.print(f"early stop: no better val accuracy for {self.cfg.patience} epochs")
+                break
+
+    def train_one_epoch(self, epoch: int, phase: Phase) -> tuple[float, int]:
+        net, accelerator = self.net, self.accelerator
+        net.backbone_frozen = phase.frozen
+        self.model.train()
+        if phase.frozen:
+            net.backbone.eval()  # feature extraction: BatchNorm statistics must not move
+        elif self.cfg.freeze_bn:
+            # Keras' transfer-learning advice: keep BatchNorm in inference mode while fine-tuning. Batch
+            # statistics of a new domain would shift every feature the head was trained on.
+            for module in net.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        use_cache = phase.frozen and self.augment is None
+        if use_cache and self.cached is None:
+            self.cached = self.extract_features()
+        self.train_loader.set_epoch(epoch)
+        total_loss, seen = torch.zeros((), device=accelerator.device), 0
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.cfg.epochs} {phase.name}", leave=False,
+                   disable=self.cfg.quiet or not accelerator.is_local_main_process)  # fmt: skip
+        started = time.perf_counter()
+        for indices in bar:
+            with accelerator.accumulate(self.model):
+                loss = self.train_step(indices, use_cache)
+            total_loss += loss.detach() * len(indices)
+            seen += len(indices)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        total = accelerator.reduce(torch.stack([total_loss, torch.tensor(float(seen), device=total_loss.device)]))
+        return (total[0] / total[1]).item(), int(total[1].item())
+
+    def train_step(self, indices: torch.Tensor, use_cache: bool) -> torch.Tensor:
+        labels = self.train_labels[indices.to(self.train_labels.device)]
+        if use_cache:
+            logits = self.model(self.cached["train"][indices.to(self.cached["train"].device)], from_features=True)
+        else:
+            logits = self.model(self.batch(self.train_images, indices, augment=True))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+        self.accelerator.backward(loss)
+        if self.cfg.grad_clip and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    @torch.no_grad()
+    def extract_features(self) -> dict:
+        """Backbone features of every train and val image, computed once (each process its shard, then gathered)."""
+        net = self.net.eval()
+        full_train = self.accelerator.prepare(index_loader(len(self.train_set), self.cfg.eval_batch_size, False, 0))
+        features = {}
+        for name, images, loader in (
+            ("train", self.train_images, full_train),
+            ("val", self.val_images, self.val_loader),
+        ):
+            parts, order = [], []
+            for indices in tqdm(loader, desc=f"caching {name} features", leave=False,
+                                disable=self.cfg.quiet or not self.accelerator.is_local_main_process):  # fmt: skip
+                feats, idx = self.accelerator.gather_for_metrics(
+                    (net.features(self.batch(images, indices, False)), indices)
+                )
+                parts.append(feats.float())
+                order.append(idx)
+            stacked, order = torch.cat(parts), torch.cat(order)
+            features[name] = torch.empty_like(stacked).index_copy_(0, order.to(stacked.device), stacked)
+        return features
+
+    @torch.no_grad()
+    def predict_probs(self, images: torch.Tensor) -> np.ndarray:
+        """Softmax probabilities for uint8 images, sharded across processes and gathered in order."""
+        loader = self.accelerator.prepare(index_loader(len(images), self.cfg.eval_batch_size, False, 0))
+        model, device_images, parts = self.model.eval(), self._on_device(images), []
+        for indices in loader:
+            logits = model(self.batch(device_images, indices, augment=False)).float()
+            parts.append(self.accelerator.gather_for_metrics(logits.softmax(1)).cpu())
+        return torch.cat(parts).numpy()
+
+    @torch.no_grad()
+    def evaluate_val(self, phase: Phase) -> dict:
+        self.model.eval()
+        labels = self.val_set.labels.to(self.accelerator.device)
+        use_cache = phase.frozen and self.cached is not None
+        loss_sum, correct, correct5, count = 0.0, 0, 0, 0
+        for indices in self.val_loader:
+            if use_cache:
+                logits = self.model(self.cached["val"][indices.to(self.cached["val"].device)], from_features=True)
+            else:
+                logits = self.model(self.batch(self.val_images, indices, augment=False))
+            logits, target = self.accelerator.gather_for_metrics((logits.float(), labels[indices.to(labels.device)]))
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+            correct += (logits.argmax(1) == target).sum().item()
+            correct5 += topk_correct(logits, target, 5).sum().item()
+            count += len(target)
+        return {"loss": loss_sum / count, "acc": correct / count, "top5": correct5 / count, "count": count}
+
+    def end_epoch(self, row: dict) -> None:
+        """Record the epoch, keep the best model, save the resumable state."""
+        self.history.append(row)
+        improved = row["val_acc"] > self.best["val_acc"]
+        if improved:
+            self.best = {"val_acc": row["val_acc"], "val_top5": row["val_top5"], "epoch": row["epoch"]}
+        if self.accelerator.is_main_process:
+            reports.write_results(self.run_dir, self.history)
+            if improved:
+                save_model(self.run_dir, self.net, self.model_info({"val": self.best}))
+        self.accelerator.log({k: v for k, v in row.items() if k != "phase"}, step=row["epoch"])
+        self.accelerator.print(
+            f"epoch {row['epoch']:>3} {row['phase']:<8} train loss {row['train_loss']:.4f}  val loss "
+            f"{row['val_loss']:.4f}  val acc {row['val_acc']:.4f}  top-5 {row['val_top5']:.4f}  "
+            f"{row['seconds']:.1f}s ({row['images_per_s']:.0f} img/s){'  *' if improved else ''}"
+        )
+        if self.cfg.save_state:
+            save_training_state(
+                self.accelerator, self.run_dir, {"epoch": row["epoch"], "history": self.history, "best": self.best}
+            )
+
+    def should_stop(self, epoch: int) -> bool:
+        return bool(self.cfg.patience) and epoch - self.best["epoch"] >= self.cfg.patience
+
+    def model_info(self, metrics: dict) -> dict:
+        return {
+            "architecture": self.cfg.model, "num_classes": len(self.classes), "classes": self.classes,
+            "input_spec": self.spec.to_dict(), "head": self.cfg.head, "strategy": self.cfg.strategy,
+            "weights": str(self.cfg.weights), "data": self.train_set.source, "best_epoch": self.best["epoch"],
+            "data_options": {  # how export and evaluate reload the same splits
+                "source": self.cfg.data, "test_source": self.cfg.test_data, "data_dir": self.cfg.data_dir,
+                "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed, "source_size": self.cfg.source_size,
+            },
+            "metrics": metrics,
+        }  # fmt: skip
+
+    def resume(self) -> int:
+        state = load_training_state(self.accelerator, self.run_dir)
+        self.history, self.best = state["history"], state["best"]
+        self.accelerator.print(
+            f"resuming {self.run_dir} after epoch {state['epoch']} (best val acc {self.best['val_acc']:.4f})"
+        )
+        return state["epoch"] + 1
+
+
+# ---------------------------------------------------------------- main
+
+
+def run(cfg: TrainConfig) -> dict | None:
+    """Train as configured; returns the test metrics (on the main process)."""
+    run_dir = resolve_run_dir(cfg)
+    if not cfg.resume and (run_dir / "model.json").exists():
+        raise FmtlError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --output")
+    accelerator = make_accelerator(cfg, run_dir)
+    set_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        reports.write_config(run_dir, cfg)
+    accelerator.init_trackers("fmtl", config={k: v for k, v in asdict(cfg).items() if v is not None})
+    trainer = Trainer(cfg, accelerator, run_dir)
+    accelerator.print(f"{cfg.model} on {trainer.train_set.source}: {len(trainer.train_set)} train / "
+                      f"{len(trainer.val_set)} val / {len(trainer.test_set)} test images, {len(trainer.classes)} classes, "
+                      f"{trainer.spec.image_size}px, {cfg.strategy}; {parameter_summary(trainer.net)}; "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}")  # fmt: skip
+    start = trainer.resume() if cfg.resume else 1
+    started = time.perf_counter()
+    trainer.fit(start)
+    metrics = reports.finish(trainer, time.perf_counter() - started)
+    accelerator.end_training()
+    return metrics
+
+
+def main(argv: list[str] | None = None, prog: str = "fmtl/train.py", before_run=None) -> int:
+    """Parse, run, and turn user mistakes into one line; ``before_run(cfg)`` is the entry point's hook."""
+    try:
+        cfg = load_config(argv, prog=prog)
+        if before_run is not None:
+            before_run(cfg)
+        run(cfg)
+    except FmtlError as error:
+        print(f"fmtl: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fmtl: interrupted (the last completed epoch is saved; continue with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+    return 0
