@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import fnmatch
 import glob
+import io
 import os
 import re
 import stat
@@ -95,18 +96,36 @@ def decode_image(
     return _decode_file(Path(source), channels, size, background, max_pixels)
 
 
+def decode_bytes(
+    data: bytes,
+    channels: int,
+    size: tuple[int, int] | None,
+    background: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode an encoded image held in memory (an HTTP upload) with the same checks and rules as a file.
+
+    Raises:
+        DecodeError: the bytes are not a decodable image (the message says why).
+    """
+    if not data:
+        raise DecodeError("empty file")
+    return _decode_file(io.BytesIO(data), channels, size, background, max_pixels)
+
+
 def _decode_file(
-    path: Path, channels: int, size: tuple[int, int] | None, background: int, max_pixels: int
+    path: Path | io.BytesIO, channels: int, size: tuple[int, int] | None, background: int, max_pixels: int
 ) -> np.ndarray:
     """Open, check and decode one file, turning every failure into a DecodeError with a reason."""
     try:
-        info = os.stat(path)
-        if stat.S_ISDIR(info.st_mode):
-            raise DecodeError("is a directory")
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
-            raise DecodeError("not a regular file")
-        if info.st_size == 0:
-            raise DecodeError("empty file")
+        if isinstance(path, Path):  # in-memory data (decode_bytes) has no file to check
+            info = os.stat(path)
+            if stat.S_ISDIR(info.st_mode):
+                raise DecodeError("is a directory")
+            if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+                raise DecodeError("not a regular file")
+            if info.st_size == 0:
+                raise DecodeError("empty file")
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
