@@ -20,6 +20,7 @@ from torch import nn
 from fmtl.errors import ModelConfigError
 
 LITE0 = "efficientnet_lite0"
+SCRATCH_CNN = "scratch_cnn"  # fmtl's from-scratch baseline (fmtl/training/scratch.py)
 HEAD_ATTRIBUTES = ("fc", "classifier", "heads", "head")  # where torchvision models keep their final layer
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -64,7 +65,7 @@ class FmtlModel(nn.Module):
 
 def available_models() -> list[str]:
     """Every classification architecture fmtl can build."""
-    return sorted([*torchvision.models.list_models(module=torchvision.models), LITE0])
+    return sorted([*torchvision.models.list_models(module=torchvision.models), LITE0, SCRATCH_CNN])
 
 
 def create_model(
@@ -74,7 +75,7 @@ def create_model(
 
     Args:
         name: a torchvision classification model (``resnet18``, ``mobilenet_v2``, ``vgg16``, ...)
-            or ``efficientnet_lite0``.
+            or ``efficientnet_lite0``, or ``scratch_cnn`` (the from-scratch baseline, weights none).
         num_classes: classes of the new head; None keeps the original ImageNet head.
         weights: ``"DEFAULT"``, a torchvision weights name (``"IMAGENET1K_V1"``), None / ``"none"``
             for random initialisation, or a local ``.pth`` / ``.safetensors`` state dict.
@@ -83,7 +84,12 @@ def create_model(
     if head not in ("linear", "mlp"):
         raise ModelConfigError(f"unknown head {head!r}: choose linear or mlp")
     weights = None if isinstance(weights, str) and weights.lower() == "none" else weights
-    network, defaults = _build_lite0(weights) if name == LITE0 else _build_torchvision(name, weights)
+    if name == LITE0:
+        network, defaults = _build_lite0(weights)
+    elif name == SCRATCH_CNN:
+        network, defaults = _build_scratch(weights)
+    else:
+        network, defaults = _build_torchvision(name, weights)
     final_name, final = _final_layer(network)
     _set_module(network, final_name, nn.Identity())
     if num_classes is not None:
@@ -104,6 +110,16 @@ def _build_lite0(weights: str | None) -> tuple[nn.Module, InputDefaults]:
     except (FileNotFoundError, RuntimeError, KeyError) as error:
         raise ModelConfigError(f"cannot load EfficientNet-Lite0 weights {weights!r}: {error}") from None
     return network, InputDefaults(tuple(LITE0_MEAN), tuple(LITE0_STD), LITE0_IMAGE_SIZE, "bilinear")
+
+
+def _build_scratch(weights: str | None) -> tuple[nn.Module, InputDefaults]:
+    from fmtl.training.scratch import SCRATCH_IMAGE_SIZE, SCRATCH_MEAN, SCRATCH_STD, scratch_cnn
+
+    if weights is not None and Path(str(weights)).suffix not in (".pth", ".pt", ".safetensors"):
+        raise ModelConfigError(
+            f"{SCRATCH_CNN} is trained from scratch: use --weights none (or a .pth/.safetensors file)"
+        )
+    return scratch_cnn(weights), InputDefaults(SCRATCH_MEAN, SCRATCH_STD, SCRATCH_IMAGE_SIZE, "bilinear")
 
 
 def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, InputDefaults]:
