@@ -1,7 +1,7 @@
 """The ``fmtl`` command: thin click commands over the library modules.
 
 Each command imports what it needs when it runs, so ``fmtl infer`` and ``fmtl --version``
-never import torch. User mistakes end as one ``Error: ...`` line and a non-zero exit.
+never import torch. User mistakes end as one ``fmtl: error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -12,10 +12,20 @@ import sys
 import click
 
 from fmtl import __version__
+from fmtl.errors import ERROR_PREFIX, EXIT_USER_ERROR
+
+
+class UserError(click.ClickException):
+    """An FmtlError as the command line shows it: the same prefix and exit status as `fmtl train`."""
+
+    exit_code = EXIT_USER_ERROR
+
+    def show(self, file=None) -> None:
+        click.echo(f"{ERROR_PREFIX}{self.format_message()}", file=file or sys.stderr)
 
 
 def user_errors(command):
-    """Turn fmtl's user-facing exceptions (all FmtlError, the runtime's too) into one-line click errors."""
+    """Turn fmtl's user-facing exceptions (all FmtlError, the runtime's too) into one-line errors."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -24,7 +34,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except FmtlError as error:
-            raise click.ClickException(str(error)) from None
+            raise UserError(str(error)) from None
 
     return wrapper
 

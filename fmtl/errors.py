@@ -1,8 +1,30 @@
-"""User-facing errors: the CLI prints their message on one line and exits non-zero."""
+"""User-facing errors: the CLI prints their message on one line and exits non-zero.
+
+Every error a user can cause or meet (a bad option, bad data, a damaged file, a full disk,
+a diverging run) derives from ``FmtlError``; anything else reaching the user is a bug.
+Torch-free, so the runtime shares it. The families:
+
+- ``ConfigError``: options and config files;
+- ``DataError`` (and ``MissingSplitError``): datasets;
+- ``ModelConfigError``: architectures, weights, freeze policies;
+- ``StateError``: a saved training state that cannot be resumed;
+- ``WriteError``: a save that failed (disk full, I/O error, read-only folder);
+- ``DivergenceError``: a run whose loss or weights stopped being finite;
+- elsewhere: ``fmtl.runtime.images.DecodeError``, ``fmtl.runtime.classifier.ModelError``,
+  ``fmtl.runtime.infer.InferError``, ``fmtl.training.export.ExportError``.
+"""
+
+#: How the command line reports an FmtlError: this prefix, the message, this exit status.
+ERROR_PREFIX = "fmtl: error: "
+EXIT_USER_ERROR = 2
 
 
 class FmtlError(Exception):
     """A mistake in what the user asked for or supplied; its message is the whole story."""
+
+
+class ConfigError(FmtlError):
+    """An option or config file value that is unknown, of the wrong type or out of range."""
 
 
 class DataError(FmtlError):
@@ -15,3 +37,15 @@ class MissingSplitError(DataError):
 
 class ModelConfigError(FmtlError):
     """An unknown model, unusable weights or an impossible freeze policy."""
+
+
+class StateError(FmtlError):
+    """A saved training state that is missing, damaged or refused; the message names the file."""
+
+
+class WriteError(FmtlError, OSError):
+    """A file could not be written (disk full, quota, I/O error); the message names it and the free space."""
+
+
+class DivergenceError(FmtlError):
+    """The loss or the weights became NaN or infinite."""

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from fmtl.errors import FmtlError
+
 # lower case, without the dot (compare with path.suffix.lower().lstrip(".")); any case matches
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({"png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp"})
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 megapixels: bigger than any phone photo, far below a bomb's size
@@ -58,7 +60,7 @@ _OPEN_LOCK = threading.Lock()
 _ORIENTATION = ExifTags.Base.Orientation
 
 
-class DecodeError(Exception):
+class DecodeError(FmtlError):
     """An image that cannot be decoded; ``str(error)`` is a short human reason."""
 
 

@@ -5,7 +5,9 @@ Torch-free: it needs onnxruntime, numpy, pillow and, for the progress bar, tqdm.
 
 Every image found gets one row: its path and top-k labels with probabilities, or the
 reason it could not be read (also said on stderr); one unreadable file never stops the
-others. The exit code is 0 when at least one image was classified, else 1.
+others. Rows stream out a batch at a time (to stdout, or to a temporary file renamed over
+``-o`` at the end), so memory does not grow with the number of images. The exit code is 0
+when at least one image was classified, else 1.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fmtl.atomic import atomic_write_text
+from fmtl.atomic import atomic_open
 from fmtl.errors import FmtlError
 from fmtl.runtime.classifier import Classifier, ModelError, Prediction
 from fmtl.runtime.images import DecodeError, collect_image_paths, iter_decoded
@@ -104,14 +106,33 @@ def run(
     paths, problems = collect_image_paths(inputs, recursive)
     for item, reason in problems:
         echo_err(f"warning: {item}: {reason}")
-    rows = classify_paths(classifier, paths, k, batch_size, progress, echo_err)
-    text = format_rows(rows, fmt, classifier, k)
+    tally = Tally()
+    rows = tally.count(iter_rows(classifier, paths, k, batch_size, progress, echo_err))
+    width = max((len(str(p)) for p in paths), default=0)
     if output:
-        atomic_write_text(output, text)
-        echo_err(f"wrote {len(rows)} rows to {output}")
-    elif text:
-        echo(text.rstrip("\n"))
-    return _summarise(rows, echo_err)
+        # Rows go to a temporary file as they come; it replaces ``output`` only once complete.
+        with atomic_open(output, "w", encoding="utf-8", newline="") as handle:
+            for chunk in format_stream(rows, fmt, classifier, k, width):
+                handle.write(chunk)
+        echo_err(f"wrote {tally.rows} rows to {output}")
+    else:
+        for chunk in format_stream(rows, fmt, classifier, k, width):
+            echo(chunk.removesuffix("\n"))
+    return _summarise(tally, echo_err)
+
+
+@dataclass
+class Tally:
+    """Counts rows as they stream past, for the closing summary (no row is kept)."""
+
+    rows: int = 0
+    failed: int = 0
+
+    def count(self, rows: Iterable[Row]) -> Iterator[Row]:
+        for row in rows:
+            self.rows += 1
+            self.failed += row.error is not None
+            yield row
 
 
 def _check_options(k: int, batch_size: int, fmt: str) -> None:
@@ -144,9 +165,21 @@ def classify_paths(
     progress: bool = False,
     echo_err: Echo = _print_err,
 ) -> list[Row]:
-    """Decode (in a thread pool, one batch ahead) and classify ``paths``; one Row per path, in order."""
+    """All of ``iter_rows`` as a list: one Row per path, in order."""
+    return list(iter_rows(classifier, paths, k, batch_size, progress, echo_err))
+
+
+def iter_rows(
+    classifier: Classifier,
+    paths: Sequence[Path],
+    k: int,
+    batch_size: int,
+    progress: bool = False,
+    echo_err: Echo = _print_err,
+) -> Iterator[Row]:
+    """Decode (in a thread pool, one batch ahead) and classify ``paths``, yielding one Row per path in
+    order, a batch at a time: memory holds one batch of images and rows, however many paths."""
     spec = classifier.spec
-    rows: list[Row] = []
     batches = iter_decoded(paths, spec.channels, spec.source_size, spec.background, batch_size=batch_size)
     with _progress_bar(len(paths), progress, echo_err) as (update, say):
         for start, decoded in zip(range(0, len(paths), batch_size), batches, strict=True):
@@ -158,11 +191,10 @@ def classify_paths(
             for i, (name, item) in enumerate(zip(names, decoded, strict=True)):
                 if isinstance(item, DecodeError):
                     say(f"error: {name}: {item}")
-                    rows.append(Row(name, error=str(item)))
+                    yield Row(name, error=str(item))
                 else:
-                    rows.append(Row(name, by_index[i]))
+                    yield Row(name, by_index[i])
             update(len(decoded))
-    return rows
 
 
 @contextlib.contextmanager
@@ -186,16 +218,15 @@ def _progress_bar(total: int, enabled: bool, echo_err: Echo) -> Iterator[tuple[C
         yield bar.update, say
 
 
-def _summarise(rows: Sequence[Row], echo_err: Echo) -> int:
-    failed = sum(row.error is not None for row in rows)
-    classified = len(rows) - failed
-    if not rows:
+def _summarise(tally: Tally, echo_err: Echo) -> int:
+    classified = tally.rows - tally.failed
+    if not tally.rows:
         echo_err("error: no images found")
         return 1
     if not classified:
-        echo_err(f"error: none of the {failed} images could be read")
+        echo_err(f"error: none of the {tally.failed} images could be read")
         return 1
-    echo_err(f"{classified} images classified" + (f", {failed} unreadable" if failed else ""))
+    echo_err(f"{classified} images classified" + (f", {tally.failed} unreadable" if tally.failed else ""))
     return 0
 
 
@@ -204,43 +235,59 @@ def _summarise(rows: Sequence[Row], echo_err: Echo) -> int:
 
 def format_rows(rows: Sequence[Row], fmt: str, classifier: Classifier, k: int) -> str:
     """Rows as text in ``fmt`` (table, csv, json, jsonl), ending in a newline unless empty."""
+    width = max((len(row.path) for row in rows), default=0)
+    return "".join(format_stream(rows, fmt, classifier, k, width))
+
+
+def format_stream(rows: Iterable[Row], fmt: str, classifier: Classifier, k: int, width: int) -> Iterator[str]:
+    """Rows as text in ``fmt``, one chunk per row (plus a header or an envelope), each ending in a newline.
+
+    ``width`` pads the table's path column (the longest path, known before the rows are).
+    """
     k = max(1, min(k, classifier.num_classes))
     if fmt == "table":
-        return _table(rows)
+        return (_table_line(row, width) for row in rows)
     if fmt == "csv":
         return _csv(rows, k)
     if fmt == "json":
-        document = {
-            "model": str(classifier.path),
-            "architecture": classifier.architecture,
-            "classes": classifier.classes,
-            "k": k,
-            "predictions": [row.to_dict() for row in rows],
-        }
-        return json.dumps(document, indent=2) + "\n"
+        return _json(rows, classifier, k)
     if fmt == "jsonl":
-        return "".join(json.dumps(row.to_dict()) + "\n" for row in rows)
+        return (json.dumps(row.to_dict()) + "\n" for row in rows)
     raise InferError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
-def _table(rows: Sequence[Row]) -> str:
-    """path, padded, then "label 97.1%, label 2.0%" (or "error: reason")."""
-    width = max((len(row.path) for row in rows), default=0)
-    lines = []
+def _json(rows: Iterable[Row], classifier: Classifier, k: int) -> Iterator[str]:
+    """One JSON document, written as it goes: the envelope, then the predictions one by one."""
+    envelope = {"model": str(classifier.path), "architecture": classifier.architecture,
+                "classes": classifier.classes, "k": k}  # fmt: skip
+    head = json.dumps(envelope, indent=2)[:-2]  # without the closing "\n}"
+    yield head + ',\n  "predictions": [\n'
+    previous = None  # held back one row: only the last has no comma after it
     for row in rows:
-        text = (
-            f"error: {row.error}" if row.error else ", ".join(f"{p.label} {p.probability:.1%}" for p in row.predictions)
-        )
-        lines.append(f"{row.path:<{width}}  {text}")
-    return "".join(line + "\n" for line in lines)
+        if previous is not None:
+            yield f"    {previous},\n"
+        previous = json.dumps(row.to_dict())
+    yield ("" if previous is None else f"    {previous}\n") + "  ]\n}\n"
 
 
-def _csv(rows: Sequence[Row], k: int) -> str:
+def _table_line(row: Row, width: int) -> str:
+    """path, padded, then "label 97.1%, label 2.0%" (or "error: reason")."""
+    text = f"error: {row.error}" if row.error else ", ".join(f"{p.label} {p.probability:.1%}" for p in row.predictions)
+    return f"{row.path:<{width}}  {text}\n"
+
+
+def _csv(rows: Iterable[Row], k: int) -> Iterator[str]:
     """Header path,rank1_label,rank1_prob,...,rankK_label,rankK_prob,error; blank cells where n/a."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", *[f"rank{r}_{what}" for r in range(1, k + 1) for what in ("label", "prob")], "error"])
+
+    def line(cells: list[str]) -> str:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(cells)
+        return buffer.getvalue()
+
+    yield line(["path", *[f"rank{r}_{what}" for r in range(1, k + 1) for what in ("label", "prob")], "error"])
     for row in rows:
         cells = [cell for p in row.predictions for cell in (p.label, f"{p.probability:.6f}")]
-        writer.writerow([row.path, *cells, *[""] * (2 * k - len(cells)), row.error or ""])
-    return buffer.getvalue()
+        yield line([row.path, *cells, *[""] * (2 * k - len(cells)), row.error or ""])

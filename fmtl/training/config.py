@@ -16,10 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from fmtl.errors import FmtlError
+from fmtl.errors import ConfigError, FmtlError
 
 STRATEGIES = ("linear", "finetune", "hybrid")
 PRECISIONS = ("no", "fp16", "bf16")
+HEADS = ("linear", "mlp")
 
 
 def option(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
@@ -90,9 +91,17 @@ class TrainConfig:
             raise FmtlError("--lr must be positive")
         if self.strategy == "hybrid" and not 0 < self.head_epochs < self.epochs:
             raise FmtlError(f"hybrid needs 0 < --head-epochs < --epochs (got {self.head_epochs} of {self.epochs})")
+        # Checked here, before a run folder or an Accelerator exists, not when the model is built.
+        _choice("head", self.head, HEADS)
+        if self.unfreeze != "all" and not _is_last_n(self.unfreeze):
+            raise ConfigError(f"--unfreeze {self.unfreeze!r} is not all or last:N (N >= 1)")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _is_last_n(policy: str) -> bool:
+    return policy.startswith("last:") and policy[5:].isdigit() and int(policy[5:]) >= 1
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -160,5 +169,28 @@ def read_yaml(path: Path) -> dict:
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     for key in values:
         if key not in FIELDS:
-            raise FmtlError(f"{path}: unknown key {key!r}{closest(key)}")
-    return values
+            raise ConfigError(f"{path}: unknown key {key!r}{closest(key)}")
+    return {key: checked_value(key, value, path) for key, value in values.items()}
+
+
+# TrainConfig's annotations (strings, under `from __future__ import annotations`) -> accepted YAML types
+_YAML_TYPES = {"str": (str,), "int": (int,), "float": (float, int), "bool": (bool,)}
+
+
+def checked_value(key: str, value, path: Path):
+    """``value`` from a YAML file if it has the type TrainConfig declares for ``key`` (an int is a
+    float too; ``null`` only where the default may be None), else a ConfigError naming both."""
+    declared = str(FIELDS[key].type).replace(" ", "")
+    kinds = declared.split("|")
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"{path}: {key} must be {kinds[0]}, got null")
+    for kind in kinds:
+        accepted = _YAML_TYPES.get(kind)
+        if accepted is None:  # a type this check does not know (a list, say): leave it to validate()
+            return value
+        if isinstance(value, accepted) and not (isinstance(value, bool) and kind != "bool"):
+            return float(value) if kind == "float" else value
+    wanted = " or ".join(k for k in kinds if k != "None")
+    raise ConfigError(f"{path}: {key} must be {wanted}, got {value!r} ({type(value).__name__})")

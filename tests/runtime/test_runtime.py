@@ -173,6 +173,11 @@ class Capture:
     def kwargs(self) -> dict:
         return {"echo": self.out.append, "echo_err": self.err.append, "progress": False}
 
+    @property
+    def stdout(self) -> str:
+        """What run() printed (it prints each row as it comes, so echo is called many times)."""
+        return "".join(line + "\n" for line in self.out)
+
 
 def _run(inputs, model, fmt="csv", k=5, output=None, recursive=False) -> tuple[int, Capture]:
     cap = Capture()
@@ -183,7 +188,7 @@ def _run(inputs, model, fmt="csv", k=5, output=None, recursive=False) -> tuple[i
 def test_run_csv_parses_back(models, photos: Path) -> None:
     code, cap = _run([photos], models["grey"], fmt="csv", k=50)
     assert code == 0
-    rows = list(csv.DictReader(io.StringIO(cap.out[0])))
+    rows = list(csv.DictReader(io.StringIO(cap.stdout)))
     assert [Path(r["path"]).name for r in rows] == [
         "a_dark.png",
         "b_bright.JPG",
@@ -203,7 +208,7 @@ def test_run_csv_parses_back(models, photos: Path) -> None:
 def test_run_agrees_with_classifier(models, photos: Path) -> None:
     code, cap = _run([photos / "b_bright.JPG"], models["rgb"], fmt="jsonl", k=2)
     assert code == 0
-    [row] = [json.loads(line) for line in cap.out[0].splitlines()]
+    [row] = [json.loads(line) for line in cap.stdout.splitlines()]
     [top] = Classifier(models["rgb"]).predict([photos / "b_bright.JPG"], k=2)
     assert [(p["label"], p["index"]) for p in row["top_k"]] == [(p.label, p.index) for p in top]
     assert row["top_k"][0]["probability"] == pytest.approx(top[0].probability, abs=1e-6)
@@ -225,12 +230,12 @@ def test_run_json_to_file_atomically(models, photos: Path, tmp_path: Path) -> No
 def test_run_table_and_jsonl(models, photos: Path) -> None:
     code, cap = _run([photos / "a_dark.png", photos / "d_empty.png"], models["grey"], fmt="table", k=2)
     assert code == 0
-    lines = cap.out[0].splitlines()
+    lines = cap.stdout.splitlines()
     assert len(lines) == 2 and lines[0].endswith("%") and lines[1].endswith("error: empty file")
     column = len(str(photos / "d_empty.png")) + 2  # the longer path, then two spaces
     assert all(line[column - 2 : column] == "  " and line[column] != " " for line in lines)  # aligned
     code, cap = _run([photos], models["grey"], fmt="jsonl")
-    assert [json.loads(line)["path"].endswith(".png") for line in cap.out[0].splitlines()].count(True) == 3
+    assert [json.loads(line)["path"].endswith(".png") for line in cap.stdout.splitlines()].count(True) == 3
 
 
 def test_run_exit_codes(models, photos: Path, tmp_path: Path) -> None:
