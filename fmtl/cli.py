@@ -95,6 +95,36 @@ def infer(paths, model, k, batch_size, fmt, output, recursive, quiet) -> None:
 
 
 @main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--max-batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Most images per model call (dynamic batching).")  # fmt: skip
+@click.option("--batch-wait-ms", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Wait this long for a fuller batch (0: never wait, no added latency).")  # fmt: skip
+@click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True,
+              help="Images waiting at most; more get 503 + Retry-After.")  # fmt: skip
+@click.option("--queue-timeout-ms", type=click.FloatRange(0, min_open=True), default=5000.0, show_default=True,
+              help="A request queued longer gets 503.")  # fmt: skip
+@click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=16.0, show_default=True,
+              help="Larger request bodies get 413.")  # fmt: skip
+@click.option("--max-images", type=click.IntRange(1), default=64, show_default=True, help="Images per request at most.")
+@click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds to answer accepted requests after SIGTERM.")  # fmt: skip
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime threads [the CPUs this process may use].")
+@user_errors
+def serve(model, **options) -> None:
+    """Serve an exported model over HTTP (newest in export/ by default): /v1/classify, KServe v2, /metrics."""
+    from pathlib import Path
+
+    from fmtl.runtime.infer import find_newest_model
+    from fmtl.runtime.serve import ServeConfig
+    from fmtl.runtime.serve import serve as run_server
+
+    sys.exit(run_server(ServeConfig(Path(model) if model else find_newest_model(), **options)))
+
+
+@main.command()
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--data", help="Data to evaluate on [the model's own training data].")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)

@@ -1,0 +1,183 @@
+"""Dynamic batching for `fmtl serve`: one inference worker, a bounded queue, per-request deadlines.
+
+Requests put their decoded images in a queue and await a future. One worker (an asyncio
+task whose model calls run on one dedicated thread, so the event loop never blocks) takes
+whatever is queued each time it is free, whole requests up to ``max_batch_size`` images,
+and runs them as one batch. With ``batch_wait_s`` 0 (the default) it never waits for more:
+at low load every request runs at once, and batches grow by themselves as load rises,
+because requests queue up while the previous batch computes.
+
+All queue state lives on the event loop thread; only ``predict`` runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """The queue holds too many images to take this request: answer 503 with Retry-After."""
+
+
+class QueueTimeout(Exception):
+    """The request waited in the queue longer than the queue timeout: answer 503."""
+
+
+@dataclass
+class BatchStats:
+    """What one batch cost; the server turns it into metrics."""
+
+    size: int  # images in the batch
+    queue_waits: list[float]  # seconds each request waited before its batch started
+    compute: float  # seconds in predict
+
+
+@dataclass(eq=False)
+class _Job:
+    images: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    timer: asyncio.TimerHandle | None = None
+
+
+class Batcher:
+    """Queue requests' images and run them through ``predict`` in dynamic batches.
+
+    Args:
+        predict: uint8 batch [N, ...] -> array [N, ...]; called on the worker thread only.
+        max_batch_size: most images in one batch (a request bigger than this runs alone).
+        batch_wait_s: after the first request of a batch arrives, wait up to this long for
+            more before running a batch that is not full (0: never wait).
+        max_queue: most images waiting; a request that would go over gets QueueFull.
+        queue_timeout_s: a request still queued after this long gets QueueTimeout.
+        on_batch: called on the event loop with each batch's BatchStats.
+    """
+
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int,
+        batch_wait_s: float,
+        max_queue: int,
+        queue_timeout_s: float,
+        on_batch: Callable[[BatchStats], object] = lambda stats: None,
+    ):
+        self._predict = predict
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self._on_batch = on_batch
+        self._queue: deque[_Job] = deque()
+        self.queued_images = 0  # images waiting (not yet in a running batch)
+        self._wakeup = asyncio.Event()
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmtl-infer")
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start the worker task on the running event loop."""
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="fmtl-batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker (after its current batch) and fail whatever is still queued."""
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(QueueTimeout("the server stopped"))
+        self._thread.shutdown(wait=True)
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """Queue ``images`` and return predict's rows for them, in order.
+
+        Raises:
+            QueueFull: taking them would put more than max_queue images in the queue.
+            QueueTimeout: they were not started within queue_timeout_s.
+        """
+        if self.queued_images + len(images) > self.max_queue:
+            raise QueueFull(f"queue full ({self.queued_images} images waiting, limit {self.max_queue})")
+        loop = asyncio.get_running_loop()
+        job = _Job(images, loop.create_future())
+        job.timer = loop.call_later(self.queue_timeout_s, self._expire, job)
+        self._queue.append(job)
+        self.queued_images += len(images)
+        self._wakeup.set()
+        return await job.future
+
+    def _expire(self, job: _Job) -> None:
+        """The queue timeout fired: fail the job if it is still waiting (a running one finishes)."""
+        if job in self._queue:
+            self._queue.remove(job)
+            self.queued_images -= len(job.images)
+            if not job.future.done():
+                waited = time.perf_counter() - job.enqueued
+                job.future.set_exception(QueueTimeout(f"waited {waited * 1000:.0f} ms in the queue"))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self.batch_wait_s > 0:
+                await self._wait_for_more()
+            jobs = self._take_batch()
+            if not jobs:
+                continue
+            started = time.perf_counter()
+            batch = jobs[0].images if len(jobs) == 1 else np.concatenate([job.images for job in jobs])
+            try:
+                rows = await loop.run_in_executor(self._thread, self._predict, batch)
+            except Exception as error:  # a failing model fails its requests, never the worker
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+                continue
+            self._deliver(jobs, rows)
+            waits = [started - job.enqueued for job in jobs]
+            self._on_batch(BatchStats(len(batch), waits, time.perf_counter() - started))
+            if self._queue:
+                self._wakeup.set()  # requests arrived while this batch ran
+
+    async def _wait_for_more(self) -> None:
+        """Wait until a full batch is queued or batch_wait_s has passed since the oldest request came."""
+        while self._queue and self.queued_images < self.max_batch_size:
+            left = self._queue[0].enqueued + self.batch_wait_s - time.perf_counter()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)
+            except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
+                return
+            self._wakeup.clear()
+
+    def _take_batch(self) -> list[_Job]:
+        """Whole requests from the front of the queue, up to max_batch_size images (at least one request)."""
+        jobs: list[_Job] = []
+        size = 0
+        while self._queue and (not jobs or size + len(self._queue[0].images) <= self.max_batch_size):
+            job = self._queue.popleft()
+            job.timer.cancel()
+            self.queued_images -= len(job.images)
+            if job.future.done():  # its client went away (cancelled)
+                continue
+            jobs.append(job)
+            size += len(job.images)
+        return jobs
+
+    @staticmethod
+    def _deliver(jobs: list[_Job], rows: np.ndarray) -> None:
+        start = 0
+        for job in jobs:
+            end = start + len(job.images)
+            if not job.future.done():
+                job.future.set_result(rows[start:end])
+            start = end
