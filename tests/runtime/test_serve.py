@@ -1,0 +1,398 @@
+"""`fmtl serve`: the ASGI app through httpx, and the real server (uvicorn on a free loopback port) in a process.
+
+Torch-free: runs in the runtime-only install too (models from onnx_fixtures)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import queue
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from onnx_fixtures import grey_model, rgb_model
+from PIL import Image
+
+from fmtl.runtime.classifier import Classifier
+from fmtl.runtime.serve import ServeConfig, create_app
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def grey_images(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Distinct 28x28 grey images (different brightness, so the test model's classes differ)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (28, 28), dtype=np.uint8) // (1 + i % 4) for i in range(count)]
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A PNG header claiming 400 megapixels, with no pixel data: refused before any decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def run_app(config: ServeConfig, scenario, load: bool = True):
+    """Build the app, load its model (unless ``load`` is False), run ``scenario(client, server)``, close."""
+
+    async def main():
+        app = create_app(config, load=False)
+        server = app.model_server
+        if load:
+            await server.load()
+        transport = httpx.ASGITransport(app=app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+                return await scenario(client, server)
+        finally:
+            await server.close()
+
+    return asyncio.run(main())
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text (labels in any order)."""
+    for line in text.splitlines():
+        match = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if match and match.group(1) == name:
+            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(match.group(3))
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+@pytest.fixture()
+def grey(tmp_path) -> Path:
+    return grey_model(tmp_path)
+
+
+# --- the app in-process ----------------------------------------------------------------------------
+
+
+def test_live_at_once_ready_only_after_load_and_warm_up(grey):
+    async def scenario(client, server):
+        assert (await client.get("/v2/health/live")).status_code == 200
+        assert (await client.get("/v2/health/ready")).status_code == 503
+        early = await client.post("/v1/classify", content=png(grey_images(1)[0]), headers={"Content-Type": "image/png"})
+        assert early.status_code == 503 and "not loaded" in early.json()["error"]
+        assert metric((await client.get("/metrics")).text, "fmtl_warmup_seconds") == 0
+        await server.load()
+        assert (await client.get("/v2/health/ready")).json() == {"ready": True}
+        assert (await client.get("/v2/models/grey/ready")).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric(text, "fmtl_warmup_seconds") > 0 and metric(text, "fmtl_ready") == 1
+        assert metric(text, "fmtl_images_total") == 0  # the warm-up is not counted as traffic
+
+    run_app(ServeConfig(grey), scenario, load=False)
+
+
+def test_classify_raw_put_and_multipart_with_a_broken_part(grey):
+    images = grey_images(3)
+    expected = Classifier(grey).predict_proba(np.stack([im[None] for im in images]))
+    broken = png(images[1])[:60]  # a truncated PNG
+
+    async def scenario(client, server):
+        raw = await client.post("/v1/classify?k=2", content=png(images[0]), headers={"Content-Type": "image/png"})
+        assert raw.status_code == 200
+        body = raw.json()
+        assert body["model"] == "grey" and len(body["predictions"]) == 1
+        top = body["predictions"][0]["top_k"]
+        assert [p["index"] for p in top] == list(np.argsort(-expected[0])[:2])
+        assert top[0]["probability"] == pytest.approx(expected[0].max(), abs=1e-6)
+        assert top[0]["label"] == ("dark", "medium", "bright")[top[0]["index"]]
+        put = await client.put("/v1/classify", content=png(images[0]))  # `curl -T`: no Content-Type
+        assert put.json()["predictions"] == [{"top_k": top + put.json()["predictions"][0]["top_k"][2:]}]
+        assert len((await client.put("/v1/classify/shoe.png", content=png(images[0]))).json()["predictions"]) == 1
+        assert (
+            len((await client.post("/v1/classify?k=99", content=png(images[0]))).json()["predictions"][0]["top_k"]) == 3
+        )
+        files = [("a", ("a.png", png(images[0]))), ("b", ("b.png", broken)), ("c", ("c.png", png(images[2])))]
+        multi = (await client.post("/v1/classify?k=1", files=files)).json()["predictions"]
+        assert [entry["file"] for entry in multi] == ["a.png", "b.png", "c.png"]
+        assert "truncated" in multi[1]["error"] and "top_k" not in multi[1]
+        assert [multi[0]["top_k"][0]["index"], multi[2]["top_k"][0]["index"]] == [
+            expected[0].argmax(),
+            expected[2].argmax(),
+        ]
+        assert multi[2]["top_k"][0]["probability"] == pytest.approx(expected[2].max(), abs=1e-6)
+        assert (await client.post("/v1/classify?k=0", content=png(images[0]))).status_code == 400
+
+    run_app(ServeConfig(grey), scenario)
+
+
+def test_v2_metadata_infer_and_unknown_model(tmp_path):
+    model = rgb_model(tmp_path)
+    batch = np.random.default_rng(1).integers(0, 256, (2, 3, 20, 30), dtype=np.uint8)
+    expected = Classifier(model).predict_proba(batch)
+
+    async def scenario(client, server):
+        meta = (await client.get("/v2/models/rgb")).json()
+        assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 3, 20, 30]}]
+        assert meta["outputs"] == [{"name": "probs", "datatype": "FP32", "shape": [-1, 4]}]
+        assert meta["classes"] == ["red", "green", "blue", "grey"]
+        tensor = {"name": "images", "datatype": "UINT8", "shape": [2, 3, 20, 30], "data": batch.ravel().tolist()}
+        answer = await client.post("/v2/models/rgb/infer", json={"id": "r1", "inputs": [tensor]})
+        assert answer.status_code == 200
+        out = answer.json()
+        assert out["id"] == "r1" and out["outputs"][0]["shape"] == [2, 4]
+        np.testing.assert_allclose(np.array(out["outputs"][0]["data"]).reshape(2, 4), expected, atol=1e-6)
+        nested = dict(tensor, data=batch.tolist())  # nested lists are accepted too
+        assert (await client.post("/v2/models/rgb/infer", json={"inputs": [nested]})).status_code == 200
+        for bad in (dict(tensor, shape=[2, 3, 30, 20]), dict(tensor, datatype="FP32"),
+                    dict(tensor, data=[300] * batch.size), dict(tensor, data=[0.5] * batch.size),
+                    dict(tensor, data=[1, 2, 3])):  # fmt: skip
+            rejected = await client.post("/v2/models/rgb/infer", json={"inputs": [bad]})
+            assert rejected.status_code == 400 and rejected.json()["error"]
+        bad_json = await client.post(
+            "/v2/models/rgb/infer", content=b'{"inputs": [', headers={"Content-Type": "application/json"}
+        )
+        assert bad_json.status_code == 400 and "bad JSON" in bad_json.json()["error"]
+        assert (await client.get("/v2/models/nope")).status_code == 404
+        assert (await client.post("/v2/models/nope/infer", json={"inputs": [tensor]})).status_code == 404
+        assert (await client.get("/v2")).json()["name"] == "fmtl"
+
+    run_app(ServeConfig(model), scenario)
+
+
+def test_bad_inputs_get_400_413_415(grey):
+    image = png(grey_images(1)[0])
+
+    async def chunks(total: int):
+        for _ in range(total // 65536):
+            yield b"\0" * 65536
+
+    async def scenario(client, server):
+        async def status(content, content_type="image/png", path="/v1/classify"):
+            answer = await client.post(path, content=content, headers={"Content-Type": content_type})
+            return answer.status_code, answer.json().get("error", "")
+
+        assert await status(b"hello, not an image") == (
+            400,
+            "not a readable image (image: not an image (cannot identify))",
+        )
+        assert (await status(image[: len(image) // 2]))[0] == 400
+        code, error = await status(bomb_png())
+        assert code == 400 and "too large" in error
+        assert (await status(b"")) == (400, "not a readable image (image: empty file)")
+        assert (await status(image, "text/plain"))[0] == 415
+        assert (await status(image, "application/x-www-form-urlencoded"))[0] == 415  # curl -d without -H
+        assert (await status(chunks(2_000_000)))[0] == 413  # streamed, no Content-Length: counted while reading
+        assert (await status(b"\0" * 1_100_000))[0] == 413
+        files = [("f", (f"{i}.png", image)) for i in range(3)]
+        assert (await client.post("/v1/classify", files=files)).status_code == 413  # --max-images 2
+        tensor = {"datatype": "UINT8", "shape": [3, 1, 28, 28], "data": [0] * (3 * 784)}
+        assert (await client.post("/v2/models/grey/infer", json={"inputs": [tensor]})).status_code == 413
+        text = (await client.get("/metrics")).text
+        assert metric(text, "fmtl_rejected_requests_total", reason="body_too_large") == 2
+        assert metric(text, "fmtl_rejected_requests_total", reason="too_many_images") == 2
+        assert metric(text, "fmtl_requests_total", route="/v1/classify", code="415") == 2
+
+    run_app(ServeConfig(grey, max_body_mb=1.0, max_images=2), scenario)
+
+
+def test_queue_full_gets_503_with_retry_after(grey):
+    """A 1 s batch wait keeps the first request queued; a second that would overfill the queue is refused."""
+    files = lambda n: [("f", (f"{i}.png", png(im))) for i, im in enumerate(grey_images(n))]  # noqa: E731
+
+    async def scenario(client, server):
+        first = asyncio.create_task(client.post("/v1/classify", files=files(3)))
+        while server.batcher.queued_images < 3:
+            await asyncio.sleep(0.01)
+        second = await client.post("/v1/classify", files=files(2))
+        assert second.status_code == 503 and int(second.headers["Retry-After"]) >= 1
+        assert "queue full" in second.json()["error"]
+        assert (await first).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric(text, "fmtl_rejected_requests_total", reason="queue_full") == 1
+
+    run_app(ServeConfig(grey, max_queue=4, max_images=4, batch_wait_ms=1000, max_batch_size=64), scenario)
+
+
+def test_queue_timeout_gets_503(grey):
+    async def scenario(client, server):
+        started = time.perf_counter()
+        answer = await client.post("/v1/classify", content=png(grey_images(1)[0]))
+        assert answer.status_code == 503 and "in the queue" in answer.json()["error"]
+        assert time.perf_counter() - started < 1.0  # refused at the timeout, not after the 3 s batch wait
+        assert server.batcher.queued_images == 0
+
+    run_app(ServeConfig(grey, queue_timeout_ms=100, batch_wait_ms=3000, max_batch_size=64), scenario)
+
+
+@pytest.mark.parametrize(("max_batch_size", "batch_wait_ms"), [(1, 0), (64, 300)])
+def test_dynamic_batching_keeps_each_answer_with_its_request(grey, max_batch_size, batch_wait_ms):
+    images = grey_images(12, seed=3)
+    expected = Classifier(grey).predict_proba(np.stack([im[None] for im in images]))
+
+    async def scenario(client, server):
+        answers = await asyncio.gather(*(client.post("/v1/classify?k=3", content=png(im)) for im in images))
+        for answer, row in zip(answers, expected, strict=True):
+            top = answer.json()["predictions"][0]["top_k"]
+            assert [p["index"] for p in top] == list(np.argsort(-row)[:3])
+            assert top[0]["probability"] == pytest.approx(row.max(), abs=1e-6)
+        text = (await client.get("/metrics")).text
+        batches = metric(text, "fmtl_batches_total")
+        assert metric(text, "fmtl_images_total") == 12 and metric(text, "fmtl_batch_size_sum") == 12
+        assert batches == 12 if max_batch_size == 1 else batches < 12  # the batch wait groups requests
+        assert metric(text, "fmtl_queue_wait_seconds_count") == 12
+        assert metric(text, "fmtl_inference_duration_seconds_count") == batches
+        assert metric(text, "fmtl_request_duration_seconds_count", route="/v1/classify") == 12
+        for name in ("fmtl_queue_depth", "fmtl_in_flight_requests", "fmtl_process_resident_memory_bytes"):
+            assert metric(text, name) >= 0
+
+    run_app(ServeConfig(grey, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms), scenario)
+
+
+def test_page(grey):
+    async def scenario(client, server):
+        answer = await client.get("/")
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+        assert "<h1>grey</h1>" in answer.text and "v1/classify" in answer.text
+
+    run_app(ServeConfig(grey), scenario)
+
+
+# --- the real server -------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """`python -m fmtl.cli serve ... --port 0` in a process; its stdout read line by line in a thread."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        command = [sys.executable, "-m", "fmtl.cli", "serve", *args, "--port", "0"]
+        self.process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.url = ""
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                match = re.search(pattern, self.lines.get(timeout=0.1))
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    raise AssertionError(
+                        f"server exited {self.process.returncode}: {self.process.stderr.read()}"
+                    ) from None
+                continue
+            if match:
+                return match
+        raise AssertionError(f"no line matching {pattern!r} within {timeout} s")
+
+    def start(self) -> ServerProcess:
+        self.url = self.wait_for(r"on (http://127\.0\.0\.1:\d+)").group(1)
+        self.wait_for(r"^ready")
+        return self
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+@pytest.mark.slow
+def test_server_answers_as_fmtl_infer_does(tmp_path):
+    """The default model (newest in export/), raw POST and curl-style PUT agree with `fmtl infer --format json`."""
+    grey_model(tmp_path / "export")
+    paths = []
+    for i, image in enumerate(grey_images(4, seed=5)):
+        paths.append(tmp_path / f"img{i}.png")
+        paths[-1].write_bytes(png(image))
+    server = ServerProcess([], tmp_path).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            served = [
+                client.post("/v1/classify?k=3", content=p.read_bytes(), headers={"Content-Type": "image/png"}).json()
+                for p in paths
+            ]
+            assert client.put("/v1/classify?k=3", content=paths[0].read_bytes()).json() == served[0]
+            streamed = client.post("/v1/classify", content=iter([b"\0" * 65536] * 300))  # chunked, 19.7 MB
+            assert streamed.status_code == 413
+    finally:
+        server.stop()
+    infer = subprocess.run([sys.executable, "-m", "fmtl.cli", "infer", *map(str, paths), "-k", "3", "--format", "json",
+                            "--quiet"], cwd=tmp_path, capture_output=True, text=True, check=True)  # fmt: skip
+    rows = json.loads(infer.stdout)["predictions"]
+    for answer, row in zip(served, rows, strict=True):
+        got = answer["predictions"][0]["top_k"]
+        assert [p["label"] for p in got] == [p["label"] for p in row["top_k"]]
+        assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in row["top_k"]], abs=2e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_requests_in_flight(tmp_path):
+    model = grey_model(tmp_path)
+    # a 1.5 s batch wait keeps the first requests in flight while the signal arrives
+    server = ServerProcess([str(model), "--batch-wait-ms", "1500", "--max-batch-size", "64"], tmp_path).start()
+    results: list[httpx.Response | Exception] = []
+
+    def send(image):
+        try:
+            results.append(httpx.post(f"{server.url}/v1/classify", content=png(image), timeout=30))
+        except Exception as error:  # recorded, so a dropped request fails the test below
+            results.append(error)
+
+    threads = [threading.Thread(target=send, args=(im,)) for im in grey_images(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while metric(httpx.get(f"{server.url}/metrics").text, "fmtl_queue_depth") < 4:
+            assert time.monotonic() < deadline, "the requests never queued"
+            time.sleep(0.02)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # the signal handler runs between the event loop's steps
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 503
+        assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+        late = httpx.post(f"{server.url}/v1/classify", content=png(grey_images(1)[0]))
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]
+        for thread in threads:
+            thread.join(10)
+        assert server.process.wait(10) == 0
+    finally:
+        server.stop()
+    assert [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in results] == [200] * 4
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_exits_with_one_line(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    for args in ([str(bad), "--port", "0"], ["--port", "0"]):  # a broken file; no export/ folder at all
+        done = subprocess.run([sys.executable, "-m", "fmtl.cli", "serve", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert done.returncode != 0
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error" in lines[0].lower() and "ready" not in done.stdout, done.stderr
+
+
+def test_serving_imports_no_torch():
+    code = (
+        "import sys, fmtl.cli, fmtl.runtime.serve, fmtl.runtime.serve_batching, fmtl.runtime.serve_metrics\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'accelerate'))\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
