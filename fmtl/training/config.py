@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,10 @@ class TrainConfig:
     head_epochs: int = option(1, "hybrid: epochs training the head alone before the backbone unfreezes")
     unfreeze: str = option("all", "what fine-tuning trains besides the head: all, or last:N feature blocks")
     freeze_bn: bool = option(True, "fine-tune with BatchNorm in inference mode, so features don't jump on unfreezing")
+    head_cache: bool = option(True, "head-only epochs train on cached features of un-augmented images (cheap)")
     # optimisation
     epochs: int = option(3, "total epochs, all phases together")
+    budget: str | None = option(None, "train within this wall time (90s, 10m, 1h): epochs planned from measured speed")
     batch_size: int = option(128, "images per step per process")
     eval_batch_size: int = option(256, "images per step for validation, test and feature caching")
     lr: float = option(1e-3, "head learning rate (peak of the schedule)")
@@ -89,7 +92,12 @@ class TrainConfig:
                 raise FmtlError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0:
             raise FmtlError("--lr must be positive")
-        if self.strategy == "hybrid" and not 0 < self.head_epochs < self.epochs:
+        if self.budget is not None:
+            from fmtl.training.budget import parse_budget
+
+            parse_budget(self.budget)
+        # With --budget the planner sets --epochs; only the head epochs must make sense.
+        if self.strategy == "hybrid" and not 0 < self.head_epochs < (self.epochs if self.budget is None else math.inf):
             raise FmtlError(f"hybrid needs 0 < --head-epochs < --epochs (got {self.head_epochs} of {self.epochs})")
         # Checked here, before a run folder or an Accelerator exists, not when the model is built.
         _choice("head", self.head, HEADS)

@@ -1,0 +1,220 @@
+"""The time budget: ``fmtl train --budget 10m`` measures, then plans epochs that end in time.
+
+A short warm-up times a few real training steps of each kind the run will take (a
+fine-tuning step, a head step, an evaluation forward pass, a checkpoint save) on the run's
+own model, input size and batch size. The planner then fits whole epochs into what is left
+of the budget, after the parts every run pays once (feature caching, the test pass, the
+reports) and a safety margin, so the learning-rate schedule is laid out for the epochs that
+will actually run and ends completed rather than cut off mid-cosine. The plan is printed,
+saved as ``plan.json`` and written into ``config.yaml`` (``epochs``, ``head_epochs``), so a
+resumed run continues the same plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fmtl.errors import ConfigError
+from fmtl.spec import InputSpec
+from fmtl.training.augment import Augment, Preprocess
+
+UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+BUDGET_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([hms]?)")
+SAFETY = 0.08  # share of the budget kept free: throughput on a shared machine drifts during a run
+FIXED_SECONDS = 4.0  # run folder, plots and the summary at the end, measured at ~2-3 s
+MAX_LINEAR_EPOCHS = 50  # a frozen-backbone run on cached features converges long before this
+TIMED_STEPS = 3  # timed steps per kind, after one untimed warm-up step
+
+
+def parse_budget(text: str) -> float:
+    """``"90s"``, ``"10m"``, ``"1h"``, ``"1h30m"`` or plain seconds ``"600"`` -> seconds."""
+    cleaned = str(text).strip().lower().replace(" ", "")
+    parts = BUDGET_PATTERN.findall(cleaned)
+    if not cleaned or "".join(n + u for n, u in parts) != cleaned:
+        raise ConfigError(f"--budget {text!r} is not a duration: use e.g. 90s, 10m, 1h or 1h30m")
+    seconds = sum(float(number) * UNITS[unit or "s"] for number, unit in parts)
+    if seconds <= 0:
+        raise ConfigError("--budget must be longer than zero")
+    return seconds
+
+
+@dataclass
+class Costs:
+    """Measured seconds for each kind of work a run does, on this machine, now."""
+
+    finetune_step: float  # one training batch with the backbone training
+    head_step: float  # one training batch of a frozen phase (cached features, or augmented images)
+    forward_image: float  # one image through the network without gradients (val, test, feature caching)
+    save: float  # one epoch's checkpoint (model and training state)
+
+
+@dataclass
+class Plan:
+    """What the planner decided, and the predicted seconds of each part."""
+
+    budget_s: float
+    epochs: int
+    head_epochs: int
+    strategy: str
+    steps_per_epoch: int
+    predicted_s: float  # warm-up included, margin excluded
+    parts_s: dict
+    costs: dict
+
+    def describe(self) -> str:
+        phases = {
+            "linear": f"{self.epochs} head epoch(s)",
+            "finetune": f"{self.epochs} fine-tuning epoch(s)",
+            "hybrid": f"{self.head_epochs} head epoch(s) + {self.epochs - self.head_epochs} fine-tuning epoch(s)",
+        }[self.strategy]
+        parts = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in self.parts_s.items())
+        return (
+            f"budget {self.budget_s:.0f}s: {phases}, each phase's schedule complete; "
+            f"predicted {self.predicted_s:.0f}s ({parts})"
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _timed(step, steps: int = TIMED_STEPS) -> float:
+    """Median seconds of ``steps`` calls after one untimed warm-up call (first-call set-up is not throughput)."""
+    step()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached: bool) -> Costs:
+    """Time real steps of ``model`` (a throwaway copy of the run's model: its weights are changed)."""
+    model = model.to(device)
+    images = torch.randint(0, 256, (cfg.batch_size, spec.channels, *spec.source_size), dtype=torch.uint8)
+    images = images.to(device)
+    labels = torch.randint(0, 2, (cfg.batch_size,), device=device)
+    preprocess = Preprocess(spec).to(device)
+    augment = Augment(seed=cfg.seed) if cfg.augment else None
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def batch(augmented: bool) -> torch.Tensor:
+        return preprocess(images, augment if augmented else None).contiguous(memory_format=layout)
+
+    def train_step(params, forward) -> None:
+        optimizer = optimizers.setdefault(id(params), torch.optim.AdamW(params, lr=1e-6))
+        loss = F.cross_entropy(forward().float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    optimizers: dict = {}
+    model.train()
+    if cfg.freeze_bn:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    finetune = 0.0
+    if cfg.strategy != "linear":
+        params = [p for p in model.parameters() if p.requires_grad]
+        finetune = _timed(lambda: train_step(params, lambda: model(batch(True))))
+    head_params = list(model.head.parameters())
+    with torch.no_grad():
+        features = model.eval().features(batch(False)).float()
+        forward_image = _timed(lambda: model(batch(False))) / cfg.batch_size
+    model.head.train()
+    if head_cached:
+        head = _timed(lambda: train_step(head_params, lambda: model.head(features)))
+    else:
+        model.backbone_frozen = True
+        head = _timed(lambda: train_step(head_params, lambda: model(batch(cfg.augment))))
+        model.backbone_frozen = False
+    save = _timed(lambda: torch.save(model.state_dict(), io.BytesIO()), steps=1) * 3  # + AdamW's two moments
+    return Costs(finetune, head, forward_image, save)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_epochs(
+    cfg, costs: Costs, counts: dict[str, int], available_s: float, budget_s: float, num_processes: int = 1
+) -> Plan:
+    """Whole epochs that fit ``available_s`` (the budget less what was already spent), phases completed.
+
+    ``counts`` holds the number of train, val and test images. Hybrid keeps ``cfg.head_epochs`` head
+    epochs and gives the rest to fine-tuning; linear takes as many head epochs as fit (at most 50).
+    """
+    steps = math.ceil(counts["train"] / num_processes / cfg.batch_size)
+    forward = costs.forward_image / num_processes
+    head_cached = cfg.strategy != "finetune" and (cfg.head_cache or not cfg.augment)
+    val_pass = counts["val"] * forward
+    head_epoch = steps * costs.head_step + (0.0 if head_cached else val_pass) + costs.save
+    finetune_epoch = steps * costs.finetune_step + val_pass + costs.save
+    once = {
+        "caching": (counts["train"] + counts["val"]) * forward if head_cached else 0.0,
+        "test": counts["test"] * forward,
+        "reports": FIXED_SECONDS,
+    }
+    spare = available_s - budget_s * SAFETY - sum(once.values())
+    head_epochs, epochs = _fit(cfg, spare, head_epoch, finetune_epoch)
+    if epochs < 1 or (cfg.strategy == "hybrid" and epochs <= head_epochs):
+        first = head_epoch * max(head_epochs, 1) + (finetune_epoch if cfg.strategy == "hybrid" else 0.0)
+        one = first if cfg.strategy != "finetune" else finetune_epoch
+        need = (budget_s - available_s) + sum(once.values()) + one
+        raise ConfigError(
+            f"--budget {budget_s:.0f}s is too short for one {cfg.strategy} epoch of {counts['train']} images here "
+            f"(about {one:.0f}s, {need / (1 - SAFETY):.0f}s in all): give a longer --budget, fewer images "
+            "(--max-train-samples) or a smaller --image-size"
+        )
+    n_head = head_epochs if cfg.strategy == "hybrid" else (epochs if cfg.strategy == "linear" else 0)
+    parts = {
+        **({"head": n_head * head_epoch} if n_head else {}),
+        **({"finetune": (epochs - n_head) * finetune_epoch} if epochs > n_head else {}),
+        **{name: seconds for name, seconds in once.items() if seconds},
+        "warm-up": budget_s - available_s,
+    }
+    return Plan(
+        budget_s=budget_s,
+        epochs=epochs,
+        head_epochs=head_epochs,
+        strategy=cfg.strategy,
+        steps_per_epoch=steps,
+        predicted_s=round(sum(parts.values()), 1),
+        parts_s={name: round(seconds, 1) for name, seconds in parts.items()},
+        costs={name: round(value, 5) for name, value in dataclasses.asdict(costs).items()},
+    )
+
+
+def _fit(cfg, spare: float, head_epoch: float, finetune_epoch: float) -> tuple[int, int]:
+    """(head epochs, total epochs) within ``spare`` seconds."""
+    if cfg.strategy == "linear":
+        return cfg.head_epochs, min(MAX_LINEAR_EPOCHS, int(spare // head_epoch))
+    if cfg.strategy == "finetune":
+        return cfg.head_epochs, int(spare // finetune_epoch)
+    head_epochs = cfg.head_epochs
+    return head_epochs, head_epochs + int(max(0.0, spare - head_epochs * head_epoch) // finetune_epoch)
+
+
+def plan_run(cfg, model, spec: InputSpec, counts: dict[str, int], device, started: float, num_processes: int = 1):
+    """Measure on ``model`` (a throwaway), plan, and return ``(cfg with the planned epochs, plan)``.
+
+    ``started`` is the ``time.perf_counter()`` at which the budget's clock started.
+    """
+    budget_s = parse_budget(cfg.budget)
+    head_cached = cfg.strategy != "finetune" and (cfg.head_cache or not cfg.augment)
+    costs = measure_costs(model, spec, cfg, device, head_cached)
+    available = budget_s - (time.perf_counter() - started)
+    plan = plan_epochs(cfg, costs, counts, available, budget_s, num_processes)
+    return dataclasses.replace(cfg, epochs=plan.epochs, head_epochs=plan.head_epochs), plan
