@@ -1,0 +1,461 @@
+"""`fmtl infer --engine ray`: classify millions of images on a Ray cluster with Ray Data.
+
+Needs the optional extra (``pip install "fmtl[ray]"``); importing this module without it
+raises an InferError that says so, and nothing else in fmtl imports ray.
+
+The pipeline is Ray Data's batch-inference pattern, built on fmtl's own runtime:
+
+    read_binary_files(files, include_paths=True)      read tasks: bytes + path per file
+      -> map_batches(Predictor, ActorPoolStrategy)    actors: one Classifier each, model loaded once
+      -> iter_batches in the driver                   part files written atomically into --out
+
+- ``Predictor`` decodes with fmtl's decoder (``decode_image``: the same EXIF, mode, size and
+  decompression-bomb handling as ``fmtl infer``) and classifies with ``Classifier`` whose
+  onnxruntime threads match the actor's CPUs. A file that cannot be decoded becomes a row
+  with an ``error``; it never fails the job.
+- The driver writes the results (a few hundred bytes per image) as ``part-*.parquet`` or
+  ``part-*.jsonl`` files, each complete or absent (fmtl.atomic), in the folder the command
+  was run for, whichever node the work ran on. A rerun with the same ``--out`` reads the
+  paths already written and classifies only the others, so a killed job can be finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fmtl.atomic import atomic_open
+from fmtl.runtime.classifier import Classifier, Prediction
+from fmtl.runtime.images import DecodeError, collect_image_paths, decode_many, is_image_path
+from fmtl.runtime.infer import Echo, InferError, Row, load_classifier
+
+try:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+except ImportError as error:  # the extra is missing: the CLI prints this one line and exits 1
+    raise InferError(
+        f'--engine ray needs the ray extra: pip install "fmtl[ray]" ({error.name or "ray"} is not installed)'
+    ) from None
+
+FORMATS = ("parquet", "jsonl")
+DEFAULT_ROWS_PER_FILE = 10_000  # rows per part file: a killed job loses at most this many finished rows
+PART_PREFIX = "part-"
+
+# One schema for every part file, so a batch of only errors (empty lists) still unifies with the rest.
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # as Ray read it: absolute for local files, "bucket/key" for object stores
+        ("labels", pa.list_(pa.string())),  # top-k class names, most probable first; [] on error
+        ("indices", pa.list_(pa.int32())),  # their class indices
+        ("probabilities", pa.list_(pa.float32())),  # their softmax probabilities
+        ("error", pa.string()),  # why the file could not be decoded, else null
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where and how wide to run.
+
+    Attributes:
+        address: an existing cluster ("auto", "ray://host:10001", "host:6379"); None starts a
+            local one for this command and shuts it down afterwards.
+        actors: Classifier actors; None: as many as the cluster's CPUs (GPUs) allow, keeping one
+            CPU free for reading.
+        cpus_per_actor: CPUs each actor reserves; its onnxruntime and decoding threads match it.
+        gpus_per_actor: GPUs each actor reserves (onnxruntime then picks CUDA when it has it).
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+
+# --- the actor ----------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """Ray Data callable class: one Classifier per actor, one table of result rows per batch."""
+
+    def __init__(self, model: bytes, k: int, threads: int) -> None:
+        """Write ``model`` (the .onnx bytes, shipped with the job so no node needs the file) to a
+        private scratch folder and open it with ``threads`` onnxruntime threads."""
+        self._scratch = tempfile.TemporaryDirectory(prefix="fmtl-ray-")
+        model_path = Path(self._scratch.name) / "model.onnx"
+        model_path.write_bytes(model)
+        self.classifier = Classifier(model_path, threads=threads)
+        model_path.unlink()  # onnxruntime has read it
+        self.k = k
+        self.threads = threads
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        paths = [str(path) for path in batch["path"]]
+        decoded = self._decode(paths, batch["bytes"])
+        good = [i for i, item in enumerate(decoded) if not isinstance(item, DecodeError)]
+        tops: dict[int, list[Prediction]] = {}
+        if good:
+            probs = self.classifier.predict_proba(np.stack([decoded[i] for i in good]), batch_size=len(good))
+            tops = dict(zip(good, self.classifier.top_k(probs, self.k), strict=True))
+        rows = [
+            Row(path, tops.get(i, []), str(item) if isinstance(item, DecodeError) else None)
+            for i, (path, item) in enumerate(zip(paths, decoded, strict=True))
+        ]
+        return rows_to_table(rows)
+
+    def _decode(self, paths: Sequence[str], contents: Sequence[bytes]) -> list[np.ndarray | DecodeError]:
+        """Decode file contents with fmtl's file decoder, which takes paths: each content is written to
+        the actor's scratch folder first (microseconds next to decoding), so every check ``fmtl infer``
+        makes (empty file, header-only size check, JPEG draft, EXIF, modes) applies unchanged."""
+        spec = self.classifier.spec
+        scratch = [Path(self._scratch.name) / f"{i}.img" for i in range(len(contents))]
+        try:
+            for file, content in zip(scratch, contents, strict=True):
+                file.write_bytes(content)
+            decoded = decode_many(scratch, spec.channels, spec.source_size, spec.background, threads=self.threads)
+        finally:
+            for file in scratch:
+                file.unlink(missing_ok=True)
+        # a reason that quotes the scratch file should name the real one
+        return [
+            DecodeError(str(item).replace(str(file), path)) if isinstance(item, DecodeError) else item
+            for item, file, path in zip(decoded, scratch, paths, strict=True)
+        ]
+
+
+def rows_to_table(rows: Sequence[Row]) -> pa.Table:
+    """fmtl infer's Rows as a table in SCHEMA."""
+    return pa.Table.from_pydict(
+        {
+            "path": [row.path for row in rows],
+            "labels": [[p.label for p in row.predictions] for row in rows],
+            "indices": [[p.index for p in row.predictions] for row in rows],
+            "probabilities": [[p.probability for p in row.predictions] for row in rows],
+            "error": [row.error for row in rows],
+        },
+        schema=SCHEMA,
+    )
+
+
+def table_to_rows(table: pa.Table) -> list[Row]:
+    """A table in SCHEMA back to fmtl infer's Rows."""
+    columns = table.select([field.name for field in SCHEMA]).to_pydict()
+    return [
+        Row(path, [Prediction(*top) for top in zip(labels, indices, probs, strict=True)], error)
+        for path, labels, indices, probs, error in zip(*columns.values(), strict=True)
+    ]
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+
+def run(
+    inputs: Sequence[str],
+    model: str | None,
+    out: str | None,
+    k: int = 5,
+    batch_size: int = 64,
+    fmt: str = "parquet",
+    recursive: bool = False,
+    cluster: ClusterOptions | None = None,
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+    progress: bool = True,
+    echo_err: Echo | None = None,
+) -> int:
+    """Classify every image in ``inputs`` on Ray and write part files into ``out``; return the exit code.
+
+    Args:
+        inputs: local files, folders and globs (as ``fmtl infer``), or URIs Ray reads
+            (``s3://bucket/prefix``, ``gs://...``, ``file:///...``), all on one filesystem.
+        model: an fmtl .onnx file on this machine, or None for the newest one in export/.
+        out: the output folder; images whose path is already in it are skipped.
+        k, batch_size, recursive: as ``fmtl infer``; batch_size is also Ray's map_batches batch.
+        fmt: "parquet" or "jsonl" (fmtl infer's jsonl rows).
+        cluster: where and how wide to run (ClusterOptions).
+        rows_per_file: rows per part file.
+        progress: Ray Data's progress output.
+        echo_err: where messages go (stderr by default).
+
+    Returns:
+        0 when every image is in ``out`` and at least one was classified, else 1.
+
+    Raises:
+        InferError: bad options, no usable model, an unreadable ``out``.
+    """
+    echo_err = echo_err or _print_err
+    cluster = cluster or ClusterOptions()
+    _check_options(out, k, batch_size, fmt, cluster, rows_per_file)
+    out_dir = Path(out)
+    classifier = load_classifier(model, echo_err)
+    files, filesystem = list_inputs(inputs, recursive, echo_err)
+    done = written_paths(out_dir, fmt)
+    todo = [path for path in files if path not in done]
+    echo_err(f"{len(files)} images, {len(files) - len(todo)} already in {out_dir}/, {len(todo)} to classify")
+    if todo:
+        started = _connect(cluster.address, progress)
+        try:
+            dataset = build_dataset(todo, filesystem, classifier, k, batch_size, cluster)
+            write_parts(_tables(dataset), out_dir, fmt, rows_per_file, echo_err)
+        finally:
+            if started:
+                ray.shutdown()
+    return summarise(out_dir, fmt, set(files), echo_err)
+
+
+def _print_err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _check_options(
+    out: str | None, k: int, batch_size: int, fmt: str, cluster: ClusterOptions, rows_per_file: int
+) -> None:
+    if not out:
+        raise InferError("--engine ray writes part files into a folder: give --out DIR")
+    if fmt not in FORMATS:
+        raise InferError(f"--engine ray writes {' or '.join(FORMATS)}, not {fmt!r}: pass --format parquet|jsonl")
+    if k < 1 or batch_size < 1 or rows_per_file < 1:
+        raise InferError("-k, --batch-size and --rows-per-file must be at least 1")
+    if cluster.actors is not None and cluster.actors < 1:
+        raise InferError(f"--actors must be at least 1, got {cluster.actors}")
+    if cluster.cpus_per_actor <= 0 or cluster.gpus_per_actor < 0:
+        raise InferError("--cpus-per-actor must be above 0 and --gpus-per-actor at least 0")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InferError(f"--out {out} is a file: give a folder")
+
+
+# --- inputs and outputs -------------------------------------------------------------------------------
+
+
+def list_inputs(inputs: Sequence[str], recursive: bool, echo_err: Echo) -> tuple[list[str], pafs.FileSystem | None]:
+    """The image files to read, as Ray will name them, and their filesystem (None: local).
+
+    Local inputs are expanded exactly as ``fmtl infer`` expands them, then made absolute, so
+    the workers of any node find them (on a filesystem every node mounts). URIs are listed
+    with pyarrow's filesystem for their scheme; Ray names those files without the scheme.
+    """
+    uris = [item for item in inputs if "://" in item]
+    if uris and len(uris) != len(inputs):
+        raise InferError("give either local paths or URIs (s3://...), not both, in one run")
+    if not uris:
+        paths, problems = collect_image_paths(inputs, recursive)
+        for item, reason in problems:
+            echo_err(f"warning: {item}: {reason}")
+        return [os.path.abspath(path) for path in paths], None
+    filesystem: pafs.FileSystem | None = None
+    files: list[str] = []
+    for uri in uris:
+        try:
+            uri_fs, root = pafs.FileSystem.from_uri(uri)
+        except (ValueError, OSError) as error:  # an unknown scheme, missing credentials, ...
+            raise InferError(f"cannot open {uri}: {error}") from None
+        if filesystem is not None and uri_fs.type_name != filesystem.type_name:
+            raise InferError("all URIs of one run must be on one filesystem")
+        filesystem = uri_fs
+        found = _list_uri(uri_fs, root, recursive)
+        if not found:
+            echo_err(f"warning: {uri}: no images found")
+        files.extend(found)
+    return sorted(set(files)), filesystem
+
+
+def _list_uri(filesystem: pafs.FileSystem, root: str, recursive: bool) -> list[str]:
+    """Image files at ``root``: the file itself, or a folder's visible image files (any depth when recursive)."""
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return [root]
+    if info.type != pafs.FileType.Directory:
+        return []
+    selector = pafs.FileSelector(root, recursive=recursive)
+    return [
+        entry.path
+        for entry in filesystem.get_file_info(selector)
+        if entry.type == pafs.FileType.File
+        and is_image_path(entry.path)
+        and not any(part.startswith(".") for part in entry.path[len(root) :].split("/"))
+    ]
+
+
+def _parts(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.glob(f"{PART_PREFIX}*") if p.suffix.lstrip(".") in FORMATS)
+
+
+def written_paths(out_dir: Path, fmt: str) -> set[str]:
+    """Paths already in ``out_dir``'s part files. Temporary files left by a killed writer are removed;
+    part files of the other format, or unreadable ones, are refused (never silently deleted)."""
+    if not out_dir.is_dir():
+        return set()
+    for leftover in out_dir.glob(f".{PART_PREFIX}*.tmp"):
+        leftover.unlink(missing_ok=True)
+    done: set[str] = set()
+    for part in _parts(out_dir):
+        if part.suffix != f".{fmt}":
+            raise InferError(
+                f"{out_dir} holds {part.suffix[1:]} parts: pass --format {part.suffix[1:]} or another --out"
+            )
+        done.update(_read_part(part, ["path"])["path"].to_pylist())
+    return done
+
+
+def _read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        if part.suffix == ".parquet":
+            return pq.read_table(part, columns=columns)
+        with part.open(encoding="utf-8") as handle:
+            return rows_to_table([_row_from_dict(json.loads(line)) for line in handle if line.strip()])
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as error:
+        raise InferError(f"cannot read {part} ({error}): move it away to classify its images again") from None
+
+
+def _row_from_dict(item: dict) -> Row:
+    tops = [Prediction(t["label"], t["index"], t["probability"]) for t in item["top_k"]]
+    return Row(item["path"], tops, item["error"])
+
+
+def read_results(out_dir: str | Path) -> pa.Table:
+    """Every row of every part file in ``out_dir``, in SCHEMA."""
+    parts = _parts(Path(out_dir))
+    if not parts:
+        return SCHEMA.empty_table()
+    return pa.concat_tables([_read_part(part).select(SCHEMA.names).cast(SCHEMA) for part in parts])
+
+
+def write_parts(tables: Iterable[pa.Table], out_dir: Path, fmt: str, rows_per_file: int, echo_err: Echo) -> None:
+    """Gather result tables into part files of ``rows_per_file`` rows, each written atomically,
+    and report every error row on stderr as ``fmtl infer`` does."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    pending: list[pa.Table] = []
+    count = written = 0
+    for table in tables:
+        for path, error in zip(table["path"].to_pylist(), table["error"].to_pylist(), strict=True):
+            if error is not None:
+                echo_err(f"error: {path}: {error}")
+        pending.append(table)
+        count += table.num_rows
+        while count >= rows_per_file:
+            merged = pa.concat_tables(pending)
+            _write_part(merged.slice(0, rows_per_file), out_dir / f"{PART_PREFIX}{run_id}-{written:05d}.{fmt}")
+            written += 1
+            pending, count = [merged.slice(rows_per_file)], count - rows_per_file
+    if count:
+        _write_part(pa.concat_tables(pending), out_dir / f"{PART_PREFIX}{run_id}-{written:05d}.{fmt}")
+
+
+def _write_part(table: pa.Table, path: Path) -> None:
+    with atomic_open(path, "wb") as handle:
+        if path.suffix == ".parquet":
+            pq.write_table(table, handle)
+        else:
+            handle.write("".join(json.dumps(row.to_dict()) + "\n" for row in table_to_rows(table)).encode())
+
+
+def summarise(out_dir: Path, fmt: str, expected: set[str], echo_err: Echo) -> int:
+    """Say what ``out_dir`` now holds for this run's images; 0 when all are there and one was classified."""
+    table = read_results(out_dir) if out_dir.is_dir() else SCHEMA.empty_table()
+    errors = {path: error for path, error in zip(table["path"].to_pylist(), table["error"].to_pylist(), strict=True)}
+    ours = {path: error for path, error in errors.items() if path in expected}
+    failed = sum(error is not None for error in ours.values())
+    classified = len(ours) - failed
+    missing = len(expected) - len(ours)
+    if not expected:
+        echo_err("error: no images found")
+        return 1
+    echo_err(
+        f"{classified} images classified" + (f", {failed} unreadable" if failed else "") + f": {_parts_note(out_dir)}"
+    )
+    if missing:
+        echo_err(f"error: {missing} images are missing from {out_dir}/: run the same command again")
+        return 1
+    return 0 if classified else 1
+
+
+def _parts_note(out_dir: Path) -> str:
+    parts = _parts(out_dir)
+    return f"{len(parts)} {'file' if len(parts) == 1 else 'files'} in {out_dir}/"
+
+
+# --- Ray ---------------------------------------------------------------------------------------------
+
+
+def _connect(address: str | None, progress: bool) -> bool:
+    """Join ``address``, or start a local cluster (loopback only, no dashboard); True when we started it.
+
+    Reuses a connection this process already has (a notebook, a test), and leaves it open."""
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    if not progress:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            start_local_cluster()
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise InferError(f"cannot reach the Ray cluster at {address or 'a new local cluster'}: {error}") from None
+    return True
+
+
+def start_local_cluster(num_cpus: int | None = None) -> str:
+    """Start a one-machine Ray cluster in this process, listening on loopback only; return its address.
+
+    By default Ray's servers listen on every interface and Ray rewrites 127.0.0.1 to the host's
+    address. A cluster of one machine needs no network, so fmtl turns on the loopback mode Ray
+    uses on macOS and Windows: the environment variable for the processes Ray starts, the
+    constant it was read into for this one (it is read when ray is imported).
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return ray.get_runtime_context().gcs_address
+
+
+def build_dataset(
+    files: list[str],
+    filesystem: pafs.FileSystem | None,
+    classifier: Classifier,
+    k: int,
+    batch_size: int,
+    cluster: ClusterOptions,
+) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline: read bytes, classify on an actor pool."""
+    actors = cluster.actors or default_actors(cluster)
+    threads = max(1, math.floor(cluster.cpus_per_actor))
+    dataset = ray.data.read_binary_files(files, include_paths=True, filesystem=filesystem)
+    return dataset.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model": classifier.path.read_bytes(), "k": k, "threads": threads},
+        batch_size=batch_size,  # Ray's default (1024 rows per batch) is far too many decoded images
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cluster.cpus_per_actor,
+        num_gpus=cluster.gpus_per_actor or None,
+    )
+
+
+def default_actors(cluster: ClusterOptions) -> int:
+    """As many actors as the cluster's resources hold, one CPU left for the read tasks."""
+    resources = ray.cluster_resources()
+    by_cpu = int((resources.get("CPU", 1) - 1) // cluster.cpus_per_actor)
+    if cluster.gpus_per_actor:
+        return max(1, min(by_cpu, int(resources.get("GPU", 0) // cluster.gpus_per_actor)))
+    return max(1, by_cpu)
+
+
+def _tables(dataset: ray.data.Dataset) -> Iterator[pa.Table]:
+    """Result blocks as they finish, in the driver."""
+    yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
