@@ -69,7 +69,7 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001
             print(f"{name}: {error}")
             continue
-        print(f"{name} 28px: train epoch {train_cost(net, 28, channels=net.input_defaults.image_size and 1):6.1f}s")
+        print(f"{name} 28px: train epoch {train_cost(net, 28):6.1f}s")
     print(f"load {os.getloadavg()[0]:.2f}")
 
 

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Transfer against training from scratch, at equal wall-clock budgets, on one machine.
+
+    .venv/bin/python benchmarks/accuracy.py --quick        # under 10 minutes: 10 and 100 per class, 1 seed
+    .venv/bin/python benchmarks/accuracy.py                # everything below (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/accuracy.py --sizes 6000 --seeds 1 --contenders default,scratch
+
+Two measurements, printed and written to OUT (default runs/accuracy) as accuracy.md and accuracy.png:
+
+1. test accuracy against labelled images per class (10, 100, 1,000 and all), each size on 3 seeded
+   subsets, for fmtl's default recipe, a frozen linear probe, fine-tuning without the head phase,
+   fmtl's ``scratch_cnn`` baseline and the peer ``../shared/peers/scratch_cnn.py``, every contender
+   given the same wall-clock budget per size (``fmtl train --budget``; the peer gets the epochs that
+   fmtl's scratch baseline measured would fit, and its own wall time is reported);
+2. test accuracy against wall time (1, 5, 15 minutes) on all the data, fmtl's default against the
+   scratch baseline.
+
+Protocol: every fmtl run makes its choices (best epoch) on its validation split, a seeded 10 % of the
+training data that is not counted as labelled images; the test split is touched once per trained
+model, by the run itself at its end. Results are kept in OUT/results.json as they come, so an
+interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEER = REPO.parent / "shared" / "peers" / "scratch_cnn.py"
+ALL = 6000  # "all" labelled images per class (fmtl trains on the 5,400 per class its val split leaves)
+
+CONTENDERS = {
+    "default": ("fmtl default", []),
+    "linear": ("frozen linear probe", ["--strategy", "linear", "--no-augment"]),
+    "finetune": ("fine-tune, no head phase", ["--strategy", "finetune"]),
+    "scratch": (
+        "fmtl scratch_cnn",
+        ["--model", "scratch_cnn", "--weights", "none", "--strategy", "finetune", "--image-size", "0", "--lr", "3e-3"],
+    ),
+    "peer": ("peer scratch_cnn.py", None),
+}
+FULL = {"sizes": [10, 100, 1000, ALL], "seeds": 3, "budgets": {10: 60, 100: 120, 1000: 300, ALL: 900}}
+QUICK = {"sizes": [10, 100], "seeds": 1, "budgets": {10: 25, 100: 45}}
+WALL_BUDGETS = [60, 300, 900]  # the accuracy-against-time curve on all the data
+
+
+def machine() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# ---------------------------------------------------------------- one run each
+
+
+def run_fmtl(key: str, per_class: int, seed: int, budget: int, out: Path, eval_images: int) -> dict:
+    run_dir = out / "runs" / f"{key}-{per_class}-s{seed}-{budget}s"
+    args = [sys.executable, "-m", "fmtl.train", "--budget", f"{budget}s", "--seed", str(seed), "--quiet"]
+    args += ["--no-save-state", "--output", str(run_dir), *CONTENDERS[key][1]]
+    if per_class != ALL:
+        args += ["--max-train-samples", str(per_class * 10)]
+    if eval_images:
+        args += ["--max-eval-samples", str(eval_images)]
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    started, before = time.perf_counter(), load()
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["?"])[-1], "wall_s": round(wall, 1), "load": before}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    plan = json.loads((run_dir / "plan.json").read_text())
+    return {
+        "accuracy": metrics["accuracy"], "test_images": metrics["num_images"], "wall_s": round(wall, 1),
+        "epochs": plan["epochs"], "head_epochs": plan["head_epochs"], "finished_s": plan.get("finished_s"),
+        "load": before, "plan": plan, "run_dir": str(run_dir.relative_to(REPO)) if run_dir.is_relative_to(REPO) else str(run_dir),
+    }  # fmt: skip
+
+
+def run_peer(per_class: int, budget: int, out: Path, results: dict) -> dict:
+    """The peer with as many epochs as fmtl's scratch baseline measured would fit the budget (same shape)."""
+    scratch = next(
+        (
+            r
+            for k, r in results.items()
+            if k.startswith(f"scratch|{per_class}|") and "plan" in r and k.endswith(f"|{budget}")
+        ),
+        None,
+    )
+    if scratch is None:
+        return {"error": "needs the scratch baseline's measured step cost at this size first"}
+    step = scratch["plan"]["costs"]["finetune_step"] * 2  # the peer's batch is 256, fmtl's 128
+    forward = scratch["plan"]["costs"]["forward_image"]
+    n = per_class * 10 if per_class != ALL else 60_000  # the peer trains on all 60,000 (no val split)
+    epoch_s = math.ceil(n / 256) * step
+    epochs = max(1, int((budget * 0.92 - 10_000 * forward - 5) // epoch_s))
+    env = {**os.environ, "PER_CLASS": str(0 if per_class == ALL else per_class), "EVAL_EVERY": "1000000"}
+    started, before = time.perf_counter(), load()
+    result = subprocess.run(
+        [sys.executable, str(PEER), str(epochs), "32"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    match = re.findall(r"test acc ([0-9.]+) elapsed (\d+)s", result.stdout)
+    if result.returncode != 0 or not match:
+        return {"error": (result.stderr.strip().splitlines() or ["?"])[-1], "wall_s": round(wall, 1), "load": before}
+    accuracy, elapsed = match[-1]
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / f"peer-{per_class}-{budget}s.log").write_text(result.stdout)
+    return {"accuracy": float(accuracy), "test_images": 10_000, "wall_s": round(wall, 1), "epochs": epochs,
+            "finished_s": float(elapsed), "load": before}  # fmt: skip
+
+
+# ---------------------------------------------------------------- tables and plot
+
+
+def summarise(results: dict, key: str, per_class: int, budget: int) -> dict | None:
+    runs = [r for k, r in results.items() if k.startswith(f"{key}|{per_class}|") and k.endswith(f"|{budget}")]
+    accs = [r["accuracy"] for r in runs if "accuracy" in r]
+    if not accs:
+        return None
+    return {"mean": statistics.mean(accs), "spread": (max(accs) - min(accs)) / 2, "n": len(accs),
+            "wall": max(r["wall_s"] for r in runs if "accuracy" in r)}  # fmt: skip
+
+
+def label(per_class: int) -> str:
+    return "all (5,400)" if per_class == ALL else f"{per_class:,}"
+
+
+def table(results: dict, sizes: list[int], budgets: dict, keys: list[str]) -> str:
+    lines = [
+        "| labelled / class | budget | " + " | ".join(CONTENDERS[k][0] for k in keys) + " | default - best scratch |",
+        "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- |",
+    ]
+    for size in sizes:
+        cells, scratch_best, default = [], None, None
+        for key in keys:
+            s = summarise(results, key, size, budgets[size])
+            if s is None:
+                cells.append("-")
+                continue
+            spread = f" ± {100 * s['spread']:.1f}" if s["n"] > 1 else ""
+            cells.append(f"{100 * s['mean']:.2f}{spread} (n={s['n']})")
+            if key == "default":
+                default = s["mean"]
+            if key in ("scratch", "peer"):
+                scratch_best = max(scratch_best or 0.0, s["mean"])
+        margin = f"{100 * (default - scratch_best):+.2f}" if default is not None and scratch_best else "-"
+        lines.append(f"| {label(size)} | {budgets[size]}s | " + " | ".join(cells) + f" | {margin} |")
+    return "\n".join(lines)
+
+
+def wall_table(results: dict) -> str:
+    lines = ["| budget (all data) | fmtl default | fmtl scratch_cnn |", "| --- | --- | --- |"]
+    for budget in WALL_BUDGETS:
+        cells = []
+        for key in ("default", "scratch"):
+            s = summarise(results, key, ALL, budget)
+            cells.append(f"{100 * s['mean']:.2f}" if s else "-")
+        lines.append(f"| {budget // 60} min | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, sizes: list[int], budgets: dict, keys: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key in keys:
+        points = [(s, summarise(results, key, s, budgets[s])) for s in sizes]
+        points = [(s, v) for s, v in points if v]
+        if points:
+            left.errorbar([s for s, _ in points], [100 * v["mean"] for _, v in points],
+                          yerr=[100 * v["spread"] for _, v in points], marker="o", capsize=3, label=CONTENDERS[key][0])  # fmt: skip
+    left.set(xscale="log", xlabel="labelled images per class", ylabel="test accuracy (%)",
+             title="equal wall-clock budget per size")  # fmt: skip
+    left.legend()
+    for key in ("default", "scratch"):
+        points = [(b, summarise(results, key, ALL, b)) for b in WALL_BUDGETS]
+        points = [(b, v) for b, v in points if v]
+        if points:
+            right.plot([b / 60 for b, _ in points], [100 * v["mean"] for _, v in points], marker="o",
+                       label=CONTENDERS[key][0])  # fmt: skip
+    right.set(xlabel="training budget (minutes)", ylabel="test accuracy (%)", title="all data: accuracy against time")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10 and 100 per class, one seed, short budgets")
+    parser.add_argument("--sizes", help="labelled images per class, comma-separated (6000: all)")
+    parser.add_argument("--seeds", type=int, help="seeded subsets per size")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"of {', '.join(CONTENDERS)}")
+    parser.add_argument("--wall", action="store_true", help="also the 1/5/15 min curve on all the data")
+    parser.add_argument("--eval-images", type=int, help="val and test images per run (0: all; --quick: 2000)")
+    parser.add_argument("--out", default="runs/accuracy")
+    args = parser.parse_args()
+    mode = QUICK if args.quick else FULL
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else mode["sizes"]
+    budgets = {**FULL["budgets"], **mode["budgets"]}
+    seeds = args.seeds or mode["seeds"]
+    keys = [k for k in args.contenders.split(",") if k in CONTENDERS]
+    eval_images = args.eval_images if args.eval_images is not None else (2000 if args.quick else 0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "results.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    header = f"machine: {machine()}; load at start {load()}; budgets per size: " + ", ".join(
+        f"{label(s)}/class {budgets[s]}s" for s in sizes
+    )
+    print(header, flush=True)
+    jobs = [(k, s, seed, budgets[s]) for s in sizes for seed in range(seeds) for k in keys if k != "peer"]
+    jobs += [("peer", s, 0, budgets[s]) for s in sizes if "peer" in keys]  # its subset is fixed: one run
+    if args.wall:
+        jobs += [(k, ALL, 0, b) for b in WALL_BUDGETS for k in ("default", "scratch")]
+    for key, size, seed, budget in jobs:
+        name = f"{key}|{size}|{seed}|{budget}"
+        if name in results and "accuracy" in results[name]:
+            continue
+        if key == "peer":
+            row = run_peer(size, budget, out, results)
+        else:
+            row = run_fmtl(key, size, seed, budget, out, eval_images)
+        results[name] = row
+        store.write_text(json.dumps(results, indent=1) + "\n")
+        shown = f"{100 * row['accuracy']:.2f}%" if "accuracy" in row else f"failed: {row['error']}"
+        print(f"{CONTENDERS[key][0]:<26} {label(size):>11}/class seed {seed} budget {budget:>4}s: {shown} "
+              f"(wall {row.get('wall_s', 0):.0f}s, epochs {row.get('epochs', '-')}, load {row.get('load')})", flush=True)  # fmt: skip
+    text = "\n".join(
+        [
+            header + f"; load at end {load()}",
+            f"test images per run: {eval_images or 'all 10,000'}",
+            "",
+            table(results, sizes, budgets, keys),
+            *(["", wall_table(results)] if args.wall else []),
+        ]
+    )
+    (out / "accuracy.md").write_text(text + "\n")
+    plot(results, sizes, budgets, keys, out / "accuracy.png")
+    print("\n" + text + f"\n\nwrote {out / 'accuracy.md'} and {out / 'accuracy.png'}")
+
+
+if __name__ == "__main__":
+    main()
