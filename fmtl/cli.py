@@ -73,25 +73,60 @@ def export(run_dir, to_onnx, output, opset, parity_images, quantize, max_accurac
                 max_accuracy_drop=max_accuracy_drop, echo=click.echo)  # fmt: skip
 
 
+def ray_engine_options(command):
+    """`fmtl infer`'s options for --engine ray; all default to None so the local engine can refuse them."""
+    options = [
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help='local: this process; ray: a Ray cluster (needs pip install "fmtl[ray]").'),
+        click.option("--out", type=click.Path(file_okay=False),
+                     help="Ray: folder for the part files; a rerun skips the images already in it."),
+        click.option("--address", help="Ray: join this cluster (auto, HOST:6379, ray://HOST:10001) [a local one]."),
+        click.option("--actors", type=click.IntRange(1),
+                     help="Ray: classifier actors [as many as the CPUs allow, one CPU left for reading]."),
+        click.option("--cpus-per-actor", type=click.FloatRange(0, min_open=True),
+                     help="Ray: CPUs per actor, also its onnxruntime threads [1]."),
+        click.option("--gpus-per-actor", type=click.FloatRange(0), help="Ray: GPUs per actor [0]."),
+        click.option("--rows-per-file", type=click.IntRange(1),
+                     help="Ray: rows per part file; a killed job redoes at most this many finished rows [10000]."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-m", "--model", type=click.Path(dir_okay=False), help="ONNX model [the newest in export/].")
 @click.option("-k", "--top-k", "k", type=click.IntRange(1), default=5, show_default=True, help="Labels per image.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]), default="table", show_default=True
-)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl", "parquet"]),
+              help="table, csv, json or jsonl [table]; with --engine ray: parquet or jsonl [parquet].")  # fmt: skip
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False), help="Write results here (atomically) instead of stdout."
 )
 @click.option("-r", "--recursive", is_flag=True, help="Walk folders recursively.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@ray_engine_options
 @user_errors
-def infer(paths, model, k, batch_size, fmt, output, recursive, quiet) -> None:
-    """Classify image files, folders and globs with an exported model (onnxruntime; no torch)."""
-    from fmtl.runtime.infer import run
+def infer(paths, model, k, batch_size, fmt, output, recursive, quiet, engine, out, rows_per_file, **cluster) -> None:
+    """Classify image files, folders and globs with an exported model (onnxruntime; no torch).
 
-    sys.exit(run(list(paths), model, k, batch_size, fmt, output, recursive, progress=not quiet))
+    With --engine ray, on a Ray cluster (Ray Data), into part files in --out DIR."""
+    from fmtl.runtime.infer import InferError, run
+
+    if engine == "ray":
+        if output:
+            raise InferError("--engine ray writes part files into a folder: use --out DIR instead of -o")
+        from fmtl.runtime import ray_infer  # says in one line what to install when ray is missing
+
+        options = ray_infer.ClusterOptions(**{name: value for name, value in cluster.items() if value is not None})
+        sys.exit(ray_infer.run(list(paths), model, out, k, batch_size, fmt or "parquet", recursive, options,
+                               rows_per_file or ray_infer.DEFAULT_ROWS_PER_FILE, progress=not quiet))  # fmt: skip
+    given = {"out": out, "rows_per_file": rows_per_file, **cluster, "format parquet": fmt == "parquet" or None}
+    for name, value in given.items():
+        if value is not None:
+            raise InferError(f"--{name.replace('_', '-')} needs --engine ray")
+    sys.exit(run(list(paths), model, k, batch_size, fmt or "table", output, recursive, progress=not quiet))
 
 
 @main.command()
