@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,3 +63,48 @@ def one_error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("fmtl: error: ")]
     assert len(lines) == 1, stderr[-3000:]
     return lines[0]
+
+
+INJECT = str(Path(__file__).with_name("inject.py"))
+
+
+def inject_command(*faults: str, args: tuple[str, ...] = ()) -> list[str]:
+    """The training command with faults injected (see inject.py)."""
+    return [sys.executable, INJECT, *faults, "--", *SMALL, *args]
+
+
+def saved_epoch(run: Path) -> int:
+    """The epoch of the run's saved training state (0: none yet, or caught mid-rename)."""
+    try:
+        return json.loads((run / "state" / "trainer.json").read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+
+
+def results(run: Path) -> list[dict]:
+    """results.csv without the timing columns (which no two runs share)."""
+    with open(run / "results.csv") as handle:
+        return [
+            {k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in csv.DictReader(handle)
+        ]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Bit-identical: every results.csv value, the final weights (the last state's model) and the best model."""
+    import torch
+    from safetensors.torch import load_file
+
+    assert results(run) == results(reference)
+    for name in ("state/model.safetensors", "model.safetensors"):
+        ours, theirs = load_file(str(run / name)), load_file(str(reference / name))
+        assert ours.keys() == theirs.keys(), name
+        different = [key for key in ours if not torch.equal(ours[key], theirs[key])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
