@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -49,8 +50,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
 def write_errors(path: str | os.PathLike) -> Iterator[None]:
     """Turn a failed write of ``path`` into one WriteError naming it and the free space left.
 
-    Catches OSError (ENOSPC, EDQUOT, EIO, EROFS, EACCES, ...) and torch.save's RuntimeError for the
-    same failures; other exceptions pass through unchanged.
+    Catches OSError (ENOSPC, EDQUOT, EIO, EROFS, EACCES, ...) and what torch.save (RuntimeError) and
+    safetensors (SafetensorError) raise for the same failures; other exceptions pass through unchanged.
     """
     try:
         yield
@@ -58,10 +59,22 @@ def write_errors(path: str | os.PathLike) -> Iterator[None]:
         raise
     except OSError as error:
         raise WriteError(write_failure(path, error.strerror or str(error), error.errno)) from error
-    except RuntimeError as error:
-        if not any(words in str(error) for words in _TORCH_WRITE_FAILURES):
+    except Exception as error:
+        code = _failed_write_errno(error)
+        if code is None:
             raise
-        raise WriteError(write_failure(path, "the write failed", None)) from error
+        raise WriteError(write_failure(path, os.strerror(code) if code else "the write failed", code)) from error
+
+
+def _failed_write_errno(error: Exception) -> int | None:
+    """The errno of a failed write reported by torch or safetensors (0 when they do not say), else None."""
+    text = str(error)
+    if isinstance(error, RuntimeError) and any(words in text for words in _TORCH_WRITE_FAILURES):
+        return 0
+    if type(error).__name__ == "SafetensorError" and "I/O error" in text:
+        found = re.search(r"os error (\d+)", text)
+        return int(found.group(1)) if found else 0
+    return None
 
 
 def write_failure(path: str | os.PathLike, reason: str, code: int | None) -> str:
