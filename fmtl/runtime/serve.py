@@ -154,6 +154,8 @@ class ModelServer:
         self.draining = True
         self.ready = False
         self.metrics.ready.set(0)
+        if self.batcher is not None:
+            self.batcher.flush()
 
     async def close(self) -> None:
         if self.batcher is not None:
@@ -163,7 +165,7 @@ class ModelServer:
     def check_accepting(self) -> None:
         """Raise 503 unless a new inference request can be taken now."""
         if self.draining:
-            raise ApiError(503, "the server is shutting down", "draining", {"Connection": "close"})
+            raise ApiError(503, "the server is shutting down", "draining")  # the middleware adds Connection: close
         if not self.ready:
             raise ApiError(503, "the model is not loaded yet", "not_ready", {"Retry-After": "1"})
 
@@ -434,7 +436,7 @@ def create_app(config: ServeConfig, load: bool = True) -> MetricsMiddleware:
     handlers = {ApiError: api_error, HTTPException: api_error, ClientDisconnect: api_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=contextlib.asynccontextmanager(lifespan))
     app.state.model_server = server
-    wrapped = MetricsMiddleware(app, server.metrics)
+    wrapped = MetricsMiddleware(app, server.metrics, closing=lambda: server.draining)
     wrapped.model_server = server
     return wrapped
 
@@ -453,8 +455,10 @@ class _Server(uvicorn.Server):
         self.draining_since: float | None = None
         self.failure: str | None = None
         self.said_ready = False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
@@ -462,11 +466,12 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         # unlike uvicorn's, this neither stops at once nor re-raises the signal afterwards (so the exit is 0)
-        if self.draining_since is not None:  # a second signal: stop now
+        if self.draining_since is not None or self.loop is None:  # a second signal, or not started: stop now
             self.should_exit = self.force_exit = True
             return
         self.draining_since = time.monotonic()
-        self.app.model_server.start_draining()
+        # a signal handler runs between any two bytecodes: let the event loop itself switch the state
+        self.loop.call_soon_threadsafe(self.app.model_server.start_draining)
 
     async def on_tick(self, counter: int) -> bool:
         server = self.app.model_server

@@ -96,6 +96,11 @@ class Batcher:
                 job.future.set_exception(QueueTimeout("the server stopped"))
         self._thread.shutdown(wait=True)
 
+    def flush(self) -> None:
+        """From now on never wait for fuller batches (the server is draining: answer what is queued now)."""
+        self.batch_wait_s = 0.0
+        self._wakeup.set()
+
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """Queue ``images`` and return predict's rows for them, in order.
 
@@ -149,7 +154,7 @@ class Batcher:
 
     async def _wait_for_more(self) -> None:
         """Wait until a full batch is queued or batch_wait_s has passed since the oldest request came."""
-        while self._queue and self.queued_images < self.max_batch_size:
+        while self._queue and self.queued_images < self.max_batch_size and self.batch_wait_s > 0:
             left = self._queue[0].enqueued + self.batch_wait_s - time.perf_counter()
             if left <= 0:
                 return

@@ -72,11 +72,14 @@ ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 
 class MetricsMiddleware:
     """Pure ASGI middleware: counts every HTTP request by route template and status, times it,
-    and keeps the in-flight gauge (which the server's drain waits on)."""
+    and keeps the in-flight gauge (which the server's drain waits on). While ``closing()`` is
+    true (draining) every response says ``Connection: close``, so clients stop reusing a
+    connection the server is about to close (the keep-alive race that loses requests)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    def __init__(self, app: ASGIApp, metrics: Metrics, closing: Callable[[], bool] = lambda: False):
         self.app = app
         self.metrics = metrics
+        self.closing = closing
         self.in_flight = 0
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -90,6 +93,9 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if self.closing():
+                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
         self.in_flight += 1

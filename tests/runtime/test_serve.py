@@ -10,6 +10,7 @@ import json
 import queue
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -344,37 +345,42 @@ def test_server_answers_as_fmtl_infer_does(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_drains_requests_in_flight(tmp_path):
-    model = grey_model(tmp_path)
-    # a 1.5 s batch wait keeps the first requests in flight while the signal arrives
-    server = ServerProcess([str(model), "--batch-wait-ms", "1500", "--max-batch-size", "64"], tmp_path).start()
-    results: list[httpx.Response | Exception] = []
-
-    def send(image):
-        try:
-            results.append(httpx.post(f"{server.url}/v1/classify", content=png(image), timeout=30))
-        except Exception as error:  # recorded, so a dropped request fails the test below
-            results.append(error)
-
-    threads = [threading.Thread(target=send, args=(im,)) for im in grey_images(4)]
+    """Requests whose bodies are still arriving when SIGTERM comes are answered; new ones get 503."""
+    server = ServerProcess([str(grey_model(tmp_path)), "--batch-wait-ms", "2000", "--max-batch-size", "64"], tmp_path)
+    server.start()
+    host, port = server.url.removeprefix("http://").split(":")
+    bodies = [png(image) for image in grey_images(3)]
+    uploads = []
     try:
-        for thread in threads:
-            thread.start()
+        for body in bodies:  # the headers and half of each body now, the rest after the signal
+            upload = socket.create_connection((host, int(port)), timeout=30)
+            head = f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+            upload.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
+            uploads.append(upload)
         deadline = time.monotonic() + 10
-        while metric(httpx.get(f"{server.url}/metrics").text, "fmtl_queue_depth") < 4:
-            assert time.monotonic() < deadline, "the requests never queued"
+        while metric(httpx.get(f"{server.url}/metrics").text, "fmtl_in_flight_requests") < 4:  # 3 + this scrape
+            assert time.monotonic() < deadline, "the uploads never started"
             time.sleep(0.02)
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # the signal handler runs between the event loop's steps
-        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 503
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{server.url}/v2/health/ready").status_code != 503:
+            assert time.monotonic() < deadline, "still ready after SIGTERM"
+            time.sleep(0.01)
         assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
-        late = httpx.post(f"{server.url}/v1/classify", content=png(grey_images(1)[0]))
+        late = httpx.post(f"{server.url}/v1/classify", content=bodies[0], headers={"Content-Type": "image/png"})
         assert late.status_code == 503 and "shutting down" in late.json()["error"]
-        for thread in threads:
-            thread.join(10)
+        assert late.headers["connection"] == "close"  # clients stop reusing connections that are about to close
+        assert server.process.poll() is None  # still draining: the uploads are not finished
+        for upload, body in zip(uploads, bodies, strict=True):
+            upload.sendall(body[len(body) // 2 :])
+        answers = [upload.makefile("rb").read().decode("latin-1") for upload in uploads]  # until the server closes
         assert server.process.wait(10) == 0
     finally:
         server.stop()
-    assert [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in results] == [200] * 4
+        for upload in uploads:
+            upload.close()
+    for answer in answers:
+        assert answer.startswith("HTTP/1.1 200") and '"top_k"' in answer, answer
 
 
 @pytest.mark.slow
