@@ -56,7 +56,7 @@ from torch.fx.experimental.optimization import fuse
 
 from fmtl.training.config import TrainConfig
 from fmtl.training.data import find_fashion_mnist
-from fmtl.training.loop import Trainer, make_accelerator
+from fmtl.training.loop import Trainer, load_splits, make_accelerator
 
 DEFAULT_PEER = Path(__file__).resolve().parents[2] / "shared/peers/lesson_loop.py"
 TARGET_SPEEDUP, TARGET_CACHE = 2.0, 50.0
@@ -311,7 +311,7 @@ def cache_epochs(accelerator: Accelerator, args: argparse.Namespace, output: str
         max_train_samples=args.cache_samples, max_eval_samples=max(args.cache_samples // 10, 100),
         quiet=True, save_state=False, output=output, data_dir=args.data_dir,
     )  # fmt: skip
-    trainer = Trainer(cfg, accelerator, Path(output))
+    trainer = Trainer(cfg, accelerator, Path(output), load_splits(cfg))
     phase = trainer.phases[0]
 
     def epoch(number: int, extract: bool) -> float:
@@ -443,7 +443,7 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         set_seed(cfg.seed)
         print(f"machine: {machine()}; load average {load_average()}\npeer: {args.peer}\ndata: {data_dir}\n")
-        trainer = Trainer(cfg, accelerator, Path(cfg.output))
+        trainer = Trainer(cfg, accelerator, Path(cfg.output), load_splits(cfg))
         tag = f"resnet18 {args.image_size}px b{args.batch_size} aug"
         print(f"throughput, {tag}, {args.batches} timed batches after 1 warm-up, {args.rounds} round(s):", flush=True)
         loops = build_loops(peer, trainer, args, data_dir)

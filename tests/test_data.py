@@ -135,6 +135,10 @@ def _odd_folder(root):
         rotated.convert("RGB").save(folder / "exif.jpg", exif=exif, quality=95)
     (root / "boot" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (root / "boot" / "notes.txt").write_text("not an image, not listed")
+    # What macOS and editors leave behind: never images to train on (inference skips them too).
+    (root / "boot" / "._grey.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble fork")
+    (root / "shirt" / ".thumbs").mkdir()
+    grey.save(root / "shirt" / ".thumbs" / "grey.png")
 
 
 def test_image_folder_with_odd_files(tmp_path):
@@ -142,7 +146,11 @@ def test_image_folder_with_odd_files(tmp_path):
     with pytest.warns(UserWarning, match="broken.png"):
         data = load_dataset(str(tmp_path / "clothes"), "train", val_fraction=0)
     assert data.classes == ["boot", "shirt"]
-    assert len(data) == 12  # 6 readable per class, the broken one skipped
+    assert len(data) == 12  # 6 readable per class, the broken one skipped, hidden files and folders unseen
+    from fmtl.runtime.images import collect_image_paths
+
+    inferred, _ = collect_image_paths([str(tmp_path / "clothes")], recursive=True)
+    assert len(inferred) == 13  # inference walks the same files (the broken one included, reported later)
     assert data.channels == 3 and data.size == (28, 28)  # RGB files present -> RGB
     assert data.labels.bincount().tolist() == [6, 6]
     # Files load in sorted order; boot's second readable file is exif.jpg, stored rotated with an

@@ -133,7 +133,7 @@ ALTERATIONS = {
 def altered_graphs(run_dir, tmp_path_factory) -> dict[str, Path]:
     """The run's model behind a Preprocess that differs from training's, with the real metadata."""
     model, info, spec = load_model(run_dir)
-    metadata = export.export_metadata(run_dir, info, spec, 18)
+    metadata = export.export_metadata(run_dir, info, 18)
     folder, graphs = tmp_path_factory.mktemp("altered"), {}
     for name, change in ALTERATIONS.items():
         wrong = Preprocess(dataclasses.replace(spec, **change))
@@ -202,7 +202,7 @@ def test_int8_refused_when_limit_is_impossible(run_dir, exported, tmp_path) -> N
     (tmp_path / "m.int8.onnx").write_bytes(b"stale")
     _, info, spec = load_model(run_dir)
     with pytest.raises(ExportError, match="more than the -100 allowed"):
-        quantize_int8(fp32, info, spec, max_accuracy_drop=-100, calibration_images=64, accuracy_images=256,
+        quantize_int8(fp32, info, max_accuracy_drop=-100, calibration_images=64, accuracy_images=256,
                       echo=lambda _: None)  # fmt: skip
     assert _leftovers(tmp_path) == ["m.onnx"]
 

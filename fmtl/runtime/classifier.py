@@ -67,7 +67,7 @@ class Classifier:
             ModelError: the file is missing, unreadable as ONNX, or lacks fmtl's metadata.
         """
         self.path = Path(path)
-        self.session = _open_session(self.path, providers, threads)
+        self.session = open_session(self.path, providers, threads)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.classes, self.spec = _read_metadata(self.path, self.metadata)
         self.architecture: str = self.metadata.get(META_ARCHITECTURE, "")
@@ -91,13 +91,9 @@ class Classifier:
         self._check_batch(batch)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        parts = [
-            self.session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(batch[i : i + batch_size])})[0]
-            for i in range(0, len(batch), batch_size)
-        ]
-        if not parts:
+        if len(batch) == 0:
             return np.zeros((0, self.num_classes), dtype=np.float32)
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        return run_in_batches(self.session, batch, batch_size)
 
     def predict(
         self, inputs: np.ndarray | Sequence[Source] | Source, k: int = 5, batch_size: int = 64
@@ -147,7 +143,27 @@ class Classifier:
             )
 
 
-def _open_session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
+def run_in_batches(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The one uint8 -> probabilities path: float32 [N, classes] for uint8 ``images`` [N, C, H, W] (N > 0).
+
+    Used by ``Classifier``, the export's parity gate and its int8 accuracy check alike.
+    """
+    parts = [
+        session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(images[i : i + batch_size])})[0]
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def open_session(
+    path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None
+) -> ort.InferenceSession:
+    """The one way fmtl opens an onnxruntime session (runtime, export checks, evaluation).
+
+    Raises:
+        ModelError: the file is missing or not a valid ONNX model.
+    """
+    path = Path(path)
     if not path.is_file():
         raise ModelError(f"model not found: {path}")
     options = ort.SessionOptions()

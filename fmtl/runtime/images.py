@@ -381,7 +381,7 @@ def _expand(item: str, recursive: bool) -> tuple[list[Path], str | None]:
     """One input -> (image paths, reason it gave nothing or None)."""
     path = Path(item)
     if path.is_dir():
-        images = list(_folder_images(path, recursive))
+        images = list(folder_images(path, recursive))
         return images, None if images else "no images in folder"
     if path.exists() or path.is_symlink():
         return ([path], None) if path.exists() else ([], "broken symlink")
@@ -390,7 +390,7 @@ def _expand(item: str, recursive: bool) -> tuple[list[Path], str | None]:
     images: list[Path] = []
     for match in _glob(item):
         if match.is_dir():
-            images.extend(_folder_images(match, recursive))
+            images.extend(folder_images(match, recursive))
         elif is_image_path(match) and match.is_file():
             images.append(match)
     return images, None if images else "no images match this pattern"
@@ -400,7 +400,9 @@ def _has_magic(text: str) -> bool:
     return any(char in text for char in "*?[")
 
 
-def _folder_images(folder: Path, recursive: bool) -> Iterator[Path]:
+def folder_images(folder: Path, recursive: bool) -> Iterator[Path]:
+    """The image files in ``folder`` (and below it when ``recursive``), as inference and training see them:
+    hidden files and folders (``.x``, macOS ``._x.jpg`` forks) skipped, symlink loops entered once."""
     for parent, files in _walk(folder, recursive):
         for name in files:
             if is_image_path(name):

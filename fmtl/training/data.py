@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fmtl.errors import DataError, MissingSplitError
+from fmtl.spec import DataOptions
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -113,6 +114,18 @@ def load_dataset(
     full = _load_split(source, "train", data_dir, source_size, download)
     train_idx, val_idx = stratified_split(full.labels, val_fraction, seed)
     return full.subset(train_idx if split == "train" else val_idx)
+
+
+def load_run_split(options: DataOptions, split: str) -> ImageSet:
+    """``split`` of a run's data exactly as the run used it: val and test are its seeded subsets.
+
+    Training, the export checks and evaluation all load a run's images through this one function.
+    """
+    data = load_dataset(
+        options.source, split, data_dir=options.data_dir, val_fraction=options.val_fraction, seed=options.seed,
+        test_source=options.test_source, source_size=options.source_size,
+    )  # fmt: skip
+    return seeded_subset(data, options.max_eval_samples, options.seed) if split != "train" else data
 
 
 def _load_split(source: str, split: str, data_dir, source_size: int, download: bool) -> ImageSet:
@@ -246,7 +259,7 @@ def _missing_fashion_mnist_message() -> str:
 # ---------------------------------------------------------------- Kaggle-style CSV
 
 
-def load_csv(path: str | Path, classes: list[str] | None = None) -> ImageSet:
+def load_csv(path: str | Path) -> ImageSet:
     """A ``label,pixel1,...,pixelN`` CSV (header optional) of square grey images."""
     path = Path(path)
     with open(path, encoding="utf-8", errors="replace") as handle:
@@ -261,7 +274,7 @@ def load_csv(path: str | Path, classes: list[str] | None = None) -> ImageSet:
         raise DataError(f"{path}: {pixels} pixel columns do not make a square image (784 = 28 x 28 expected)")
     _check_csv_values(path, rows, header)
     labels = rows[:, 0]
-    names = classes or (FASHION_MNIST_CLASSES if labels.max() < 10 else [str(i) for i in range(labels.max() + 1)])
+    names = FASHION_MNIST_CLASSES if labels.max() < 10 else [str(i) for i in range(labels.max() + 1)]
     images = torch.from_numpy(rows[:, 1:].astype(np.uint8).reshape(-1, 1, side, side))
     return ImageSet(images, torch.from_numpy(labels.astype(np.int64)), list(names), f"csv:{path}")
 
@@ -334,9 +347,9 @@ def _split_folder(root: Path, split: str | None) -> Path:
 
 
 def _class_images(folder: Path) -> list[Path]:
-    from fmtl.runtime.images import IMAGE_EXTENSIONS
+    from fmtl.runtime.images import IMAGE_EXTENSIONS, folder_images
 
-    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    images = sorted(folder_images(folder, recursive=True))
     if not images:
         raise DataError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images

@@ -11,7 +11,6 @@ model.json, and in the ONNX file's metadata); images and classes must match the 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from fmtl.errors import FmtlError
-from fmtl.spec import InputSpec
-from fmtl.training.data import ImageSet, load_dataset
+from fmtl.spec import DataOptions, InputSpec, RunInfo
+from fmtl.training.data import ImageSet, load_dataset, load_run_split
 from fmtl.training.metrics import classification_report, format_report
 
 Echo = Callable[[str], object]
@@ -35,7 +34,7 @@ class LoadedModel:
     predict: Predict
     classes: list[str]
     spec: InputSpec
-    data_options: dict  # model.json's data_options ({} when unknown)
+    data_options: DataOptions | None  # how the run made its splits (None: not recorded)
     kind: str  # "onnxruntime" or "pytorch"
 
 
@@ -96,17 +95,14 @@ def load_for_evaluation(model_path: str | os.PathLike) -> LoadedModel:
 
 
 def _load_onnx(path: Path) -> LoadedModel:
-    from fmtl.runtime.classifier import Classifier, ModelError
-    from fmtl.training.export import META_DATA_OPTIONS
+    from fmtl.runtime.classifier import Classifier
 
+    classifier = Classifier(path)
     try:
-        classifier = Classifier(path)
-        options = json.loads(classifier.metadata.get(META_DATA_OPTIONS) or "{}")
-    except ModelError as error:
-        raise FmtlError(str(error)) from None
-    except json.JSONDecodeError as error:
-        raise FmtlError(f"{path}: metadata '{META_DATA_OPTIONS}' is not JSON: {error}") from None
-    return LoadedModel(classifier.predict_proba, classifier.classes, classifier.spec, options, "onnxruntime")
+        info = RunInfo.from_metadata(classifier.metadata)
+    except (KeyError, ValueError, TypeError) as error:
+        raise FmtlError(f"{path}: fmtl metadata is damaged: {type(error).__name__}: {error}") from None
+    return LoadedModel(classifier.predict_proba, classifier.classes, classifier.spec, info.data_options, "onnxruntime")
 
 
 def _load_run(path: Path) -> LoadedModel:
@@ -115,23 +111,24 @@ def _load_run(path: Path) -> LoadedModel:
 
     model, info, spec = load_run(path)
     predict = functools.partial(torch_probs, Probabilities(Preprocess(spec), model).eval())
-    return LoadedModel(predict, list(info["classes"]), spec, info.get("data_options") or {}, "pytorch")
+    return LoadedModel(predict, info.classes, spec, info.data_options, "pytorch")
 
 
 def load_split(loaded: LoadedModel, data: str | None, split: str) -> ImageSet:
-    """``split`` of ``data``, or of the model's own data (with its validation fraction and seed).
+    """``split`` of ``data``, or exactly the run's own ``split`` (its seeded subsets included).
 
     Raises:
         FmtlError: no data given and the model does not record its own, or the data cannot be loaded.
     """
-    opts = loaded.data_options
-    if data is None and not opts.get("source"):
+    options = loaded.data_options
+    if data is None and options is None:
         raise FmtlError("the model does not record the data it was trained on: give the data to evaluate on")
+    if data is None:
+        return load_run_split(options, split)
     return load_dataset(
-        data or opts["source"], split, data_dir=opts.get("data_dir"),
-        val_fraction=opts.get("val_fraction", 0.1), seed=opts.get("seed", 0),
-        test_source=opts.get("test_source") if data is None else None,
-        source_size=opts.get("source_size") or loaded.spec.source_size[0],
+        data, split, data_dir=options.data_dir if options else None,
+        val_fraction=options.val_fraction if options else 0.1, seed=options.seed if options else 0,
+        source_size=options.source_size if options else loaded.spec.source_size[0],
     )  # fmt: skip
 
 

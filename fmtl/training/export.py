@@ -16,6 +16,7 @@ temporary path beside the target and moved into place atomically; on failure no 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,32 +26,26 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from fmtl import __version__
 from fmtl.atomic import publish, temp_path_beside
 from fmtl.errors import FmtlError
+from fmtl.runtime.classifier import open_session, run_in_batches
 from fmtl.spec import (
-    META_ARCHITECTURE,
     META_CLASSES,
-    META_FMTL_VERSION,
-    META_INPUT_SPEC,
-    META_METRICS,
-    META_OPSET,
-    META_WEIGHTS_SHA256,
+    META_QUANTIZATION,
+    META_QUANTIZATION_CHECK,
     ONNX_INPUT,
     ONNX_OUTPUT,
     InputSpec,
+    RunInfo,
 )
 from fmtl.training.augment import Preprocess
 from fmtl.training.checkpoint import MODEL_WEIGHTS, load_model, sha256_file
-from fmtl.training.data import ImageSet, load_dataset
+from fmtl.training.data import ImageSet, load_run_split, seeded_subset
 
-META_DATA_OPTIONS = "data_options"  # JSON: model.json's data_options, so evaluate can reload the splits
-META_QUANTIZATION = "quantization"  # "int8" in the quantized variant; absent in the fp32 file
-META_QUANTIZATION_CHECK = "quantization_check"  # JSON: fp32 vs int8 accuracy measured when it was made
 DEFAULT_FOLDER = "export"
 PARITY_TOLERANCE = 1e-4  # max |Δprob| allowed between onnxruntime and PyTorch
 MAX_SINGLE_FILE_BYTES = 2**31 - 1  # protobuf's limit: bigger weights would need external data files
@@ -174,11 +169,11 @@ def export_onnx(
     model, info, spec = load_run(run_dir)
     reference = Probabilities(Preprocess(spec), model).eval()
     output = Path(output) if output else default_output(run_dir)
-    metadata = export_metadata(run_dir, info, spec, opset)
-    images = reference_images(info, spec, "val", parity_images).images.numpy()
+    metadata = export_metadata(run_dir, info, opset)
+    images = reference_images(info, "val", parity_images).images.numpy()
     tmp = temp_path_beside(output)
     try:
-        write_graph(reference, spec, tmp, opset, metadata, describe(info, spec))
+        write_graph(reference, spec, tmp, opset, metadata, describe(info))
         check_graph(tmp)
         report = check_parity(tmp, reference, images)
         echo(report.summary())
@@ -190,7 +185,7 @@ def export_onnx(
     seconds, megabytes = time.perf_counter() - started, output.stat().st_size / 1e6
     echo(f"wrote {output} ({megabytes:.1f} MB, opset {opset}) in {seconds:.1f} s")
     if quantize == "int8":
-        quantize_int8(output, info, spec, max_accuracy_drop, calibration_images, accuracy_images, echo)
+        quantize_int8(output, info, max_accuracy_drop, calibration_images, accuracy_images, echo)
     return output
 
 
@@ -203,7 +198,7 @@ def _check_options(opset: int, parity_images: int, quantize: str | None) -> None
         raise ExportError("parity_images must be at least 1: an export is checked on real images")
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict, InputSpec]:
+def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, RunInfo, InputSpec]:
     """``checkpoint.load_model``, with a damaged or mismatched weights file reported in one line.
 
     Raises:
@@ -217,38 +212,24 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict, InputSpec]:
         raise FmtlError(f"cannot load the model in {run_dir}: {_one_line(error)}") from error
 
 
-def export_metadata(run_dir: str | os.PathLike, info: dict, spec: InputSpec, opset: int) -> dict[str, str]:
-    """The metadata_props of the exported file (all strings; JSON where structured).
-
-    Args:
-        run_dir: the run folder (its model.safetensors is hashed).
-        info: its model.json.
-        spec: its input spec.
-        opset: the opset being written.
+def export_metadata(run_dir: str | os.PathLike, info: RunInfo, opset: int) -> dict[str, str]:
+    """The metadata_props of the exported file: ``RunInfo.to_metadata`` of model.json, hash checked.
 
     Raises:
         ExportError: model.safetensors is not the file model.json describes.
     """
     sha = sha256_file(Path(run_dir) / MODEL_WEIGHTS)
-    if info.get("weights_sha256") and info["weights_sha256"] != sha:
+    if info.weights_sha256 and info.weights_sha256 != sha:
         raise ExportError(f"{Path(run_dir) / MODEL_WEIGHTS} does not match the sha256 recorded in model.json")
-    return {
-        META_CLASSES: json.dumps(info["classes"]),
-        META_INPUT_SPEC: spec.to_json(),
-        META_ARCHITECTURE: info["architecture"],
-        META_FMTL_VERSION: __version__,
-        META_METRICS: json.dumps(info.get("metrics", {}), sort_keys=True),
-        META_WEIGHTS_SHA256: sha,
-        META_OPSET: str(opset),
-        META_DATA_OPTIONS: json.dumps(info.get("data_options", {}), sort_keys=True),
-    }
+    return dataclasses.replace(info, fmtl_version=__version__, weights_sha256=sha).to_metadata(opset)
 
 
-def describe(info: dict, spec: InputSpec) -> str:
+def describe(info: RunInfo) -> str:
     """The file's doc_string: what goes in and what comes out."""
-    (height, width), classes = spec.source_size, len(info["classes"])
+    spec = info.input_spec
+    (height, width), classes = spec.source_size, info.num_classes
     return (
-        f"fmtl {info['architecture']} classifier, {classes} classes. Input '{ONNX_INPUT}': uint8 "
+        f"fmtl {info.architecture} classifier, {classes} classes. Input '{ONNX_INPUT}': uint8 "
         f"[N, {spec.channels}, {height}, {width}], 0..255, no preprocessing needed (resize to "
         f"{spec.image_size} and normalisation are in the graph). Output '{ONNX_OUTPUT}': float32 "
         f"[N, {classes}] softmax probabilities, class names in metadata '{META_CLASSES}'."
@@ -322,21 +303,6 @@ def check_graph(path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------- parity
 
 
-def onnx_probs(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run an images -> probs session over a uint8 batch in chunks.
-
-    Args:
-        session: a session with input ``images`` and output ``probs``.
-        images: uint8 [N, C, H, W].
-        batch_size: images per ``session.run``.
-    """
-    parts = [
-        session.run([ONNX_OUTPUT], {ONNX_INPUT: images[i : i + batch_size]})[0]
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-
-
 @torch.no_grad()
 def torch_probs(module: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Run an images -> probs torch module (CPU, eval mode, no gradients) over a uint8 batch in chunks.
@@ -365,13 +331,11 @@ def check_parity(
         images_uint8: real images, uint8 [N, C, H, W] at the source size.
         tolerance: the largest |Δprob| that still passes.
     """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     images_uint8 = np.ascontiguousarray(images_uint8, dtype=np.uint8)
-    got, want = onnx_probs(session, images_uint8), torch_probs(torch_module, images_uint8)
     if len(images_uint8) == 0:
         return ParityReport(0, 0.0, float("inf"), tolerance)
+    session = open_session(onnx_path, providers=["CPUExecutionProvider"])  # exactly as the runtime opens it
+    got, want = run_in_batches(session, images_uint8), torch_probs(torch_module, images_uint8)
     if got.shape != want.shape:
         return ParityReport(len(images_uint8), 0.0, float("inf"), tolerance)
     return ParityReport(
@@ -382,39 +346,28 @@ def check_parity(
     )
 
 
-def reference_images(info: dict, spec: InputSpec, split: str, count: int) -> ImageSet:
+def reference_images(info: RunInfo, split: str, count: int) -> ImageSet:
     """A seeded, stratified sample of the run's own ``split`` (``train`` or ``val``), as trained.
 
     Raises:
         FmtlError: the run's data cannot be loaded, or its images no longer match the input spec.
     """
-    opts = info.get("data_options") or {}
-    if not opts.get("source"):
+    options, spec = info.data_options, info.input_spec
+    if options is None:
         raise ExportError("model.json has no data_options: cannot find the run's images for the checks")
     try:
-        data = load_dataset(
-            opts["source"], split, data_dir=opts.get("data_dir"), val_fraction=opts.get("val_fraction", 0.1),
-            seed=opts.get("seed", 0), source_size=opts.get("source_size", spec.source_size[0]),
-        )  # fmt: skip
+        data = load_run_split(options, split)
     except FmtlError as error:
         raise type(error)(f"the export checks need the run's {split} images: {error}") from None
     if len(data) == 0 and split == "val":  # trained with val_fraction 0
-        return reference_images(info, spec, "train", count)
+        return reference_images(info, "train", count)
     if data.channels != spec.channels or data.size != tuple(spec.source_size):
         found, trained = (data.channels, *data.size), (spec.channels, *spec.source_size)
         raise ExportError(
-            f"{opts['source']} now holds {'x'.join(map(str, found))} images, the model was trained on "
+            f"{options.source} now holds {'x'.join(map(str, found))} images, the model was trained on "
             f"{'x'.join(map(str, trained))}"
         )
-    return sample(data, count, opts.get("seed", 0))
-
-
-def sample(data: ImageSet, count: int, seed: int) -> ImageSet:
-    """``count`` images (all when fewer) drawn without replacement by a seeded permutation, in index order."""
-    if count >= len(data):
-        return data
-    generator = torch.Generator().manual_seed(seed)
-    return data.subset(torch.randperm(len(data), generator=generator)[:count].sort().values)
+    return seeded_subset(data, count, options.seed)
 
 
 # ---------------------------------------------------------------- int8
@@ -433,8 +386,7 @@ class _Calibration:
 
 def quantize_int8(
     fp32_path: Path,
-    info: dict,
-    spec: InputSpec,
+    info: RunInfo,
     max_accuracy_drop: float = 1.0,
     calibration_images: int = 256,
     accuracy_images: int = 2000,
@@ -445,7 +397,6 @@ def quantize_int8(
     Args:
         fp32_path: a published fmtl export.
         info: the run's model.json (its data_options locate the images).
-        spec: the run's input spec.
         max_accuracy_drop: the most val accuracy (percentage points) int8 may lose.
         calibration_images: training images calibrating the activation ranges.
         accuracy_images: validation images for the accuracy and speed comparison.
@@ -455,8 +406,8 @@ def quantize_int8(
         ExportError: quantization failed or lost too much accuracy; no int8 file is left.
     """
     target = int8_path(fp32_path)
-    calibration = reference_images(info, spec, "train", calibration_images).images.numpy()
-    val = reference_images(info, spec, "val", accuracy_images)
+    calibration = reference_images(info, "train", calibration_images).images.numpy()
+    val = reference_images(info, "val", accuracy_images)
     tmp = temp_path_beside(target)
     try:
         quantize_file(fp32_path, tmp, calibration)
@@ -527,12 +478,10 @@ def compare_accuracy(
 
 
 def _accuracy_and_speed(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    onnx_probs(session, images[:64])  # warm-up: first runs allocate
+    session = open_session(path, providers=["CPUExecutionProvider"])
+    run_in_batches(session, images[:64])  # warm-up: first runs allocate
     started = time.perf_counter()
-    probs = onnx_probs(session, images)
+    probs = run_in_batches(session, images)
     seconds = time.perf_counter() - started
     return float((probs.argmax(1) == labels).mean()), len(images) / max(seconds, 1e-9)
 

@@ -24,16 +24,17 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fmtl.errors import FmtlError, MissingSplitError
-from fmtl.spec import InputSpec
+from fmtl.spec import DataOptions, InputSpec, RunInfo
 from fmtl.training import reports
 from fmtl.training.augment import Augment, Preprocess
-from fmtl.training.checkpoint import load_training_state, save_model, save_training_state
+from fmtl.training.checkpoint import MODEL_WEIGHTS, load_training_state, save_model, save_training_state
 from fmtl.training.config import TrainConfig, load_config
-from fmtl.training.data import ImageSet, load_dataset, seeded_subset
+from fmtl.training.data import ImageSet, load_run_split, seeded_subset
 from fmtl.training.metrics import topk_correct
 from fmtl.training.models import FmtlModel, apply_freeze, create_model, parameter_groups, parameter_summary
 
@@ -61,6 +62,32 @@ def plan_phases(cfg: TrainConfig) -> list[Phase]:
 
 def phase_of(phases: list[Phase], epoch: int) -> Phase:
     return next(p for p in phases if p.first_epoch <= epoch <= p.last_epoch)
+
+
+@dataclass
+class EpochRow:
+    """One epoch's record: a row of results.csv, a point of the curves, an entry of the saved state."""
+
+    epoch: int
+    phase: str
+    train_loss: float
+    val_loss: float
+    val_acc: float
+    val_top5: float
+    val_images: int
+    lr: float
+    seconds: float
+    images_per_s: float
+
+
+@dataclass
+class Splits:
+    """The data one run trains, validates and tests on (a Trainer is built around these)."""
+
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    test_name: str  # "test", or the stand-in's name when the data has no test split
 
 
 # ---------------------------------------------------------------- set-up
@@ -121,21 +148,28 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.model}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def load_splits(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, ImageSet, str]:
+def data_options(cfg: TrainConfig) -> DataOptions:
+    """How this run's splits are made: recorded in model.json, so export and evaluate reload the same images."""
+    return DataOptions(
+        source=cfg.data, test_source=cfg.test_data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
+        seed=cfg.seed, source_size=cfg.source_size, max_eval_samples=cfg.max_eval_samples,
+    )  # fmt: skip
+
+
+def load_splits(cfg: TrainConfig) -> Splits:
     """Train (optionally subset), val and test sets; the val split stands in when there is no test split."""
-    options = dict(data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, source_size=cfg.source_size)
-    train = seeded_subset(load_dataset(cfg.data, "train", **options), cfg.max_train_samples, cfg.seed)
-    val = seeded_subset(load_dataset(cfg.data, "val", **options), cfg.max_eval_samples, cfg.seed)
+    options = data_options(cfg)
+    train = seeded_subset(load_run_split(options, "train"), cfg.max_train_samples, cfg.seed)
+    val = load_run_split(options, "val")
     try:
-        test, test_name = load_dataset(cfg.data, "test", test_source=cfg.test_data, **options), "test"
-        test = seeded_subset(test, cfg.max_eval_samples, cfg.seed)
+        test, test_name = load_run_split(options, "test"), "test"
     except MissingSplitError:
         test, test_name = val, "val (the data has no test split)"
     if len(val) == 0:
         raise FmtlError("the validation split is empty: raise --val-fraction or add more images")
     if test.classes != train.classes or test.size != train.size or test.channels != train.channels:
         raise FmtlError(f"the test data ({test.source}) does not match the training data's classes, size or channels")
-    return train, val, test, test_name
+    return Splits(train, val, test, test_name)
 
 
 def input_spec(model: FmtlModel, data: ImageSet, cfg: TrainConfig) -> InputSpec:
@@ -209,9 +243,14 @@ def make_optimizer(cfg: TrainConfig, model: FmtlModel, phases: list[Phase], step
 class Trainer:
     """Holds what one run needs; ``fit`` is the epoch loop, the rest are its steps."""
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, splits: Splits):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
-        self.train_set, self.val_set, self.test_set, self.test_name = load_splits(cfg)
+        self.train_set, self.val_set, self.test_set, self.test_name = (
+            splits.train,
+            splits.val,
+            splits.test,
+            splits.test_name,
+        )
         self.classes = self.train_set.classes
         model = build_model(cfg, len(self.classes))
         self.spec = input_spec(model, self.train_set, cfg)
@@ -231,7 +270,7 @@ class Trainer:
         )
         # Clip only what the optimizer updates: walking a frozen backbone every step is wasted time.
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.history: list[dict] = []
+        self.history: list[EpochRow] = []
         self.best = {"val_acc": -1.0, "epoch": 0}
         self.cached: dict | None = None  # backbone features, when a frozen phase has no augmentation
 
@@ -255,12 +294,10 @@ class Trainer:
             train_loss, seen = self.train_one_epoch(epoch, phase)
             val = self.evaluate_val(phase)
             seconds = time.perf_counter() - started
-            row = {
-                "epoch": epoch, "phase": phase.name, "train_loss": train_loss, "val_loss": val["loss"],
-                "val_acc": val["acc"], "val_top5": val["top5"], "val_images": val["count"],
-                "lr": self.scheduler.get_last_lr()[-1],
-                "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 1),
-            }  # fmt: skip
+            row = EpochRow(
+                epoch, phase.name, train_loss, val["loss"], val["acc"], val["top5"], val["count"],
+                lr=self.scheduler.get_last_lr()[-1], seconds=round(seconds, 2), images_per_s=round(seen / seconds, 1),
+            )  # fmt: skip
             self.end_epoch(row)
             if self.should_stop(epoch):
                 self.accelerator.print(f"early stop: no better val accuracy for {self.cfg.patience} epochs")
@@ -342,6 +379,13 @@ class Trainer:
             parts.append(self.accelerator.gather_for_metrics(logits.softmax(1)).cpu())
         return torch.cat(parts).numpy()
 
+    def test(self) -> np.ndarray:
+        """Softmax probabilities of the best saved model on the test split (every process takes part)."""
+        self.accelerator.wait_for_everyone()
+        self.net.load_state_dict(load_file(str(self.run_dir / MODEL_WEIGHTS)))  # copied onto the model's device
+        self.net.backbone_frozen = False
+        return self.predict_probs(self.test_set.images)
+
     @torch.no_grad()
     def evaluate_val(self, phase: Phase) -> dict:
         self.model.eval()
@@ -360,45 +404,42 @@ class Trainer:
             count += len(target)
         return {"loss": loss_sum / count, "acc": correct / count, "top5": correct5 / count, "count": count}
 
-    def end_epoch(self, row: dict) -> None:
+    def end_epoch(self, row: EpochRow) -> None:
         """Record the epoch, keep the best model, save the resumable state."""
         self.history.append(row)
-        improved = row["val_acc"] > self.best["val_acc"]
+        improved = row.val_acc > self.best["val_acc"]
         if improved:
-            self.best = {"val_acc": row["val_acc"], "val_top5": row["val_top5"], "epoch": row["epoch"]}
+            self.best = {"val_acc": row.val_acc, "val_top5": row.val_top5, "epoch": row.epoch}
         if self.accelerator.is_main_process:
-            reports.write_results(self.run_dir, self.history)
+            reports.write_results(self.run_dir, [asdict(r) for r in self.history])
             if improved:
                 save_model(self.run_dir, self.net, self.model_info({"val": self.best}))
-        self.accelerator.log({k: v for k, v in row.items() if k != "phase"}, step=row["epoch"])
+        self.accelerator.log({k: v for k, v in asdict(row).items() if k != "phase"}, step=row.epoch)
         self.accelerator.print(
-            f"epoch {row['epoch']:>3} {row['phase']:<8} train loss {row['train_loss']:.4f}  val loss "
-            f"{row['val_loss']:.4f}  val acc {row['val_acc']:.4f}  top-5 {row['val_top5']:.4f}  "
-            f"{row['seconds']:.1f}s ({row['images_per_s']:.0f} img/s){'  *' if improved else ''}"
+            f"epoch {row.epoch:>3} {row.phase:<8} train loss {row.train_loss:.4f}  val loss "
+            f"{row.val_loss:.4f}  val acc {row.val_acc:.4f}  top-5 {row.val_top5:.4f}  "
+            f"{row.seconds:.1f}s ({row.images_per_s:.0f} img/s){'  *' if improved else ''}"
         )
         if self.cfg.save_state:
+            history = [asdict(r) for r in self.history]
             save_training_state(
-                self.accelerator, self.run_dir, {"epoch": row["epoch"], "history": self.history, "best": self.best}
+                self.accelerator, self.run_dir, {"epoch": row.epoch, "history": history, "best": self.best}
             )
 
     def should_stop(self, epoch: int) -> bool:
         return bool(self.cfg.patience) and epoch - self.best["epoch"] >= self.cfg.patience
 
-    def model_info(self, metrics: dict) -> dict:
-        return {
-            "architecture": self.cfg.model, "num_classes": len(self.classes), "classes": self.classes,
-            "input_spec": self.spec.to_dict(), "head": self.cfg.head, "strategy": self.cfg.strategy,
-            "weights": str(self.cfg.weights), "data": self.train_set.source, "best_epoch": self.best["epoch"],
-            "data_options": {  # how export and evaluate reload the same splits
-                "source": self.cfg.data, "test_source": self.cfg.test_data, "data_dir": self.cfg.data_dir,
-                "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed, "source_size": self.cfg.source_size,
-            },
-            "metrics": metrics,
-        }  # fmt: skip
+    def model_info(self, metrics: dict) -> RunInfo:
+        cfg = self.cfg
+        return RunInfo(
+            architecture=cfg.model, classes=self.classes, input_spec=self.spec, head=cfg.head, strategy=cfg.strategy,
+            weights=str(cfg.weights), data=self.train_set.source, best_epoch=self.best["epoch"],
+            data_options=data_options(cfg), metrics=metrics,
+        )  # fmt: skip
 
     def resume(self) -> int:
         state = load_training_state(self.accelerator, self.run_dir)
-        self.history, self.best = state["history"], state["best"]
+        self.history, self.best = [EpochRow(**row) for row in state["history"]], state["best"]
         self.accelerator.print(
             f"resuming {self.run_dir} after epoch {state['epoch']} (best val acc {self.best['val_acc']:.4f})"
         )
@@ -421,7 +462,7 @@ def run(cfg: TrainConfig) -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         reports.write_config(run_dir, cfg)
     accelerator.init_trackers("fmtl", config={k: v for k, v in asdict(cfg).items() if v is not None})
-    trainer = Trainer(cfg, accelerator, run_dir)
+    trainer = Trainer(cfg, accelerator, run_dir, load_splits(cfg))
     accelerator.print(f"{cfg.model} on {trainer.train_set.source}: {len(trainer.train_set)} train / "
                       f"{len(trainer.val_set)} val / {len(trainer.test_set)} test images, {len(trainer.classes)} classes, "
                       f"{trainer.spec.image_size}px, {cfg.strategy}; {parameter_summary(trainer.net)}; "
@@ -429,9 +470,24 @@ def run(cfg: TrainConfig) -> dict | None:
     start = trainer.resume() if cfg.resume else 1
     started = time.perf_counter()
     trainer.fit(start)
-    metrics = reports.finish(trainer, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    probs = trainer.test()
+    metrics = None
+    if accelerator.is_main_process:
+        metrics = reports.finish(run_dir, outcome_of(trainer, probs), [asdict(r) for r in trainer.history], seconds)
+        accelerator.print(
+            reports.summary(run_dir, metrics, trainer.classes, trainer.best, len(trainer.history), seconds)
+        )
     accelerator.end_training()
     return metrics
+
+
+def outcome_of(trainer: Trainer, probs: np.ndarray) -> reports.TestOutcome:
+    test = trainer.test_set
+    return reports.TestOutcome(
+        probs, test.images.numpy(), test.labels.numpy(), trainer.classes, trainer.test_name, trainer.best["epoch"],
+        trainer.cfg.seed,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None, prog: str = "fmtl/train.py", before_run=None) -> int:

@@ -57,11 +57,6 @@ class FmtlModel(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    @property
-    def num_features(self) -> int:
-        first = next(m for m in self.head.modules() if isinstance(m, nn.Linear))
-        return first.in_features
-
 
 def available_models() -> list[str]:
     """Every classification architecture fmtl can build."""

@@ -1,0 +1,99 @@
+"""What the trainer's options do, tested on a Trainer built around given images (no data loading),
+and the schedule's arithmetic as fast unit tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmtl.training.config import TrainConfig
+from fmtl.training.data import load_dataset, seeded_subset
+from fmtl.training.loop import Phase, Splits, Trainer, lr_factors, make_accelerator, plan_phases
+from fmtl.training.models import feature_blocks
+
+# --- the schedule ------------------------------------------------------------------------------
+
+
+def test_plan_phases_per_strategy() -> None:
+    assert plan_phases(TrainConfig(strategy="linear", epochs=4)) == [Phase("linear", 1, 4)]
+    assert plan_phases(TrainConfig(strategy="finetune", epochs=4)) == [Phase("finetune", 1, 4)]
+    hybrid = plan_phases(TrainConfig(strategy="hybrid", epochs=5, head_epochs=2))
+    assert hybrid == [Phase("linear", 1, 2), Phase("finetune", 3, 5)]
+    assert [p.frozen for p in hybrid] == [True, False]
+
+
+def test_lr_factors_warm_up_then_cosine_within_each_phase() -> None:
+    cfg = TrainConfig(strategy="hybrid", epochs=3, head_epochs=1, warmup_fraction=0.1)
+    steps = 10
+    factors = lr_factors(cfg, plan_phases(cfg), steps)
+    head, backbone = [factors["head"](s) for s in range(30)], [factors["backbone"](s) for s in range(30)]
+    assert head[0] == pytest.approx(1.0)  # warmup of 1 step in the 10-step head phase
+    assert head[9] < 0.05  # the head phase's cosine ends near zero...
+    assert head[10] == pytest.approx(0.5)  # ...and the fine-tuning phase warms up again (2 steps)
+    assert head[11] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(head[11:29], head[12:30], strict=True))  # then only decays
+    assert head[29] < 0.01
+    assert backbone[:10] == [0.0] * 10  # the backbone rests while frozen
+    assert backbone[10:] == head[10:]
+
+
+# --- what options change, on a real small Trainer ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def splits() -> Splits:
+    test = load_dataset("fashion-mnist", "test")
+    train, val = seeded_subset(test, 256, seed=1), seeded_subset(test, 64, seed=2)
+    return Splits(train, val, val, "val")
+
+
+def _trainer(tmp_path, splits: Splits, **options) -> Trainer:
+    cfg = TrainConfig(image_size=32, batch_size=64, quiet=True, save_state=False, augment=False, **options)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    return Trainer(cfg, make_accelerator(cfg, run_dir), run_dir, splits)
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def _one_finetune_epoch(trainer: Trainer) -> None:
+    trainer.train_one_epoch(1, Phase("finetune", 1, trainer.cfg.epochs))
+
+
+@pytest.mark.parametrize(("name", "expected"), [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_optimizer_option_picks_the_optimizer(tmp_path, splits, name, expected) -> None:
+    trainer = _trainer(tmp_path, splits, optimizer=name, strategy="finetune", epochs=1)
+    assert type(trainer.optimizer.optimizer) is expected
+    if name == "sgd":
+        assert (
+            trainer.optimizer.optimizer.defaults["nesterov"] and trainer.optimizer.optimizer.defaults["momentum"] == 0.9
+        )
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_bn_decides_whether_batchnorm_statistics_move(tmp_path, splits, freeze_bn) -> None:
+    trainer = _trainer(tmp_path, splits, strategy="finetune", epochs=1, freeze_bn=freeze_bn)
+    backbone = trainer.net.backbone
+    before = _snapshot(backbone)
+    _one_finetune_epoch(trainer)
+    moved_stats = {k for k in _changed(before, backbone) if k.endswith(("running_mean", "running_var"))}
+    moved_weights = {k for k in _changed(before, backbone) if k.endswith("weight")}
+    assert moved_weights  # the backbone trains either way
+    assert bool(moved_stats) is not freeze_bn
+
+
+def test_unfreeze_last_n_trains_only_those_blocks(tmp_path, splits) -> None:
+    trainer = _trainer(tmp_path, splits, strategy="finetune", epochs=1, unfreeze="last:2")
+    blocks = feature_blocks(trainer.net)
+    early, late = torch.nn.ModuleList(blocks[:-2]), torch.nn.ModuleList(blocks[-2:])
+    early_before, late_before, head_before = _snapshot(early), _snapshot(late), _snapshot(trainer.net.head)
+    _one_finetune_epoch(trainer)
+    assert not _changed(early_before, early)  # weights and BatchNorm statistics untouched
+    assert any(k.endswith("weight") for k in _changed(late_before, late))
+    assert _changed(head_before, trainer.net.head)
