@@ -148,7 +148,7 @@ def infer(paths, model, k, batch_size, fmt, output, recursive, quiet, engine, ou
               help="Most images per model call (dynamic batching).")  # fmt: skip
 @click.option("--batch-wait-ms", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Wait this long for a fuller batch (0: never wait, no added latency).")  # fmt: skip
-@click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True,
+@click.option("--max-queue", type=click.IntRange(1), default=128, show_default=True,
               help="Images waiting at most; more get 503 + Retry-After.")  # fmt: skip
 @click.option("--queue-timeout-ms", type=click.FloatRange(0, min_open=True), default=5000.0, show_default=True,
               help="A request queued longer gets 503.")  # fmt: skip

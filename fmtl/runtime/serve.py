@@ -65,7 +65,7 @@ class ServeConfig:
     port: int = 8000  # 0: any free port (the chosen one is printed)
     max_batch_size: int = 16  # most images per onnxruntime call (benchmarks/serve.py sweep)
     batch_wait_ms: float = 0.0  # wait this long for a fuller batch; 0 adds no latency at low load
-    max_queue: int = 256  # images waiting at most; more gets 503 + Retry-After
+    max_queue: int = 128  # images waiting at most (bounds the wait: about max_queue / images per second)
     queue_timeout_ms: float = 5000.0  # a request queued longer gets 503
     max_body_mb: float = 16.0  # request bodies above this get 413 (counted while reading)
     max_images: int = 64  # images in one request at most (413 above)
@@ -444,6 +444,9 @@ def create_app(config: ServeConfig, load: bool = True) -> MetricsMiddleware:
 # --- the process -----------------------------------------------------------------------------------
 
 
+DRAIN_GRACE_S = 1.0  # after SIGTERM, how long idle keep-alive connections may stay open at most
+
+
 class _Server(uvicorn.Server):
     """uvicorn, with fmtl's lifecycle: print the address, exit on a failed load, drain on SIGTERM."""
 
@@ -482,9 +485,14 @@ class _Server(uvicorn.Server):
             self.said_ready = True
             self.echo(f"ready: warm-up took {server.warmup_seconds * 1000:.0f} ms")
         if self.draining_since is not None and not self.should_exit:
-            if self.app.in_flight == 0:
+            draining = time.monotonic() - self.draining_since
+            # Every answer now says Connection: close, so clients leave by themselves. Closing a
+            # keep-alive connection under a client that is sending on it loses that request (the
+            # keep-alive race), so wait until they have left, or at most DRAIN_GRACE_S when idle.
+            grace = min(DRAIN_GRACE_S, self.drain_timeout)
+            if self.app.in_flight == 0 and (not self.server_state.connections or draining >= grace):
                 self.should_exit = True
-            elif time.monotonic() - self.draining_since > self.drain_timeout:
+            elif self.app.in_flight and draining > self.drain_timeout:
                 self.failure = f"drain timeout: {self.app.in_flight} requests were still in flight"
                 self.should_exit = self.force_exit = True
         return await super().on_tick(counter)
