@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_throughput.py            # full run, about 3-4 minutes on 2 quiet cores
     .venv/bin/python benchmarks/train_throughput.py --quick    # smoke run, about 1 minute
 
-1. The peer (``../shared/peers/lesson_loop.py``, run through its own ``main()``): per-sample
+1. The peer (``benchmarks/peers/lesson_loop.py``, a copy of the shared peer, run through its own ``main()``): per-sample
    torchvision transforms on PIL images, a frozen ResNet-18 (random weights) at 224 px with
    augmentation, batch 64, N timed batches after one warm-up batch.
 2. fmtl on the same workload through its shipped code: a real ``Trainer`` (resnet18, random
@@ -58,7 +58,7 @@ from fmtl.training.config import TrainConfig
 from fmtl.training.data import find_fashion_mnist
 from fmtl.training.loop import Trainer, load_splits, make_accelerator
 
-DEFAULT_PEER = Path(__file__).resolve().parents[2] / "shared/peers/lesson_loop.py"
+DEFAULT_PEER = Path(__file__).resolve().parent / "peers/lesson_loop.py"
 TARGET_SPEEDUP, TARGET_CACHE = 2.0, 50.0
 PEER, FMTL = "peer lesson loop", "fmtl"
 FOLDED, COMPILED = "fmtl + folded BatchNorm *", "fmtl + compiled backbone *"  # * proposed, not shipped
