@@ -24,13 +24,13 @@ from fmtl.spec import InputSpec
 from fmtl.training import export
 from fmtl.training.augment import Preprocess
 from fmtl.training.checkpoint import load_model, sha256_file
-from fmtl.training.data import ImageSet, load_dataset
+from fmtl.training.data import ImageSet, find_fashion_mnist, load_dataset
 from fmtl.training.evaluate import evaluate
 from fmtl.training.export import ExportError, Probabilities, check_parity, export_onnx, int8_path, quantize_int8
 from fmtl.training.loop import main as train_main
 
 pytestmark = pytest.mark.slow
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST = find_fashion_mnist()  # fmtl's own search: --data-dir, FMTL_DATA_DIR, Debian's, the cache
 # The tiny model's int8 accuracy is measured on its 600 val images, where one image is 0.17 pp: measured
 # drops were 1-2 pp there (0.2-0.4 pp on the 10,000 test images), so the 1 pp default would be a coin toss.
 INT8_LIMIT = 3.0

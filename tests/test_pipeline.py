@@ -59,3 +59,8 @@ def test_train_export_infer_evaluate(tmp_path):
     assert accuracy[0] == accuracy[1]
     metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
     assert np.array(metrics["confusion_matrix"]).sum() == metrics["num_images"]
+    # evaluate scores exactly the split training reported: its seeded 600-image test subset
+    assert metrics["num_images"] == 600
+    for out in (onnx_out, torch_out):
+        assert "test split, 600 images" in out
+    assert abs(float(accuracy[1]) - metrics["accuracy"]) < 1e-4

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,8 @@ import pytest
 from matplotlib.figure import Figure
 
 from fmtl.training import plots
+from fmtl.training.data import load_dataset
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -33,15 +32,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def fashion() -> tuple[np.ndarray, np.ndarray]:
     """The first 40 test images as uint8 [40, 1, 28, 28] and their labels."""
-    images_gz, labels_gz = FASHION / "t10k-images-idx3-ubyte.gz", FASHION / "t10k-labels-idx1-ubyte.gz"
-    if not (images_gz.exists() and labels_gz.exists()):
-        pytest.skip(f"Fashion-MNIST test files not found under {FASHION}")
-    n = 40
-    with gzip.open(images_gz) as f:
-        images = np.frombuffer(f.read(16 + n * 784)[16:], dtype=np.uint8).reshape(n, 1, 28, 28)
-    with gzip.open(labels_gz) as f:
-        labels = np.frombuffer(f.read(8 + n)[8:], dtype=np.uint8).astype(np.int64)
-    return images, labels
+    test = load_dataset("fashion-mnist", "test")
+    return test.images[:40].numpy(), test.labels[:40].numpy()
 
 
 def fake_probs(labels: np.ndarray, seed: int = 0) -> np.ndarray:
