@@ -97,3 +97,21 @@ def test_unfreeze_last_n_trains_only_those_blocks(tmp_path, splits) -> None:
     assert not _changed(early_before, early)  # weights and BatchNorm statistics untouched
     assert any(k.endswith("weight") for k in _changed(late_before, late))
     assert _changed(head_before, trainer.net.head)
+
+
+# --- process-wide settings belong to the entry point ---------------------------------------------
+
+
+def test_allocator_setting_is_made_by_the_entry_point_only(monkeypatch) -> None:
+    import inspect
+
+    import fmtl.train as entry
+    import fmtl.training.loop as loop
+
+    calls: list[int] = []
+    monkeypatch.setattr(entry, "keep_freed_memory", lambda: calls.append(1) or True)
+    entry._process_settings(TrainConfig(keep_freed_memory=False))
+    assert calls == []
+    entry._process_settings(TrainConfig())
+    assert calls == [1]
+    assert "mallopt" not in inspect.getsource(loop)  # library code (and tests calling main()) never sets it
