@@ -312,9 +312,11 @@ async def classify(request: Request) -> Response:
     payloads, names = await image_payloads(request, server.config)
     decoded = await server.decode(payloads)
     good = [i for i, item in enumerate(decoded) if not isinstance(item, DecodeError)]
+    if not good and len(decoded) == 1:
+        raise ApiError(400, f"not a readable image: {decoded[0]}", "bad_image")
     if not good:
-        reasons = "; ".join(f"{name or 'image'}: {item}" for name, item in zip(names, decoded, strict=True))
-        raise ApiError(400, f"not a readable image ({reasons})", "bad_image")
+        reasons = "; ".join(f"{name}: {item}" for name, item in zip(names, decoded, strict=True))
+        raise ApiError(400, f"no readable image ({reasons})", "bad_image")
     probs = await server.infer(np.stack([decoded[i] for i in good]))
     tops = dict(zip(good, server.classifier.top_k(probs, k), strict=True))
     predictions = []

@@ -135,6 +135,8 @@ def test_classify_raw_put_and_multipart_with_a_broken_part(grey):
         ]
         assert multi[2]["top_k"][0]["probability"] == pytest.approx(expected[2].max(), abs=1e-6)
         assert (await client.post("/v1/classify?k=0", content=png(images[0]))).status_code == 400
+        none = await client.post("/v1/classify", files=[("a", ("a.png", broken)), ("b", ("b.txt", b"text"))])
+        assert none.status_code == 400 and none.json()["error"].startswith("no readable image (a.png: truncated")
 
     run_app(ServeConfig(grey), scenario)
 
@@ -187,12 +189,12 @@ def test_bad_inputs_get_400_413_415(grey):
 
         assert await status(b"hello, not an image") == (
             400,
-            "not a readable image (image: not an image (cannot identify))",
+            "not a readable image: not an image (cannot identify)",
         )
         assert (await status(image[: len(image) // 2]))[0] == 400
         code, error = await status(bomb_png())
         assert code == 400 and "too large" in error
-        assert (await status(b"")) == (400, "not a readable image (image: empty file)")
+        assert (await status(b"")) == (400, "not a readable image: empty file")
         assert (await status(image, "text/plain"))[0] == 415
         assert (await status(image, "application/x-www-form-urlencoded"))[0] == 415  # curl -d without -H
         assert (await status(chunks(2_000_000)))[0] == 413  # streamed, no Content-Length: counted while reading
