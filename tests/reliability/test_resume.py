@@ -33,15 +33,6 @@ from fmtl.training.loop import main as train_main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory) -> Path:
-    """The uninterrupted run every resumed one is compared with."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    result = run_train(*RECIPE, "--output", str(run))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run
-
-
 def kill_after_epoch(run: Path, epoch: int, *extra: str) -> None:
     """Start the recipe in ``run`` and SIGKILL it as soon as ``epoch``'s training state is saved."""
     process = subprocess.Popen(train_command(*RECIPE, *extra, "--output", str(run)), stdout=subprocess.DEVNULL,
