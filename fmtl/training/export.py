@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fmtl import __version__
-from fmtl.atomic import publish, temp_path_beside
+from fmtl.atomic import publish, temp_path_beside, write_errors
 from fmtl.errors import FmtlError
 from fmtl.runtime.classifier import open_session, run_in_batches
 from fmtl.spec import (
@@ -173,7 +173,8 @@ def export_onnx(
     images = reference_images(info, "val", parity_images).images.numpy()
     tmp = temp_path_beside(output)
     try:
-        write_graph(reference, spec, tmp, opset, metadata, describe(info))
+        with write_errors(output):  # a full disk: one line naming the file and the free space
+            write_graph(reference, spec, tmp, opset, metadata, describe(info))
         check_graph(tmp)
         report = check_parity(tmp, reference, images)
         echo(report.summary())
