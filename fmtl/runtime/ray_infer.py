@@ -402,6 +402,8 @@ def _connect(address: str | None, progress: bool) -> bool:
         return False
     try:
         if address:
+            if address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+                _loopback_mode()  # a cluster of this machine started by start_local_cluster or `ray start`
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             start_local_cluster()
@@ -411,17 +413,22 @@ def _connect(address: str | None, progress: bool) -> bool:
 
 
 def start_local_cluster(num_cpus: int | None = None) -> str:
-    """Start a one-machine Ray cluster in this process, listening on loopback only; return its address.
+    """Start a one-machine Ray cluster in this process, listening on loopback only; return its address."""
+    _loopback_mode()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return ray.get_runtime_context().gcs_address
+
+
+def _loopback_mode() -> None:
+    """Make Ray use 127.0.0.1 as this node's address, as it does on macOS and Windows.
 
     By default Ray's servers listen on every interface and Ray rewrites 127.0.0.1 to the host's
-    address. A cluster of one machine needs no network, so fmtl turns on the loopback mode Ray
-    uses on macOS and Windows: the environment variable for the processes Ray starts, the
-    constant it was read into for this one (it is read when ray is imported).
+    address. A cluster of one machine needs no network. A driver joining such a cluster must use
+    the same address, or it waits forever for a node at the host's address. Set: the environment
+    variable, for the processes Ray starts, and the constant it was read into when ray was imported.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-    return ray.get_runtime_context().gcs_address
 
 
 def build_dataset(
