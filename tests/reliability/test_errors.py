@@ -4,12 +4,13 @@ bad config values are refused before anything exists on disk; a full disk is one
 from __future__ import annotations
 
 import errno
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from faults import fill, one_error_line, small_disk
+from faults import fill, one_error_line, small_disk, train_command, wait_for
 
 from fmtl import atomic
 from fmtl.errors import EXIT_USER_ERROR, FmtlError, WriteError
@@ -163,3 +164,23 @@ def test_infer_output_on_a_full_disk(tmp_path):
         assert f"cannot write {out}" in line and "free on that disk" in line
         assert out.read_text() == "old results\n"
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "results.jsonl"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("save_state", [True, False])
+def test_ctrl_c_says_what_can_be_resumed(tmp_path, save_state):
+    """Ctrl-C promises a saved epoch only when there is one (not with --no-save-state)."""
+    run = tmp_path / "run"
+    args = ["--strategy", "linear", "--no-augment", "--epochs", "1000", "--output", str(run)]
+    process = subprocess.Popen(train_command(*args, *([] if save_state else ["--no-save-state"])),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: (run / "results.csv").exists() or process.poll() is not None, 300, "epoch 1")
+        process.send_signal(signal.SIGINT)
+        stderr = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert ("nothing to resume from" in stderr) == (not save_state)
+    assert ("--resume" in stderr) == save_state
