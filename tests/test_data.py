@@ -39,6 +39,14 @@ def test_validation_split_is_stratified_seeded_and_complete():
     assert not set(train_idx.tolist()) & set(val_idx.tolist())
 
 
+def test_seeded_subset_has_exactly_the_size_asked_for():
+    train = load_dataset("fashion-mnist", "train")  # 54,000 images after the val split
+    for count in (512, 1919, 7):
+        sub = seeded_subset(train, count, seed=0)
+        assert len(sub) == count
+        assert sub.labels.bincount(minlength=10).max() - sub.labels.bincount(minlength=10).min() <= 1
+
+
 def test_seeded_subset_is_stratified():
     sub = seeded_subset(load_dataset("fashion-mnist", "test"), 500, seed=0)
     assert len(sub) == 500 and sub.labels.bincount().tolist() == [50] * 10

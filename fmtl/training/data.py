@@ -146,29 +146,46 @@ def _has_own_val(source: str) -> bool:
     return path.is_dir() and (path / "train").is_dir() and (path / "val").is_dir()
 
 
-def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded split of indices into (train, val) keeping each class's share; both sorted."""
+def stratified_split(
+    labels: torch.Tensor, val_fraction: float, seed: int, count: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of indices into (rest, picked) keeping each class's share; both sorted.
+
+    ``picked`` holds ``val_fraction`` of each class (at least one of a class with several members), or,
+    when ``count`` is given, exactly ``count`` images shared out over the classes by their sizes.
+    """
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     generator = torch.Generator().manual_seed(seed)
-    val_parts = []
-    for cls in torch.unique(labels):
-        members = torch.nonzero(labels == cls).flatten()
-        take = round(len(members) * val_fraction)
-        if val_fraction > 0 and len(members) > 1:
-            take = max(take, 1)
-        val_parts.append(members[torch.randperm(len(members), generator=generator)[:take]])
-    val = torch.sort(torch.cat(val_parts)).values
+    classes = torch.unique(labels)
+    members = [torch.nonzero(labels == cls).flatten() for cls in classes]
+    if count is None:
+        takes = [round(len(m) * val_fraction) for m in members]
+        takes = [max(t, 1) if val_fraction > 0 and len(m) > 1 else t for t, m in zip(takes, members, strict=True)]
+    else:
+        takes = _class_quotas([len(m) for m in members], count)
+    picked = [m[torch.randperm(len(m), generator=generator)[:t]] for m, t in zip(members, takes, strict=True)]
+    val = torch.sort(torch.cat(picked)).values
     mask = torch.ones(len(labels), dtype=torch.bool)
     mask[val] = False
     return torch.nonzero(mask).flatten(), val
 
 
+def _class_quotas(sizes: list[int], total: int) -> list[int]:
+    """Per-class counts proportional to ``sizes`` that add up to exactly ``total`` (largest remainders)."""
+    exact = [size * total / sum(sizes) for size in sizes]
+    quotas = [int(share) for share in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - quotas[i], reverse=True)
+    for i in by_remainder[: total - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
 def seeded_subset(data: ImageSet, max_samples: int, seed: int) -> ImageSet:
-    """A seeded, stratified subset of at most ``max_samples`` images (all of them when fewer)."""
+    """A seeded, stratified subset of exactly ``max_samples`` images (all of them when there are fewer)."""
     if not max_samples or max_samples >= len(data):
         return data
-    _, keep = stratified_split(data.labels, max_samples / len(data), seed)
+    _, keep = stratified_split(data.labels, 0.0, seed, count=max_samples)
     return data.subset(keep)
 
 
