@@ -165,21 +165,33 @@ class Server:
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection; request() returns (status, body)."""
+    """One keep-alive HTTP/1.1 connection; request() returns (status, body).
 
-    def __init__(self, port: int):
+    With ``retry_stale``, a request on a reused socket that the server had already closed (its
+    keep-alive timeout, 5 s in uvicorn) is sent again on a new socket, as HTTP clients do."""
+
+    def __init__(self, port: int, retry_stale: bool = True):
         self.port = port
+        self.retry_stale = retry_stale
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.answered = 0  # answers on the current socket
 
     async def request(self, method: str, path: str, body: bytes = b"", content_type: str = "image/png"):
+        reused = self.writer is not None
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
             self.answered = 0
         head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
         self.writer.write(f"{head}Content-Type: {content_type}\r\n\r\n".encode() + body)
-        header = await self.reader.readuntil(b"\r\n\r\n")
+        try:
+            header = await self.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionResetError) as error:
+            stale = reused and not getattr(error, "partial", b"")
+            self.close()
+            if stale and self.retry_stale:
+                return await self.request(method, path, body, content_type)
+            raise
         status = int(header[9:12])
         length = int(re.search(rb"(?i)content-length: *(\d+)", header).group(1))
         answer = await self.reader.readexactly(length)
@@ -362,10 +374,11 @@ def row(level: Level, split: tuple[str, str, str], rss: tuple[float, float], cpu
             f"{rss[0]:.0f}→{rss[1]:.0f} | {cpu.others / level.seconds:.2f} |")  # fmt: skip
 
 
-def measure(server: Server, coroutine) -> tuple[Level, str]:
+def measure(server: Server, coroutine, name: str | None = None) -> tuple[Level, str]:
     before, rss_start = server.metrics(), rss_mb(server.pid)
     with CpuWatch([server.pid]) as cpu:
         level = asyncio.run(coroutine)
+    level.name = name or level.name
     after = server.metrics()
     line = row(level, server_split(before, after), (rss_start, rss_mb(server.pid)), cpu)
     print(line, flush=True)
@@ -412,7 +425,7 @@ def sigterm_under_load(model: Path, bodies: list[bytes], seconds: float) -> None
     signalled = 0.0
 
     async def client(number: int) -> None:
-        connection = Connection(server.port)
+        connection = Connection(server.port, retry_stale=False)  # count every unanswered request
         i = number
         while True:
             try:
@@ -450,18 +463,20 @@ def where_time_goes(model: Path, bodies: list[bytes], args, levels: dict[int, Le
     profile = tmp / "serve.prof"
     server = Server(model, prefix=("-m", "cProfile", "-o", str(profile)))
     try:
-        measure(server, closed_loop([server.port], bodies, 16, args.seconds))
+        measure(server, closed_loop([server.port], bodies, 16, args.seconds), "closed c=16 under cProfile")
     finally:
         server.stop()
     stats = pstats.Stats(str(profile))
     shares: Counter = Counter()
     for (filename, _, function), (_, _, tottime, _, _) in stats.stats.items():
         shares[package_of(filename, function)] += tottime
-    total = sum(shares.values())
-    print("\nprofile of the server's event-loop thread at concurrency 16 (cProfile, own time by package; "
-          "the inference and decoding threads are not in it):")  # fmt: skip
-    for name, seconds in shares.most_common(9):
-        print(f"  {name:<40} {seconds / total:6.1%}")
+    waiting, startup = shares.pop("waiting (epoll, locks)", 0.0), shares.pop("start-up (imports)", 0.0)
+    busy = sum(shares.values())
+    print(f"\nprofile of the server's event-loop thread at concurrency 16 (cProfile; the inference and decoding "
+          f"threads are not in it): {busy:.1f} s busy, {waiting:.1f} s waiting, {startup:.1f} s start-up; "
+          f"own time by package, share of the busy time:")  # fmt: skip
+    for name, seconds in shares.most_common(12):
+        print(f"  {name:<48} {seconds / busy:6.1%}")
     two = [Server(model, "--threads", "1") for _ in range(2)]
     try:
         with CpuWatch([s.pid for s in two]) as cpu:
@@ -477,15 +492,21 @@ def where_time_goes(model: Path, bodies: list[bytes], args, levels: dict[int, Le
 
 
 def package_of(filename: str, function: str) -> str:
-    """A readable group for a profiled function: the package, or what the builtin is."""
+    """A readable group for a profiled function: waiting, start-up, the package, or the builtin."""
+    if filename == "~":
+        if re.search(r"poll|select|acquire|sleep", function):
+            return "waiting (epoll, locks)"
+        if re.search(r"marshal|_imp\b|_imp\.|exec|compile|__build_class__", function):
+            return "start-up (imports)"
+        if match := re.search(r"<method '(\w+)' of '([\w.]+)' objects>", function):
+            return f"builtin {match.group(2)}.{match.group(1)}"
+        return "builtin " + function.strip("<>").removeprefix("built-in method ")
+    if "importlib" in filename:
+        return "start-up (imports)"
     if match := re.search(r"site-packages/([^/]+)", filename):
         return match.group(1).removesuffix(".py")
     if "fmtl/" in filename:
         return "fmtl (" + filename.rsplit("/", 1)[-1] + ")"
-    if filename == "~":
-        if "select" in function or "poll" in function:
-            return "waiting for events (epoll)"
-        return "builtins (" + function.strip("<>").split(" ")[-1].split(".")[0] + ")"
     if match := re.search(r"python3\.\d+/([^/]+)", filename):
         return "stdlib " + match.group(1).removesuffix(".py")
     return filename
