@@ -222,9 +222,14 @@ def test_queue_full_gets_503_with_retry_after(grey):
         second = await client.post("/v1/classify", files=files(2))
         assert second.status_code == 503 and int(second.headers["Retry-After"]) >= 1
         assert "queue full" in second.json()["error"]
-        assert (await first).status_code == 200
+        third = asyncio.create_task(client.post("/v1/classify", content=png(grey_images(1)[0])))  # 3 + 1 fit
+        while server.batcher.queued_images < 4:
+            await asyncio.sleep(0.01)
+        garbage = await client.post("/v1/classify", content=b"not even an image")
+        assert garbage.status_code == 503  # refused before its body is read or decoded
+        assert (await first).status_code == 200 and (await third).status_code == 200
         text = (await client.get("/metrics")).text
-        assert metric(text, "fmtl_rejected_requests_total", reason="queue_full") == 1
+        assert metric(text, "fmtl_rejected_requests_total", reason="queue_full") == 2
 
     run_app(ServeConfig(grey, max_queue=4, max_images=4, batch_wait_ms=1000, max_batch_size=64), scenario)
 
