@@ -16,25 +16,27 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fmtl.errors import FmtlError, MissingSplitError
+from fmtl.atomic import atomic_write_text, write_errors
+from fmtl.errors import ERROR_PREFIX, EXIT_USER_ERROR, DivergenceError, FmtlError, MissingSplitError
 from fmtl.spec import DataOptions, InputSpec, RunInfo
-from fmtl.training import reports
+from fmtl.training import budget, reports
 from fmtl.training.augment import Augment, Preprocess
 from fmtl.training.checkpoint import MODEL_WEIGHTS, load_training_state, save_model, save_training_state
 from fmtl.training.config import TrainConfig, load_config
 from fmtl.training.data import ImageSet, load_run_split, seeded_subset
+from fmtl.training.headfit import fit_linear_head
 from fmtl.training.metrics import topk_correct
 from fmtl.training.models import FmtlModel, apply_freeze, create_model, parameter_groups, parameter_summary
 
@@ -262,6 +264,7 @@ class Trainer:
         self.train_labels = self.train_set.labels.to(device)
         self.val_images = self._on_device(self.val_set.images)
         train_loader = index_loader(len(self.train_set), cfg.batch_size, shuffle=True, seed=cfg.seed)
+        self.shuffle_generator = train_loader.generator  # the sampler's, drawn from each epoch: part of the state
         val_loader = index_loader(len(self.val_set), cfg.eval_batch_size, shuffle=False, seed=0)
         steps = math.ceil(len(train_loader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
         optimizer, scheduler = make_optimizer(cfg, model, self.phases, steps)
@@ -278,6 +281,11 @@ class Trainer:
         # A few hundred MB of uint8 is cheap to keep on a GPU; a huge folder dataset stays in host memory.
         return images.to(self.accelerator.device) if images.nbytes < 2**31 else images
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """fmtl's own random generators, saved and restored with the training state."""
+        mine = {"shuffle": self.shuffle_generator}
+        return {**mine, "augment": self.augment.generator} if self.augment is not None else mine
+
     @property
     def net(self) -> FmtlModel:
         return self.accelerator.unwrap_model(self.model)
@@ -292,6 +300,7 @@ class Trainer:
             phase = phase_of(self.phases, epoch)
             started = time.perf_counter()
             train_loss, seen = self.train_one_epoch(epoch, phase)
+            self.check_weights(epoch)
             val = self.evaluate_val(phase)
             seconds = time.perf_counter() - started
             row = EpochRow(
@@ -315,22 +324,37 @@ class Trainer:
             for module in net.backbone.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        use_cache = phase.frozen and self.augment is None
+        # --head-cache: head-only epochs learn from un-augmented features computed once (augmenting is for fine-tuning)
+        use_cache = phase.frozen and (self.augment is None or self.cfg.head_cache)
         if use_cache and self.cached is None:
             self.cached = self.extract_features()
+            if epoch == phase.first_epoch:
+                self.fit_head()
         self.train_loader.set_epoch(epoch)
         total_loss, seen = torch.zeros((), device=accelerator.device), 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.cfg.epochs} {phase.name}", leave=False,
                    disable=self.cfg.quiet or not accelerator.is_local_main_process)  # fmt: skip
         started = time.perf_counter()
-        for indices in bar:
+        for step, indices in enumerate(bar, 1):
             with accelerator.accumulate(self.model):
                 loss = self.train_step(indices, use_cache)
+            self.check_loss(loss, epoch, step)
             total_loss += loss.detach() * len(indices)
             seen += len(indices)
             bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
         total = accelerator.reduce(torch.stack([total_loss, torch.tensor(float(seen), device=total_loss.device)]))
         return (total[0] / total[1]).item(), int(total[1].item())
+
+    def fit_head(self) -> None:
+        """--head-fit lbfgs: solve the linear head on the cached features before its epochs (``headfit``)."""
+        if self.cfg.head_fit != "lbfgs" or not isinstance(self.net.head, torch.nn.Linear):
+            return
+        train, val = self.cached["train"], self.cached["val"]
+        chosen = fit_linear_head(self.net.head, train, self.train_set.labels, val, self.val_set.labels)
+        self.accelerator.print(
+            f"head solved by L-BFGS on cached features: val acc {chosen['val_acc']:.4f} "
+            f"(weight decay {chosen['weight_decay']:g}, chosen on val)"
+        )
 
     def train_step(self, indices: torch.Tensor, use_cache: bool) -> torch.Tensor:
         labels = self.train_labels[indices.to(self.train_labels.device)]
@@ -346,6 +370,33 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def check_loss(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        """Divergence is an error, not a result: every process stops at the same step once any loss is
+        NaN or infinite. Under fp16, a step whose gradients overflowed was skipped by the scaler: not divergence."""
+        if self.accelerator.scaler is not None and self.optimizer.step_was_skipped:
+            return
+        value = loss.detach().float()
+        bad = (~torch.isfinite(value)).float()
+        if self.accelerator.num_processes > 1:  # one rank's NaN stops them all here, not at a hung collective
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item():
+            what = "infinite" if torch.isinf(value) else "NaN"
+            raise DivergenceError(f"loss became {what} at epoch {epoch} step {step}; {self.divergence_advice()}")
+
+    @torch.no_grad()
+    def check_weights(self, epoch: int) -> None:
+        """No non-finite weights get past an epoch (so none is ever saved); weights agree across processes."""
+        for name, parameter in self.net.named_parameters():
+            if not torch.isfinite(parameter).all():
+                raise DivergenceError(f"weights became NaN or infinite in epoch {epoch} ({name}); "
+                                      f"{self.divergence_advice()}")  # fmt: skip
+
+    def divergence_advice(self) -> str:
+        cfg = self.cfg
+        clip = "" if cfg.grad_clip else " or clip gradients (--grad-clip 1)"
+        kept = f"epoch {self.best['epoch']}'s model stays in {self.run_dir}" if self.best["epoch"] else "nothing saved"
+        return f"lower --lr (now {cfg.lr:g}, backbone x{cfg.backbone_lr_scale:g}){clip}; {kept}"
 
     @torch.no_grad()
     def extract_features(self) -> dict:
@@ -413,7 +464,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             reports.write_results(self.run_dir, [asdict(r) for r in self.history])
             if improved:
-                save_model(self.run_dir, self.net, self.model_info({"val": self.best}))
+                with write_errors(self.run_dir / MODEL_WEIGHTS):
+                    save_model(self.run_dir, self.net, self.model_info({"val": self.best}))
         self.accelerator.log({k: v for k, v in asdict(row).items() if k != "phase"}, step=row.epoch)
         self.accelerator.print(
             f"epoch {row.epoch:>3} {row.phase:<8} train loss {row.train_loss:.4f}  val loss "
@@ -423,7 +475,10 @@ class Trainer:
         if self.cfg.save_state:
             history = [asdict(r) for r in self.history]
             save_training_state(
-                self.accelerator, self.run_dir, {"epoch": row.epoch, "history": history, "best": self.best}
+                self.accelerator,
+                self.run_dir,
+                {"epoch": row.epoch, "history": history, "best": self.best},
+                self.generators(),
             )
 
     def should_stop(self, epoch: int) -> bool:
@@ -438,7 +493,7 @@ class Trainer:
         )  # fmt: skip
 
     def resume(self) -> int:
-        state = load_training_state(self.accelerator, self.run_dir)
+        state = load_training_state(self.accelerator, self.run_dir, self.generators())
         self.history, self.best = [EpochRow(**row) for row in state["history"]], state["best"]
         self.accelerator.print(
             f"resuming {self.run_dir} after epoch {state['epoch']} (best val acc {self.best['val_acc']:.4f})"
@@ -451,6 +506,7 @@ class Trainer:
 
 def run(cfg: TrainConfig) -> dict | None:
     """Train as configured; returns the test metrics (on the main process)."""
+    clock = time.perf_counter()  # --budget counts from here
     run_dir = resolve_run_dir(cfg)
     if not cfg.resume and (run_dir / "model.json").exists():
         raise FmtlError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --output")
@@ -458,11 +514,17 @@ def run(cfg: TrainConfig) -> dict | None:
     set_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    splits = load_splits(cfg)
+    plan = None
+    if cfg.budget and not cfg.resume:  # a resumed run keeps the epochs its config.yaml was planned with
+        cfg, plan = plan_budget(cfg, splits, accelerator, clock)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         reports.write_config(run_dir, cfg)
+        if plan is not None:
+            atomic_write_text(run_dir / "plan.json", plan.to_json())
     accelerator.init_trackers("fmtl", config={k: v for k, v in asdict(cfg).items() if v is not None})
-    trainer = Trainer(cfg, accelerator, run_dir, load_splits(cfg))
+    trainer = Trainer(cfg, accelerator, run_dir, splits)
     accelerator.print(f"{cfg.model} on {trainer.train_set.source}: {len(trainer.train_set)} train / "
                       f"{len(trainer.val_set)} val / {len(trainer.test_set)} test images, {len(trainer.classes)} classes, "
                       f"{trainer.spec.image_size}px, {cfg.strategy}; {parameter_summary(trainer.net)}; "
@@ -478,8 +540,23 @@ def run(cfg: TrainConfig) -> dict | None:
         accelerator.print(
             reports.summary(run_dir, metrics, trainer.classes, trainer.best, len(trainer.history), seconds)
         )
+        if plan is not None:  # how the plan came out: the budget's clock at the end of the run
+            plan.finished_s = round(time.perf_counter() - clock, 1)
+            atomic_write_text(run_dir / "plan.json", plan.to_json())
+            accelerator.print(f"budget {plan.budget_s:.0f}s: finished in {plan.finished_s:.0f}s")
     accelerator.end_training()
     return metrics
+
+
+def plan_budget(cfg: TrainConfig, splits: Splits, accelerator: Accelerator, clock: float):
+    """--budget: time this run's steps on a throwaway model, fit whole epochs; every process takes the main's plan."""
+    model = build_model(cfg, len(splits.train.classes))
+    counts = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
+    spec = input_spec(model, splits.train, cfg)
+    _, plan = budget.plan_run(cfg, model, spec, counts, accelerator.device, clock, accelerator.num_processes)
+    plan = broadcast_object_list([plan])[0]
+    accelerator.print(plan.describe())
+    return replace(cfg, epochs=plan.epochs, head_epochs=plan.head_epochs), plan
 
 
 def outcome_of(trainer: Trainer, probs: np.ndarray) -> reports.TestOutcome:
@@ -492,15 +569,19 @@ def outcome_of(trainer: Trainer, probs: np.ndarray) -> reports.TestOutcome:
 
 def main(argv: list[str] | None = None, prog: str = "fmtl/train.py", before_run=None) -> int:
     """Parse, run, and turn user mistakes into one line; ``before_run(cfg)`` is the entry point's hook."""
+    cfg = None
     try:
         cfg = load_config(argv, prog=prog)
         if before_run is not None:
             before_run(cfg)
         run(cfg)
     except FmtlError as error:
-        print(f"fmtl: error: {error}", file=sys.stderr)
-        return 2
+        print(f"{ERROR_PREFIX}{error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("fmtl: interrupted (the last completed epoch is saved; continue with --resume RUN_DIR)", file=sys.stderr)
+        if cfg is not None and not cfg.save_state:
+            print("fmtl: interrupted (run with --no-save-state: nothing to resume from)", file=sys.stderr)
+        else:
+            print("fmtl: interrupted (continue from the last saved epoch with --resume RUN_DIR)", file=sys.stderr)
         return 130
     return 0
