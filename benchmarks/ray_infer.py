@@ -119,7 +119,8 @@ def measure(command: list[str], extra: list[psutil.Process] | None = None, env: 
     stop.set()
     sampler.join()
     if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr.decode()[-2000:]}")
+        said = [line for line in stderr.decode().splitlines() if line.strip() and not line.startswith(("/", "["))]
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n" + "\n".join(said[-30:]))
     others = max(0.0, (busy_cpu_seconds() - busy_before - sum(own_cpu.values())) / seconds)
     return Measure(seconds, peak[0], others)
 
