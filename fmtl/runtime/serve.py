@@ -99,6 +99,20 @@ class ApiError(Exception):
         self.status, self.message, self.reason, self.headers = status, message, reason, headers or {}
 
 
+class Admission:
+    """One request's place from its arrival until its images reach the queue."""
+
+    def __init__(self, server: ModelServer):
+        self.server = server
+        self.arrived = time.perf_counter()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.server.admitting -= 1
+
+
 class ModelServer:
     """The model, its batcher and the server's state (loading, ready, draining); one per app."""
 
@@ -113,6 +127,7 @@ class ModelServer:
         self.load_error: str | None = None
         self.warmup_seconds = 0.0
         self._served = (0, 0.0)  # images and model seconds so far, for Retry-After
+        self.admitting = 0  # requests admitted and being read or decoded, not yet queued
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(usable_cpus(), thread_name_prefix="fmtl-decode")
 
     async def load(self) -> None:
@@ -169,24 +184,29 @@ class ModelServer:
         if not self.ready:
             raise ApiError(503, "the model is not loaded yet", "not_ready", {"Retry-After": "1"})
 
-    def check_room(self) -> None:
-        """503 before reading and decoding anything when the queue is already full: under overload,
-        refusing costs the least CPU this way, which leaves more for the requests already accepted."""
-        if self.batcher.queued_images >= self.config.max_queue:
-            raise ApiError(503, f"overloaded: queue full ({self.batcher.queued_images} images waiting)", "queue_full",
+    def admit(self) -> Admission:
+        """A place for one new request, or 503 before anything is read or decoded when the queue,
+        counting the requests still being read and decoded, is full: under overload refusing
+        costs least this way, and no backlog builds up in front of the queue either."""
+        waiting = self.batcher.queued_images + self.admitting
+        if waiting >= self.config.max_queue:
+            raise ApiError(503, f"overloaded: queue full ({waiting} requests or images waiting)", "queue_full",
                            {"Retry-After": self._retry_after()})  # fmt: skip
+        self.admitting += 1
+        return Admission(self)
 
     def check_name(self, name: str) -> None:
         if name != self.name:
             raise ApiError(404, f"unknown model {name!r}: this server has {self.name!r}", "unknown_model")
 
-    async def infer(self, images: np.ndarray) -> np.ndarray:
+    async def infer(self, images: np.ndarray, admission: Admission) -> np.ndarray:
         """Probabilities [N, classes] for a uint8 batch, through the queue and the batcher."""
+        admission.release()  # from here on the batcher's queue counts these images
         if len(images) > self.config.max_images:
             raise ApiError(413, f"{len(images)} images in one request (limit {self.config.max_images})",
                            "too_many_images")  # fmt: skip
         try:
-            return await self.batcher.submit(images)
+            return await self.batcher.submit(images, admission.arrived)
         except QueueFull as error:
             raise ApiError(503, f"overloaded: {error}", "queue_full", {"Retry-After": self._retry_after()}) from None
         except QueueTimeout as error:
@@ -316,16 +336,19 @@ async def classify(request: Request) -> Response:
     server = _server(request)
     server.check_accepting()
     k = _parse_k(request)
-    server.check_room()
-    payloads, names = await image_payloads(request, server.config)
-    decoded = await server.decode(payloads)
-    good = [i for i, item in enumerate(decoded) if not isinstance(item, DecodeError)]
-    if not good and len(decoded) == 1:
-        raise ApiError(400, f"not a readable image: {decoded[0]}", "bad_image")
-    if not good:
-        reasons = "; ".join(f"{name}: {item}" for name, item in zip(names, decoded, strict=True))
-        raise ApiError(400, f"no readable image ({reasons})", "bad_image")
-    probs = await server.infer(np.stack([decoded[i] for i in good]))
+    admission = server.admit()
+    try:
+        payloads, names = await image_payloads(request, server.config)
+        decoded = await server.decode(payloads)
+        good = [i for i, item in enumerate(decoded) if not isinstance(item, DecodeError)]
+        if not good and len(decoded) == 1:
+            raise ApiError(400, f"not a readable image: {decoded[0]}", "bad_image")
+        if not good:
+            reasons = "; ".join(f"{name}: {item}" for name, item in zip(names, decoded, strict=True))
+            raise ApiError(400, f"no readable image ({reasons})", "bad_image")
+        probs = await server.infer(np.stack([decoded[i] for i in good]), admission)
+    finally:
+        admission.release()
     tops = dict(zip(good, server.classifier.top_k(probs, k), strict=True))
     predictions = []
     for i, (name, item) in enumerate(zip(names, decoded, strict=True)):
@@ -388,14 +411,17 @@ async def model_infer(request: Request) -> Response:
     server = _server(request)
     server.check_name(request.path_params["name"])
     server.check_accepting()
-    server.check_room()
-    body = await read_body(request, int(server.config.max_body_mb * 1e6))
+    admission = server.admit()
     try:
-        document = json.loads(body)
-    except ValueError as error:
-        raise ApiError(400, f"bad JSON: {error}", "bad_request") from None
-    images = tensor_from_v2(document, server.classifier.input_shape)
-    probs = await server.infer(images)
+        body = await read_body(request, int(server.config.max_body_mb * 1e6))
+        try:
+            document = json.loads(body)
+        except ValueError as error:
+            raise ApiError(400, f"bad JSON: {error}", "bad_request") from None
+        images = tensor_from_v2(document, server.classifier.input_shape)
+        probs = await server.infer(images, admission)
+    finally:
+        admission.release()
     output = {"name": "probs", "datatype": "FP32", "shape": list(probs.shape), "data": probs.ravel().tolist()}
     answer = {"model_name": server.name, "model_version": "1", "outputs": [output]}
     if isinstance(document.get("id"), str):

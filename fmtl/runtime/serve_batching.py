@@ -101,18 +101,26 @@ class Batcher:
         self.batch_wait_s = 0.0
         self._wakeup.set()
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
+    async def submit(self, images: np.ndarray, arrived: float | None = None) -> np.ndarray:
         """Queue ``images`` and return predict's rows for them, in order.
+
+        Args:
+            images: a uint8 batch.
+            arrived: when the request arrived (time.perf_counter()); the queue timeout counts from
+                then, so time spent reading and decoding counts too [now].
 
         Raises:
             QueueFull: taking them would put more than max_queue images in the queue.
-            QueueTimeout: they were not started within queue_timeout_s.
+            QueueTimeout: they were not started within queue_timeout_s of ``arrived``.
         """
         if self.queued_images + len(images) > self.max_queue:
             raise QueueFull(f"queue full ({self.queued_images} images waiting, limit {self.max_queue})")
         loop = asyncio.get_running_loop()
         job = _Job(images, loop.create_future())
-        job.timer = loop.call_later(self.queue_timeout_s, self._expire, job)
+        left = self.queue_timeout_s - (time.perf_counter() - arrived if arrived is not None else 0.0)
+        if left <= 0:
+            raise QueueTimeout(f"waited {(self.queue_timeout_s - left) * 1000:.0f} ms before reaching the queue")
+        job.timer = loop.call_later(left, self._expire, job)
         self._queue.append(job)
         self.queued_images += len(images)
         self._wakeup.set()
