@@ -25,15 +25,17 @@ def all_finite(path: Path) -> bool:
     return all(torch.isfinite(t).all() for t in load_file(str(path)).values())
 
 
-def test_a_nan_loss_stops_the_run_and_saves_no_model(tmp_path, capsys):
+def test_a_nan_loss_stops_the_run_and_saves_no_nan_model(tmp_path, capsys):
     """The issue's fourth row: --lr 1e6 --grad-clip 0 used to end in exit 0 and a NaN model.safetensors."""
     run = tmp_path / "run"
-    code = train_main([*SMALL, "--strategy", "finetune", "--lr", "1e6", "--grad-clip", "0", "--epochs", "2",
+    code = train_main([*SMALL, "--strategy", "finetune", "--lr", "1e6", "--grad-clip", "0", "--epochs", "3",
                        "--output", str(run)])  # fmt: skip
     assert code == EXIT_USER_ERROR
     line = one_error_line(capsys.readouterr().err)
-    assert "became" in line and "at epoch 1 step" in line and "lower --lr" in line, line
-    assert not (run / "model.safetensors").exists() and not (run / "state").exists()
+    assert "loss became NaN at epoch" in line and "step" in line and "lower --lr (now 1e+06" in line, line
+    assert "--grad-clip" in line and not (run / "metrics.json").exists()
+    for saved in (run / "model.safetensors", run / "state" / "model.safetensors"):
+        assert not saved.exists() or all_finite(saved)
 
 
 def test_divergence_after_a_good_epoch_keeps_the_good_model_and_state(tmp_path, capsys):

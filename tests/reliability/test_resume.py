@@ -66,7 +66,11 @@ def test_killed_at_an_epoch_boundary_resumes_bit_identical(after_epoch_2, refere
     assert_same_run(run, reference)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+# One seed in CI (each costs about one run); more with FMTL_FAULT_SEEDS=1,2,3,...
+SEEDS = [int(seed) for seed in os.environ.get("FMTL_FAULT_SEEDS", "1").split(",")]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_sigkill_anywhere_then_resume_is_the_same_run(reference, tmp_path, seed):
     """SIGKILLs inside Accelerate's save_state, between the renames, before a file's rename and at
     random moments, each followed by --resume, end in the uninterrupted run, bit for bit."""
