@@ -119,7 +119,7 @@ def measure(command: list[str], extra: list[psutil.Process] | None = None, env: 
     stop.set()
     sampler.join()
     if process.returncode != 0:
-        said = [line for line in stderr.decode().splitlines() if line.strip() and not line.startswith(("/", "["))]
+        said = [line for line in stderr.decode().splitlines() if line.strip() and not line.startswith("/")]
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n" + "\n".join(said[-30:]))
     others = max(0.0, (busy_cpu_seconds() - busy_before - sum(own_cpu.values())) / seconds)
     return Measure(seconds, peak[0], others)
@@ -162,7 +162,7 @@ def start_cluster(work: Path) -> tuple[str, list[psutil.Process]]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    temp_dir = str(work / "ray")
+    temp_dir = str(work / "cluster")  # not work / "ray": that is an --out folder, emptied before each run
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--num-cpus", str(os.cpu_count()),
                     "--include-dashboard=false", "--temp-dir", temp_dir],
                    check=True, capture_output=True, env={**os.environ, **CLUSTER_ENV})  # fmt: skip
