@@ -15,6 +15,9 @@ Two measurements, printed and written to OUT (default runs/accuracy) as accuracy
 2. test accuracy against wall time (1, 5, 15 minutes) on all the data, fmtl's default against the
    scratch baseline.
 
+Every run gets one torch thread (``--threads``, default 1): on a 2-core machine that other jobs
+share, two OpenMP threads per process measured 5-100x slower per step than one.
+
 Protocol: every fmtl run makes its choices (best epoch) on its validation split, a seeded 10 % of the
 training data that is not counted as labelled images; the test split is touched once per trained
 model, by the run itself at its end. Results are kept in OUT/results.json as they come, so an
@@ -45,12 +48,26 @@ CONTENDERS = {
     "finetune": ("fine-tune, no head phase", ["--strategy", "finetune"]),
     "scratch": (
         "fmtl scratch_cnn",
-        ["--model", "scratch_cnn", "--weights", "none", "--strategy", "finetune", "--image-size", "0", "--lr", "3e-3"],
+        [
+            "--model",
+            "scratch_cnn",
+            "--weights",
+            "none",
+            "--strategy",
+            "finetune",
+            "--image-size",
+            "0",
+            "--lr",
+            "3e-3",
+            "--no-freeze-bn",
+            "--backbone-lr-scale",
+            "1",
+        ],  # fmt: skip
     ),
     "peer": ("peer scratch_cnn.py", None),
 }
 FULL = {"sizes": [10, 100, 1000, ALL], "seeds": 3, "budgets": {10: 60, 100: 120, 1000: 300, ALL: 900}}
-QUICK = {"sizes": [10, 100], "seeds": 1, "budgets": {10: 25, 100: 45}}
+QUICK = {"sizes": [10, 100], "seeds": 1, "budgets": {10: 40, 100: 50}}
 WALL_BUDGETS = [60, 300, 900]  # the accuracy-against-time curve on all the data
 
 
@@ -73,10 +90,10 @@ def load() -> float:
 # ---------------------------------------------------------------- one run each
 
 
-def run_fmtl(key: str, per_class: int, seed: int, budget: int, out: Path, eval_images: int) -> dict:
+def run_fmtl(key: str, per_class: int, seed: int, budget: int, out: Path, eval_images: int, threads: int) -> dict:
     run_dir = out / "runs" / f"{key}-{per_class}-s{seed}-{budget}s"
     args = [sys.executable, "-m", "fmtl.train", "--budget", f"{budget}s", "--seed", str(seed), "--quiet"]
-    args += ["--no-save-state", "--output", str(run_dir), *CONTENDERS[key][1]]
+    args += ["--no-save-state", "--threads", str(threads), "--output", str(run_dir), *CONTENDERS[key][1]]
     if per_class != ALL:
         args += ["--max-train-samples", str(per_class * 10)]
     if eval_images:
@@ -97,7 +114,7 @@ def run_fmtl(key: str, per_class: int, seed: int, budget: int, out: Path, eval_i
     }  # fmt: skip
 
 
-def run_peer(per_class: int, budget: int, out: Path, results: dict) -> dict:
+def run_peer(per_class: int, budget: int, out: Path, results: dict, threads: int) -> dict:
     """The peer with as many epochs as fmtl's scratch baseline measured would fit the budget (same shape)."""
     scratch = next(
         (
@@ -115,6 +132,7 @@ def run_peer(per_class: int, budget: int, out: Path, results: dict) -> dict:
     epoch_s = math.ceil(n / 256) * step
     epochs = max(1, int((budget * 0.92 - 10_000 * forward - 5) // epoch_s))
     env = {**os.environ, "PER_CLASS": str(0 if per_class == ALL else per_class), "EVAL_EVERY": "1000000"}
+    env["OMP_NUM_THREADS"] = str(threads)  # torch's thread count, as fmtl's --threads
     started, before = time.perf_counter(), load()
     result = subprocess.run(
         [sys.executable, str(PEER), str(epochs), "32"], cwd=REPO, env=env, capture_output=True, text=True
@@ -219,7 +237,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="seeded subsets per size")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"of {', '.join(CONTENDERS)}")
     parser.add_argument("--wall", action="store_true", help="also the 1/5/15 min curve on all the data")
-    parser.add_argument("--eval-images", type=int, help="val and test images per run (0: all; --quick: 2000)")
+    parser.add_argument("--eval-images", type=int, help="val and test images per run (0: all; --quick: 500)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run, every contender alike")
     parser.add_argument("--out", default="runs/accuracy")
     args = parser.parse_args()
     mode = QUICK if args.quick else FULL
@@ -227,13 +246,14 @@ def main() -> None:
     budgets = {**FULL["budgets"], **mode["budgets"]}
     seeds = args.seeds or mode["seeds"]
     keys = [k for k in args.contenders.split(",") if k in CONTENDERS]
-    eval_images = args.eval_images if args.eval_images is not None else (2000 if args.quick else 0)
+    eval_images = args.eval_images if args.eval_images is not None else (500 if args.quick else 0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "results.json"
     results = json.loads(store.read_text()) if store.exists() else {}
-    header = f"machine: {machine()}; load at start {load()}; budgets per size: " + ", ".join(
-        f"{label(s)}/class {budgets[s]}s" for s in sizes
+    header = (
+        f"machine: {machine()}; {args.threads} torch thread(s) per run; load at start {load()}; budgets: "
+        + ", ".join(f"{label(s)}/class {budgets[s]}s" for s in sizes)
     )
     print(header, flush=True)
     jobs = [(k, s, seed, budgets[s]) for s in sizes for seed in range(seeds) for k in keys if k != "peer"]
@@ -245,9 +265,9 @@ def main() -> None:
         if name in results and "accuracy" in results[name]:
             continue
         if key == "peer":
-            row = run_peer(size, budget, out, results)
+            row = run_peer(size, budget, out, results, args.threads)
         else:
-            row = run_fmtl(key, size, seed, budget, out, eval_images)
+            row = run_fmtl(key, size, seed, budget, out, eval_images, args.threads)
         results[name] = row
         store.write_text(json.dumps(results, indent=1) + "\n")
         shown = f"{100 * row['accuracy']:.2f}%" if "accuracy" in row else f"failed: {row['error']}"

@@ -55,6 +55,7 @@ class Costs:
     head_step: float  # one training batch of a frozen phase (cached features, or augmented images)
     forward_image: float  # one image through the network without gradients (val, test, feature caching)
     save: float  # one epoch's checkpoint (model and training state)
+    head_fit: float = 0.0  # solving the linear head by L-BFGS on the cached features (--head-fit lbfgs), once
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Plan:
     predicted_s: float  # warm-up included, margin excluded
     parts_s: dict
     costs: dict
+    finished_s: float | None = None  # filled in at the end of the run: the budget's clock when it finished
 
     def describe(self) -> str:
         phases = {
@@ -100,7 +102,7 @@ def _timed(step, steps: int = TIMED_STEPS) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached: bool) -> Costs:
+def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached: bool, n_train: int) -> Costs:
     """Time real steps of ``model`` (a throwaway copy of the run's model: its weights are changed)."""
     model = model.to(device)
     images = torch.randint(0, 256, (cfg.batch_size, spec.channels, *spec.source_size), dtype=torch.uint8)
@@ -142,7 +144,25 @@ def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached
         head = _timed(lambda: train_step(head_params, lambda: model(batch(cfg.augment))))
         model.backbone_frozen = False
     save = _timed(lambda: torch.save(model.state_dict(), io.BytesIO()), steps=1) * 3  # + AdamW's two moments
-    return Costs(finetune, head, forward_image, save)
+    fit = 0.0
+    if head_cached and cfg.head_fit == "lbfgs" and isinstance(model.head, torch.nn.Linear):
+        fit = _lbfgs_cost(n_train, features.shape[1], model.head.out_features)
+    return Costs(finetune, head, forward_image, save, fit)
+
+
+def _lbfgs_cost(n: int, num_features: int, classes: int) -> float:
+    """Upper estimate of fmtl.training.headfit: its loss evaluations times one measured evaluation."""
+    from fmtl.training.headfit import CHOICE_ROWS, MAX_ITERATIONS, WEIGHT_DECAYS
+
+    x = torch.randn(n, num_features)
+    weight = torch.zeros(num_features, classes, requires_grad=True)
+    labels = torch.randint(0, classes, (n,))
+
+    def evaluation() -> None:
+        F.cross_entropy(x @ weight, labels).backward()
+
+    evaluations = MAX_ITERATIONS * 1.25 * (1 + len(WEIGHT_DECAYS) * min(1.0, CHOICE_ROWS / n))  # ~1.25 per iteration
+    return _timed(evaluation, steps=1) * evaluations
 
 
 # ---------------------------------------------------------------- planning
@@ -164,6 +184,7 @@ def plan_epochs(
     finetune_epoch = steps * costs.finetune_step + val_pass + costs.save
     once = {
         "caching": (counts["train"] + counts["val"]) * forward if head_cached else 0.0,
+        "head fit": costs.head_fit,
         "test": counts["test"] * forward,
         "reports": FIXED_SECONDS,
     }
@@ -214,7 +235,7 @@ def plan_run(cfg, model, spec: InputSpec, counts: dict[str, int], device, starte
     """
     budget_s = parse_budget(cfg.budget)
     head_cached = cfg.strategy != "finetune" and (cfg.head_cache or not cfg.augment)
-    costs = measure_costs(model, spec, cfg, device, head_cached)
+    costs = measure_costs(model, spec, cfg, device, head_cached, counts["train"])
     available = budget_s - (time.perf_counter() - started)
     plan = plan_epochs(cfg, costs, counts, available, budget_s, num_processes)
     return dataclasses.replace(cfg, epochs=plan.epochs, head_epochs=plan.head_epochs), plan

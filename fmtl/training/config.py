@@ -51,6 +51,7 @@ class TrainConfig:
     unfreeze: str = option("all", "what fine-tuning trains besides the head: all, or last:N feature blocks")
     freeze_bn: bool = option(True, "fine-tune with BatchNorm in inference mode, so features don't jump on unfreezing")
     head_cache: bool = option(True, "head-only epochs train on cached features of un-augmented images (cheap)")
+    head_fit: str = option("lbfgs", "cached head phase: first solve the linear head by L-BFGS (lbfgs), or not (none)")
     # optimisation
     epochs: int = option(3, "total epochs, all phases together")
     budget: str | None = option(None, "train within this wall time (90s, 10m, 1h): epochs planned from measured speed")
@@ -101,6 +102,7 @@ class TrainConfig:
             raise FmtlError(f"hybrid needs 0 < --head-epochs < --epochs (got {self.head_epochs} of {self.epochs})")
         # Checked here, before a run folder or an Accelerator exists, not when the model is built.
         _choice("head", self.head, HEADS)
+        _choice("head_fit", self.head_fit, ("lbfgs", "none"))
         if self.unfreeze != "all" and not _is_last_n(self.unfreeze):
             raise ConfigError(f"--unfreeze {self.unfreeze!r} is not all or last:N (N >= 1)")
 

@@ -1,0 +1,172 @@
+"""The training recipe: the time budget, the from-scratch baseline, and the options the recipe added.
+
+Real small runs on the real Fashion-MNIST (a few thousand images at 28-32 px), each option
+checked by what it does, not only by what config.yaml says.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fmtl.errors import ConfigError, FmtlError
+from fmtl.training.budget import Costs, parse_budget, plan_epochs
+from fmtl.training.config import load_config
+from fmtl.training.export import export_onnx
+from fmtl.training.loop import main as train_main
+from fmtl.training.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+# Random weights: BatchNorm must learn its statistics and the backbone trains at the head's rate.
+SCRATCH = ["--no-freeze-bn", "--backbone-lr-scale", "1"]
+# One thread: on a CPU that other jobs share, two OpenMP threads measured 5-100x slower per step than one.
+SMALL = ["--max-train-samples", "1000", "--max-eval-samples", "500", "--image-size", "32", "--threads", "1", "--quiet"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---------------------------------------------------------------- the budget, without training
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("45", 45)])
+def test_budget_durations(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "10x", "0s", "m10"])
+def test_budget_rejects_what_is_not_a_duration(text):
+    with pytest.raises(ConfigError):
+        parse_budget(text)
+
+
+def test_budget_lets_the_planner_choose_epochs():
+    # Without --budget, hybrid needs head epochs < epochs; with it the planner sets --epochs.
+    with pytest.raises(FmtlError):
+        load_config(["--head-epochs", "5", "--epochs", "3"])
+    assert load_config(["--head-epochs", "5", "--budget", "10m"]).budget == "10m"
+    with pytest.raises(FmtlError, match="duration"):
+        load_config(["--budget", "soon"])
+
+
+def _plan(budget: float, strategy: str = "hybrid", head_epochs: int = 2):
+    cfg = load_config(["--strategy", strategy, "--head-epochs", str(head_epochs), "--budget", f"{budget}s"])
+    costs = Costs(finetune_step=0.5, head_step=0.002, forward_image=0.001, save=0.2)
+    counts = {"train": 54_000, "val": 6_000, "test": 10_000}
+    return plan_epochs(cfg, costs, counts, available_s=budget - 5, budget_s=budget)
+
+
+def test_plan_fits_whole_epochs_into_the_budget():
+    plan = _plan(1200)
+    assert plan.head_epochs == 2 and plan.epochs > plan.head_epochs
+    assert plan.predicted_s <= 1200
+    longer = _plan(2400)
+    assert longer.epochs > plan.epochs and longer.predicted_s <= 2400
+    # One more fine-tuning epoch would not have fitted (with the margin).
+    finetune_epoch = plan.parts_s["finetune"] / (plan.epochs - plan.head_epochs)
+    assert plan.predicted_s + finetune_epoch > 1200 * 0.92
+
+
+def test_plan_refuses_a_budget_shorter_than_one_epoch():
+    with pytest.raises(ConfigError, match="too short"):
+        _plan(200)
+
+
+# ---------------------------------------------------------------- real runs
+
+
+@pytest.mark.slow
+def test_budget_run_ends_within_budget_with_a_completed_schedule(tmp_path):
+    budget = 60
+    run_dir = tmp_path / "budget"
+    command = [sys.executable, "-m", "fmtl.train", *SMALL, "--budget", f"{budget}s", "--head-epochs", "2"]
+    started = time.perf_counter()
+    result = subprocess.run([*command, "--output", str(run_dir)], cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert f"budget {budget}s" in result.stdout
+    assert plan["finished_s"] <= budget  # fmtl's own clock, from the start of the run
+    assert wall <= budget + 15  # plus the interpreter's start and imports
+    rows = _rows(run_dir)
+    assert len(rows) == plan["epochs"] > plan["head_epochs"] == 2
+    # Each phase's cosine ran to its end: the last step's learning rate is near zero, not cut off mid-way.
+    assert float(rows[-1]["lr"]) < 0.05 * 1e-3
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["budget"] == f"{budget}s" and saved["epochs"] == plan["epochs"]
+
+
+@pytest.mark.slow
+def test_scratch_baseline_trains_exports_and_passes_parity(tmp_path):
+    run_dir = tmp_path / "scratch"
+    args = ["--model", "scratch_cnn", "--weights", "none", "--strategy", "finetune", "--epochs", "3", "--lr", "3e-3"]
+    args += [*SCRATCH, *SMALL, "--image-size", "0", "--output", str(run_dir)]
+    assert train_main(args) == 0
+    info = json.loads((run_dir / "model.json").read_text())
+    assert info["architecture"] == "scratch_cnn" and info["input_spec"]["image_size"] == 28
+    assert info["metrics"]["test"]["accuracy"] > 0.5  # chance is 0.1
+    lines: list[str] = []
+    onnx_file = export_onnx(run_dir, tmp_path / "scratch.onnx", parity_images=256, echo=lines.append)
+    assert onnx_file.is_file() and any("parity" in line for line in lines)
+
+
+def test_scratch_baseline_has_no_pretrained_weights():
+    with pytest.raises(FmtlError, match="--weights none"):
+        create_model("scratch_cnn", 10)
+
+
+@pytest.mark.slow
+def test_head_cache_trains_the_head_on_unaugmented_features(tmp_path):
+    """--head-cache: an augmented run's head epochs see exactly what a --no-augment run's do."""
+
+    def run(name: str, *extra: str) -> list[dict]:
+        args = ["--strategy", "linear", "--epochs", "2", "--lr", "0.01", "--no-save-state", *SMALL, *extra]
+        assert train_main([*args, "--output", str(tmp_path / name)]) == 0
+        assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["head_cache"] == ("--head-cache" in extra)
+        return [{k: r[k] for k in ("train_loss", "val_acc")} for r in _rows(tmp_path / name)]
+
+    cached = run("cached", "--augment", "--head-cache")
+    plain = run("plain", "--no-augment", "--no-head-cache")
+    augmented = run("augmented", "--augment", "--no-head-cache")
+    assert cached == plain
+    assert augmented != plain
+
+
+def test_lbfgs_head_fit_solves_a_softmax_regression_on_raw_features():
+    from torch import nn
+
+    from fmtl.training.headfit import fit_linear_head
+
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.randn(64, 10, generator=generator)
+    features = (torch.randn(3000, 64, generator=generator) * 5 + 3).relu()  # raw, unscaled, like ReLU6 features
+    labels = (features @ truth).argmax(1)
+    head = nn.Linear(64, 10)
+    chosen = fit_linear_head(head, features[:2000], labels[:2000], features[2000:], labels[2000:])
+    with torch.no_grad():
+        accuracy = (head(features[2000:]).argmax(1) == labels[2000:]).float().mean().item()
+    assert accuracy == pytest.approx(chosen["val_acc"], abs=1e-3) and accuracy > 0.9
+
+
+@pytest.mark.slow
+def test_head_fit_solves_the_head_before_its_epochs(tmp_path):
+    """--head-fit lbfgs: one head epoch at a learning rate too small to matter already scores like a fitted probe."""
+
+    def val_acc(name: str, mode: str) -> float:
+        args = ["--strategy", "linear", "--no-augment", "--epochs", "1", "--lr", "1e-6", "--no-save-state", *SMALL]
+        assert train_main([*args, "--head-fit", mode, "--output", str(tmp_path / name)]) == 0
+        assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["head_fit"] == mode
+        return float(_rows(tmp_path / name)[0]["val_acc"])
+
+    solved, untrained = val_acc("solved", "lbfgs"), val_acc("untrained", "none")
+    assert solved > 0.6 and solved > untrained + 0.3
