@@ -103,9 +103,9 @@ def measure(command: list[str], extra: list[psutil.Process] | None = None, env: 
 
     def sample() -> None:
         while not stop.is_set():
-            processes = tree(process)
-            peak[0] = max(peak[0], pss_mib(processes + (extra or [])))
-            for p in processes + (extra or []):
+            processes = tree(process) + [p for root in extra or [] for p in tree(root)]  # the raylet's workers too
+            peak[0] = max(peak[0], pss_mib(processes))
+            for p in processes:
                 try:
                     own_cpu[p.pid] = sum(p.cpu_times()[:2])
                 except psutil.Error:
