@@ -94,6 +94,11 @@ def busy_cpu_seconds() -> float:
 
 def measure(command: list[str], extra: list[psutil.Process] | None = None, env: dict | None = None) -> Measure:
     """Run ``command``; its wall time, peak PSS of its tree (plus ``extra``), and others' CPU meanwhile."""
+
+    def cpu_seconds(process: psutil.Process) -> float:
+        return sum(process.cpu_times()[:2])
+
+    baseline = {p.pid: cpu_seconds(p) for root in extra or [] for p in tree(root)}  # a running cluster's past
     busy_before = busy_cpu_seconds()
     start = time.perf_counter()
     process = psutil.Popen(
@@ -107,7 +112,7 @@ def measure(command: list[str], extra: list[psutil.Process] | None = None, env: 
             peak[0] = max(peak[0], pss_mib(processes))
             for p in processes:
                 try:
-                    own_cpu[p.pid] = sum(p.cpu_times()[:2])
+                    own_cpu[p.pid] = cpu_seconds(p) - baseline.get(p.pid, 0.0)
                 except psutil.Error:
                     pass
             stop.wait(0.2)
