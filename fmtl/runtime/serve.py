@@ -530,8 +530,13 @@ class _Server(uvicorn.Server):
             if self.app.in_flight == 0 and (not self.server_state.connections or draining >= grace):
                 self.should_exit = True
             elif self.app.in_flight and draining > self.drain_timeout:
-                self.failure = f"drain timeout: {self.app.in_flight} requests were still in flight"
-                self.should_exit = self.force_exit = True
+                self.failure = (
+                    f"drain timeout: {self.app.in_flight} requests were still in flight after {draining:.0f} s"
+                )
+                # closing the sockets ends requests still reading a body (as a disconnect) without tracebacks
+                for connection in list(self.server_state.connections):
+                    connection.transport.close()
+                self.should_exit = True
         return await super().on_tick(counter)
 
 

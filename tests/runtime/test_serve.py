@@ -409,3 +409,52 @@ def test_serving_imports_no_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_drain_timeout_ends_a_stuck_drain_with_one_line(tmp_path):
+    """A request that never finishes its body cannot hold the server past --drain-timeout."""
+    server = ServerProcess([str(grey_model(tmp_path)), "--drain-timeout", "1"], tmp_path).start()
+    host, port = server.url.removeprefix("http://").split(":")
+    stuck = socket.create_connection((host, int(port)), timeout=30)
+    try:
+        stuck.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+        )
+        deadline = time.monotonic() + 10
+        while metric(httpx.get(f"{server.url}/metrics").text, "fmtl_in_flight_requests") < 2:
+            assert time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.02)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(15) != 0
+        assert 0.9 < time.monotonic() - started < 10
+        errors = server.process.stderr.read().strip().splitlines()
+        assert len(errors) == 1 and "drain timeout: 1 requests were still in flight" in errors[0], errors
+    finally:
+        stuck.close()
+        server.stop()
+
+
+def test_onnxruntime_threads_follow_the_cpu_affinity(tmp_path):
+    """Pinned to one CPU (taskset, cgroup CPU sets), the session gets one intra-op thread, not one per host core."""
+    model = grey_model(tmp_path)
+    code = (
+        "import asyncio, os, sys\n"
+        "from pathlib import Path\n"
+        "from fmtl.runtime.serve import ServeConfig, create_app\n"
+        "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+        "for threads in (None, 3):\n"
+        "    server = create_app(ServeConfig(Path(sys.argv[1]), threads=threads), load=False).model_server\n"
+        "    asyncio.run(server.load())\n"
+        "    print(server.classifier.session.get_session_options().intra_op_num_threads)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", "3"]
+
+
+def test_impossible_options_are_one_line_errors(tmp_path):
+    model = grey_model(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "fmtl.cli", "serve", str(model), "--max-images", "10",
+                           "--max-queue", "5"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0 and done.stderr.strip().count("\n") == 0 and "--max-queue" in done.stderr
