@@ -77,15 +77,15 @@ def install(fault: str) -> None:
         from fmtl.errors import DataError
         from fmtl.training import loop
 
-        original_batch = loop.Trainer.batch
+        original_step = loop.Trainer.train_step
 
-        def batch(self, images, indices, augment):
-            if augment and tick():
+        def train_step(self, indices, *args, **kwargs):
+            if tick():
                 raise DataError(f"cannot decode image {int(indices[0])}: truncated file (injected on rank "
                                 f"{os.environ.get('RANK', '0')})")  # fmt: skip
-            return original_batch(self, images, indices, augment)
+            return original_step(self, indices, *args, **kwargs)
 
-        loop.Trainer.batch = batch
+        loop.Trainer.train_step = train_step
     else:
         raise SystemExit(f"inject.py: unknown fault {fault!r}")
 

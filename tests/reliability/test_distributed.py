@@ -115,7 +115,7 @@ def test_a_killed_rank_stops_every_rank_and_the_state_resumes(tmp_path):
 def test_a_data_error_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     run = tmp_path / "run"
     # 3 batches per process and epoch (260 images, batch 64, 2 processes): batch 5 of rank 1 is in epoch 2
-    launcher = subprocess.Popen(two_processes("--strategy", "finetune", "--epochs", "2", "--output", str(run),
+    launcher = subprocess.Popen(two_processes(*LINEAR, "--epochs", "2", "--output", str(run),
                                               faults=("data-error@batch#5:rank=1",)),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
