@@ -7,7 +7,8 @@ of the budget, after the parts every run pays once (feature caching, the test pa
 reports) and a safety margin, so the learning-rate schedule is laid out for the epochs that
 will actually run and ends completed rather than cut off mid-cosine. The plan is printed,
 saved as ``plan.json`` and written into ``config.yaml`` (``epochs``, ``head_epochs``), so a
-resumed run continues the same plan.
+resumed run continues the same plan. The clock starts when the run starts, after Python's own start
+and imports (3-12 s on the 2-core machine here, depending on its load).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ BUDGET_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([hms]?)")
 SAFETY = 0.08  # share of the budget kept free: throughput on a shared machine drifts during a run
 FIXED_SECONDS = 4.0  # run folder, plots and the summary at the end, measured at ~2-3 s
 MAX_LINEAR_EPOCHS = 50  # a frozen-backbone run on cached features converges long before this
-TIMED_STEPS = 3  # timed steps per kind, after one untimed warm-up step
+TIMED_STEPS = 2  # timed steps per kind, after one untimed warm-up step
+PROBE_BATCH = 32  # images per timed step; per-image cost scales to the run's batch (conv cost is linear in it)
 
 
 def parse_budget(text: str) -> float:
@@ -103,11 +105,17 @@ def _timed(step, steps: int = TIMED_STEPS) -> float:
 
 
 def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached: bool, n_train: int) -> Costs:
-    """Time real steps of ``model`` (a throwaway copy of the run's model: its weights are changed)."""
+    """Time real steps of ``model`` (a throwaway copy of the run's model: its weights are changed).
+
+    Steps run on ``PROBE_BATCH`` images and are scaled to the run's batch size, so the warm-up stays a
+    small share of a short budget.
+    """
     model = model.to(device)
-    images = torch.randint(0, 256, (cfg.batch_size, spec.channels, *spec.source_size), dtype=torch.uint8)
+    probe = min(cfg.batch_size, PROBE_BATCH)
+    scale = cfg.batch_size / probe
+    images = torch.randint(0, 256, (probe, spec.channels, *spec.source_size), dtype=torch.uint8)
     images = images.to(device)
-    labels = torch.randint(0, 2, (cfg.batch_size,), device=device)
+    labels = torch.randint(0, 2, (probe,), device=device)
     preprocess = Preprocess(spec).to(device)
     augment = Augment(seed=cfg.seed) if cfg.augment else None
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -131,17 +139,17 @@ def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached
     finetune = 0.0
     if cfg.strategy != "linear":
         params = [p for p in model.parameters() if p.requires_grad]
-        finetune = _timed(lambda: train_step(params, lambda: model(batch(True))))
+        finetune = _timed(lambda: train_step(params, lambda: model(batch(True)))) * scale
     head_params = list(model.head.parameters())
     with torch.no_grad():
         features = model.eval().features(batch(False)).float()
-        forward_image = _timed(lambda: model(batch(False))) / cfg.batch_size
+        forward_image = _timed(lambda: model(batch(False))) / probe
     model.head.train()
     if head_cached:
         head = _timed(lambda: train_step(head_params, lambda: model.head(features)))
     else:
         model.backbone_frozen = True
-        head = _timed(lambda: train_step(head_params, lambda: model(batch(cfg.augment))))
+        head = _timed(lambda: train_step(head_params, lambda: model(batch(cfg.augment)))) * scale
         model.backbone_frozen = False
     save = _timed(lambda: torch.save(model.state_dict(), io.BytesIO()), steps=1) * 3  # + AdamW's two moments
     fit = 0.0
