@@ -170,3 +170,19 @@ def test_head_fit_solves_the_head_before_its_epochs(tmp_path):
 
     solved, untrained = val_acc("solved", "lbfgs"), val_acc("untrained", "none")
     assert solved > 0.6 and solved > untrained + 0.3
+
+
+def test_a_budget_too_short_to_fine_tune_falls_back_to_the_head_alone(monkeypatch):
+    from fmtl.training import budget
+
+    costs = Costs(finetune_step=0.5, head_step=0.002, forward_image=0.001, save=0.2)
+    monkeypatch.setattr(budget, "measure_costs", lambda *args, **kwargs: costs)
+    counts = {"train": 54_000, "val": 6_000, "test": 10_000}
+    cfg = load_config(["--budget", "150s"])  # one fine-tuning epoch alone would take ~220 s
+    planned, plan = budget.plan_run(cfg, None, None, counts, "cpu", time.perf_counter())
+    assert planned.strategy == plan.strategy == "linear" and plan.note and plan.predicted_s <= 150
+    assert 1 <= planned.epochs <= 50
+    with pytest.raises(ConfigError, match="too short"):  # asked for fine-tuning only: no fallback
+        budget.plan_run(
+            load_config(["--budget", "150s", "--strategy", "finetune"]), None, None, counts, "cpu", time.perf_counter()
+        )

@@ -73,6 +73,7 @@ class Plan:
     parts_s: dict
     costs: dict
     finished_s: float | None = None  # filled in at the end of the run: the budget's clock when it finished
+    note: str = ""  # why the plan differs from what was asked
 
     def describe(self) -> str:
         phases = {
@@ -81,9 +82,10 @@ class Plan:
             "hybrid": f"{self.head_epochs} head epoch(s) + {self.epochs - self.head_epochs} fine-tuning epoch(s)",
         }[self.strategy]
         parts = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in self.parts_s.items())
+        note = f" [{self.note}]" if self.note else ""
         return (
             f"budget {self.budget_s:.0f}s: {phases}, each phase's schedule complete; "
-            f"predicted {self.predicted_s:.0f}s ({parts})"
+            f"predicted {self.predicted_s:.0f}s ({parts}){note}"
         )
 
     def to_json(self) -> str:
@@ -245,5 +247,14 @@ def plan_run(cfg, model, spec: InputSpec, counts: dict[str, int], device, starte
     head_cached = cfg.strategy != "finetune" and (cfg.head_cache or not cfg.augment)
     costs = measure_costs(model, spec, cfg, device, head_cached, counts["train"])
     available = budget_s - (time.perf_counter() - started)
-    plan = plan_epochs(cfg, costs, counts, available, budget_s, num_processes)
-    return dataclasses.replace(cfg, epochs=plan.epochs, head_epochs=plan.head_epochs), plan
+    try:
+        plan = plan_epochs(cfg, costs, counts, available, budget_s, num_processes)
+    except ConfigError:
+        if cfg.strategy != "hybrid" or not head_cached:
+            raise
+        # Too short for one fine-tuning epoch: the recipe's first half (cached features, solved head) still fits.
+        plan = plan_epochs(
+            dataclasses.replace(cfg, strategy="linear"), costs, counts, available, budget_s, num_processes
+        )
+        plan.note = "too short for one fine-tuning epoch here: frozen backbone, head only"
+    return dataclasses.replace(cfg, strategy=plan.strategy, epochs=plan.epochs, head_epochs=plan.head_epochs), plan

@@ -556,7 +556,7 @@ def plan_budget(cfg: TrainConfig, splits: Splits, accelerator: Accelerator, cloc
     _, plan = budget.plan_run(cfg, model, spec, counts, accelerator.device, clock, accelerator.num_processes)
     plan = broadcast_object_list([plan])[0]
     accelerator.print(plan.describe())
-    return replace(cfg, epochs=plan.epochs, head_epochs=plan.head_epochs), plan
+    return replace(cfg, strategy=plan.strategy, epochs=plan.epochs, head_epochs=plan.head_epochs), plan
 
 
 def outcome_of(trainer: Trainer, probs: np.ndarray) -> reports.TestOutcome:
