@@ -291,6 +291,15 @@ async def _multipart_files(request: Request, body: bytes) -> list[tuple[str | No
         await form.close()
 
 
+def parse_v2(body: bytes, input_shape: tuple[int, int, int]) -> tuple[dict, np.ndarray]:
+    """The JSON document of an Open Inference Protocol request and its uint8 batch."""
+    try:
+        document = json.loads(body)
+    except ValueError as error:
+        raise ApiError(400, f"bad JSON: {error}", "bad_request") from None
+    return document, tensor_from_v2(document, input_shape)
+
+
 def tensor_from_v2(document: object, input_shape: tuple[int, int, int]) -> np.ndarray:
     """The uint8 batch [N, C, H, W] of an Open Inference Protocol request body (JSON data only)."""
     bad = lambda message: ApiError(400, message, "bad_request")  # noqa: E731
@@ -414,11 +423,9 @@ async def model_infer(request: Request) -> Response:
     admission = server.admit()
     try:
         body = await read_body(request, int(server.config.max_body_mb * 1e6))
-        try:
-            document = json.loads(body)
-        except ValueError as error:
-            raise ApiError(400, f"bad JSON: {error}", "bad_request") from None
-        images = tensor_from_v2(document, server.classifier.input_shape)
+        # parsing megabytes of JSON numbers takes a while: in the decoding pool, not on the event loop
+        loop = asyncio.get_running_loop()
+        document, images = await loop.run_in_executor(server.decode_pool, parse_v2, body, server.classifier.input_shape)
         probs = await server.infer(images, admission)
     finally:
         admission.release()
