@@ -49,7 +49,7 @@ from fmtl.errors import FmtlError
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({"png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp"})
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 megapixels: bigger than any phone photo, far below a bomb's size
 
-Source = str | os.PathLike | Image.Image | np.ndarray
+Source = str | os.PathLike | bytes | Image.Image | np.ndarray  # bytes: an encoded file held in memory
 
 # Image.open warns (DecompressionBombWarning) above Image.MAX_IMAGE_PIXELS (89 M) and raises
 # DecompressionBombError above twice that. fmtl checks its own ``max_pixels`` right after
@@ -79,7 +79,8 @@ def decode_image(
     """Decode one image to a uint8 array [channels, H, W].
 
     Args:
-        source: a file path, a PIL image, or a numpy array (HW, HWC or CHW; any real dtype).
+        source: a file path, an encoded file's bytes, a PIL image, or a numpy array (HW, HWC or CHW; any
+            real dtype).
         channels: 1 for grey, 3 for RGB.
         size: (height, width) to resize to, or None to keep the image's own size.
         background: grey level (0..255) that transparent pixels are composited onto.
@@ -92,6 +93,8 @@ def decode_image(
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if isinstance(source, np.ndarray):
         return _finish(_array_to_pil(source, max_pixels), channels, size, background)
+    if isinstance(source, bytes):
+        return decode_bytes(source, channels, size, background, max_pixels)
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels)
         return _finish(source, channels, size, background)
