@@ -503,6 +503,7 @@ class _Server(uvicorn.Server):
         self.failure: str | None = None
         self.said_ready = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.listening_closed_at: float | None = None  # seconds into the drain
 
     async def startup(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
@@ -529,22 +530,30 @@ class _Server(uvicorn.Server):
             self.said_ready = True
             self.echo(f"ready: warm-up took {server.warmup_seconds * 1000:.0f} ms")
         if self.draining_since is not None and not self.should_exit:
-            draining = time.monotonic() - self.draining_since
-            # Every answer now says Connection: close, so clients leave by themselves. Closing a
-            # keep-alive connection under a client that is sending on it loses that request (the
-            # keep-alive race), so wait until they have left, or at most DRAIN_GRACE_S when idle.
-            grace = min(DRAIN_GRACE_S, self.drain_timeout)
-            if self.app.in_flight == 0 and (not self.server_state.connections or draining >= grace):
-                self.should_exit = True
-            elif self.app.in_flight and draining > self.drain_timeout:
-                self.failure = (
-                    f"drain timeout: {self.app.in_flight} requests were still in flight after {draining:.0f} s"
-                )
-                # closing the sockets ends requests still reading a body (as a disconnect) without tracebacks
-                for connection in list(self.server_state.connections):
-                    connection.transport.close()
-                self.should_exit = True
+            self._drain_step(time.monotonic() - self.draining_since)
         return await super().on_tick(counter)
+
+    def _drain_step(self, draining: float) -> None:
+        """One tick of the drain. Every answer now says Connection: close, so clients leave by
+        themselves; closing a connection a client is sending on would lose that request (the
+        keep-alive race). So: once nothing is in flight and the clients have left (or
+        DRAIN_GRACE_S has passed), stop listening first; requests already on accepted connections
+        are still read and answered; then exit when those have left too (or after another grace)."""
+        grace = min(DRAIN_GRACE_S, self.drain_timeout)
+        idle = self.app.in_flight == 0
+        if idle and self.listening_closed_at is None and (not self.server_state.connections or draining >= grace):
+            for listener in self.servers:
+                listener.close()  # new connections are refused from here on
+            self.listening_closed_at = draining
+        elif idle and self.listening_closed_at is not None:
+            if not self.server_state.connections or draining - self.listening_closed_at >= grace:
+                self.should_exit = True
+        elif not idle and draining > self.drain_timeout:
+            self.failure = f"drain timeout: {self.app.in_flight} requests were still in flight after {draining:.0f} s"
+            # closing the sockets ends requests still reading a body (as a disconnect) without tracebacks
+            for connection in list(self.server_state.connections):
+                connection.transport.close()
+            self.should_exit = True
 
 
 def serve(config: ServeConfig, echo: Callable[[str], object] = print) -> int:
