@@ -114,7 +114,7 @@ class CpuWatch:
         return busy_ticks(), sum(process_ticks(p) for p in self.server_pids), process_ticks(os.getpid())
 
     def __enter__(self) -> CpuWatch:
-        self.start = self.sample()
+        self.start, self.started = self.sample(), time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -122,6 +122,12 @@ class CpuWatch:
         total, server, client = (b - a for a, b in zip(self.start, end, strict=True))
         self.server, self.client = server / TICKS, client / TICKS
         self.others = max(0, total - server - client) / TICKS
+        self.wall = time.perf_counter() - self.started
+
+    @property
+    def others_share(self) -> float:
+        """CPUs (of the machine's) that other processes kept busy on average meanwhile."""
+        return self.others / self.wall
 
 
 class Server:
@@ -221,7 +227,8 @@ class Level:
     """What one load level measured."""
 
     name: str
-    seconds: float
+    seconds: float  # from the first request sent to the last answer
+    rate: float | None = None  # open loop: the intended requests per second
     latencies: list[float] = field(default_factory=list)  # of answered requests, seconds
     codes: Counter = field(default_factory=Counter)  # status code (or an error name) -> count
     accepted_latencies: list[float] = field(default_factory=list)  # of 200 answers only
@@ -235,7 +242,7 @@ class Level:
 
     @property
     def offered(self) -> float:
-        return sum(self.codes.values()) / self.seconds
+        return self.rate or sum(self.codes.values()) / self.seconds
 
     @property
     def achieved(self) -> float:
@@ -275,7 +282,7 @@ async def closed_loop(ports: list[int], bodies: list[bytes], concurrency: int, s
 async def open_loop(port: int, bodies: list[bytes], rate: float, seconds: float, max_connections: int = 512) -> Level:
     """Requests at fixed intended times (``rate`` per second); latency from the intended time, so a
     stall delays every request behind it in the figures too (no coordinated omission)."""
-    level = Level(f"open {rate:.0f}/s", seconds)
+    level = Level(f"open {rate:.0f}/s", seconds, rate)
     idle: list[Connection] = []
     opened = 0
     start = time.perf_counter() + 0.05
@@ -301,6 +308,7 @@ async def open_loop(port: int, bodies: list[bytes], rate: float, seconds: float,
         idle.append(connection)
 
     await asyncio.gather(*(one(i) for i in range(int(rate * seconds))))
+    level.seconds = time.perf_counter() - start  # answers to the last requests come after the sending window
     for connection in idle:
         connection.close()
     return level
@@ -364,7 +372,7 @@ def row(level: Level, split: tuple[str, str, str], rss: tuple[float, float], cpu
     return (f"| {level.name} | {level.offered:.0f} | {level.achieved:.0f} | {level.ms(50):.1f} | {level.ms(95):.1f} | "
             f"{level.ms(99):.1f} | {level.ms(100):.1f} | {codes} | {split[0]} | {split[1]} | {split[2]} | "
             f"{cpu.server / requests * 1000:.2f} | {cpu.client / requests * 1000:.2f} | "
-            f"{rss[0]:.0f}→{rss[1]:.0f} | {cpu.others / level.seconds:.2f} |")  # fmt: skip
+            f"{rss[0]:.0f}→{rss[1]:.0f} | {cpu.others_share:.2f} |")  # fmt: skip
 
 
 def measure(server: Server, coroutine, name: str | None = None) -> tuple[Level, str]:
@@ -537,7 +545,7 @@ def where_time_goes(model: Path, bodies: list[bytes], args, levels: dict[int, Le
     print(f"\ntwo server processes, 1 onnxruntime thread each, 8 clients on each (concurrency 16): "
           f"{level.achieved:.0f} images/s, p50 {level.ms(50):.1f} ms, p99 {level.ms(99):.1f} ms, against "
           f"{one.achieved:.0f} images/s for one process ({level.achieved / one.achieved:.2f}x); "
-          f"others' CPU {cpu.others / level.seconds:.2f}")  # fmt: skip
+          f"others' CPU {cpu.others_share:.2f}")  # fmt: skip
 
 
 def package_of(filename: str, function: str) -> str:
