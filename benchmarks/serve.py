@@ -1,7 +1,7 @@
 """`fmtl serve` under load: dynamic batching against no batching and the in-process ceiling, one run.
 
-    .venv/bin/python benchmarks/serve.py                      # trains a tiny Lite0, about 12 minutes
-    .venv/bin/python benchmarks/serve.py --quick              # shorter levels, about 5 minutes
+    .venv/bin/python benchmarks/serve.py                      # trains a tiny Lite0: about 10 minutes, half training
+    .venv/bin/python benchmarks/serve.py --quick              # head-only model, shorter levels: about 3.5 minutes
     .venv/bin/python benchmarks/serve.py --model export/NAME.onnx
 
 1. The model: ``--model``, or the default recipe's architecture (EfficientNet-Lite0, default
@@ -62,7 +62,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="an fmtl .onnx file [train and export a tiny Lite0]")
-    parser.add_argument("--quick", action="store_true", help="shorter levels (about 5 minutes)")
+    parser.add_argument("--quick", action="store_true", help="head-only model, shorter levels (about 3.5 minutes)")
     parser.add_argument("--seconds", type=float, help="seconds per load level [5, quick 2]")
     parser.add_argument("--images", type=int, default=512, help="distinct test images sent")
     parser.add_argument("--rounds", type=int, help="interleaved rounds of the target check [5, quick 3]")
