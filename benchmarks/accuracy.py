@@ -245,6 +245,7 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, help="val and test images per run (0: all; --quick: 500)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run, every contender alike")
     parser.add_argument("--out", default="runs/accuracy")
+    parser.add_argument("--report", action="store_true", help="only write the table and plot of OUT's results so far")
     args = parser.parse_args()
     mode = QUICK if args.quick else FULL
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else mode["sizes"]
@@ -271,7 +272,7 @@ def main() -> None:
         jobs += [(k, ALL, 0, b) for b in WALL_BUDGETS for k in ("default", "scratch")]
     for key, size, seed, budget in jobs:
         name = f"{key}|{size}|{seed}|{budget}"
-        if name in results and "accuracy" in results[name]:
+        if args.report or (name in results and "accuracy" in results[name]):
             continue
         if key == "peer":
             row = run_peer(size, budget, out, results, args.threads)
