@@ -226,6 +226,8 @@ def plot(results: dict, sizes: list[int], budgets: dict, keys: list[str], path: 
     right.set(xlabel="training budget (minutes)", ylabel="test accuracy (%)", title="all data: accuracy against time")
     if right.get_legend_handles_labels()[0]:
         right.legend()
+    else:
+        right.text(0.5, 0.5, "not measured (--wall)", ha="center", va="center", transform=right.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
