@@ -12,7 +12,8 @@ A FAULT is ``WHAT@WHERE#N`` (``#N``: the Nth time WHERE is reached, default 1), 
   done, state.tmp -> state not yet), the Nth time;
 - ``kill@publish#N``: SIGKILL just before the Nth atomic rename of a finished file (results.csv,
   model.safetensors, model.json, rng.json, trainer.json, ...);
-- ``data-error@batch#N``: a DataError on the Nth training batch (an unreadable image, as a user meets it).
+- ``data-error@epoch#E``: a DataError at the first training batch of epoch E (an unreadable image, as a
+  user meets it).
 
 The faults are real (a real SIGKILL, a real exception); only where they strike is chosen.
 """
@@ -73,19 +74,23 @@ def install(fault: str) -> None:
                 kill_now()
 
         os.replace = replace
-    elif (what, where) == ("data-error", "batch"):
+    elif (what, where) == ("data-error", "epoch"):
         from fmtl.errors import DataError
         from fmtl.training import loop
 
-        original_step = loop.Trainer.train_step
+        original_epoch, original_step, armed = loop.Trainer.train_one_epoch, loop.Trainer.train_step, [False]
+
+        def train_one_epoch(self, epoch, phase):
+            armed[0] = epoch == int(float(n or 1))
+            return original_epoch(self, epoch, phase)
 
         def train_step(self, indices, *args, **kwargs):
-            if tick():
+            if armed[0]:
                 raise DataError(f"cannot decode image {int(indices[0])}: truncated file (injected on rank "
                                 f"{os.environ.get('RANK', '0')})")  # fmt: skip
             return original_step(self, indices, *args, **kwargs)
 
-        loop.Trainer.train_step = train_step
+        loop.Trainer.train_one_epoch, loop.Trainer.train_step = train_one_epoch, train_step
     else:
         raise SystemExit(f"inject.py: unknown fault {fault!r}")
 

@@ -172,8 +172,10 @@ def test_ctrl_c_says_what_can_be_resumed(tmp_path, save_state):
     """Ctrl-C promises a saved epoch only when there is one (not with --no-save-state)."""
     run = tmp_path / "run"
     args = ["--strategy", "linear", "--no-augment", "--epochs", "1000", "--output", str(run)]
+    # SIGINT as a terminal's Ctrl-C delivers it (a shell's background job would inherit it ignored)
     process = subprocess.Popen(train_command(*args, *([] if save_state else ["--no-save-state"])),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         wait_for(lambda: (run / "results.csv").exists() or process.poll() is not None, 300, "epoch 1")
         process.send_signal(signal.SIGINT)
