@@ -52,7 +52,10 @@ def run_dir(tmp_path_factory) -> Path:
     test_csv = _write_csv(folder / "test.csv", "test", 1000)
     args = ["--data", str(train_csv), "--test-data", str(test_csv), "--val-fraction", "0.3",
             "--max-train-samples", "1000", "--image-size", "32", "--epochs", "2", "--strategy", "linear",
-            "--no-augment", "--lr", "0.01", "--no-save-state", "--quiet"]  # fmt: skip
+            "--no-augment", "--lr", "0.01", "--no-save-state", "--quiet",
+            # the export is tested on an AdamW head: a solved (L-BFGS) head of this tiny model loses 3.3 pp
+            # in int8 on an AVX2 CPU, over INT8_LIMIT (the gate then refuses it, as test_int8_refused_* checks)
+            "--head-fit", "none"]  # fmt: skip
     args += ["--output", str(folder / "tiny")]
     assert train_main(args) == 0
     return folder / "tiny"
