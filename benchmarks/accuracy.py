@@ -9,7 +9,7 @@ Two measurements, printed and written to OUT (default runs/accuracy) as accuracy
 
 1. test accuracy against labelled images per class (10, 100, 1,000 and all), each size on 3 seeded
    subsets, for fmtl's default recipe, a frozen linear probe, fine-tuning without the head phase,
-   fmtl's ``scratch_cnn`` baseline and the peer ``../shared/peers/scratch_cnn.py``, every contender
+   fmtl's ``scratch_cnn`` baseline and the peer ``benchmarks/peers/scratch_cnn.py``, every contender
    given the same wall-clock budget per size (``fmtl train --budget``; the peer gets the epochs that
    fmtl's scratch baseline measured would fit, and its own wall time is reported);
 2. test accuracy against wall time (1, 5, 15 minutes) on all the data, fmtl's default against the
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PEER = REPO.parent / "shared" / "peers" / "scratch_cnn.py"
+PEER = REPO / "benchmarks" / "peers" / "scratch_cnn.py"  # a copy of the shared peer
 ALL = 6000  # "all" labelled images per class (fmtl trains on the 5,400 per class its val split leaves)
 
 CONTENDERS = {

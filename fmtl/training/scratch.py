@@ -1,6 +1,6 @@
 """A small CNN trained from scratch: fmtl's built-in baseline for transfer learning to beat.
 
-The common tutorial shape for 28 px images (as ``../shared/peers/scratch_cnn.py``): five
+The common tutorial shape for 28 px images (as ``benchmarks/peers/scratch_cnn.py``): five
 conv-BatchNorm-ReLU blocks, two max-pools, global average pooling and a linear classifier.
 It takes the same 3-channel input as every other fmtl model (grey is repeated), so training,
 export, the parity gate and the runtime treat it like any backbone. It has no pretrained
