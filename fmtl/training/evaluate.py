@@ -125,10 +125,10 @@ def load_split(loaded: LoadedModel, data: str | None, split: str) -> ImageSet:
         raise FmtlError("the model does not record the data it was trained on: give the data to evaluate on")
     if data is None:
         return load_run_split(options, split)
+    given = options or DataOptions(source_size=loaded.spec.source_size[0])  # the defaults training used
     return load_dataset(
-        data, split, data_dir=options.data_dir if options else None,
-        val_fraction=options.val_fraction if options else 0.1, seed=options.seed if options else 0,
-        source_size=options.source_size if options else loaded.spec.source_size[0],
+        data, split, data_dir=given.data_dir, val_fraction=given.val_fraction, seed=given.seed,
+        source_size=given.source_size,
     )  # fmt: skip
 
 
