@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import Conv2dNormActivation
 
+from fmtl.training.depthwise import conv2d
+
 LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
 LITE0_IMAGE_SIZE = 224
@@ -104,7 +106,7 @@ class Conv2dSame(nn.Conv2d):
         else:
             x = F.pad(x, (left, right, top, bottom))
             padding = (0, 0)
-        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 def _conv_bn_act(

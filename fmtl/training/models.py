@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 from fmtl.errors import ModelConfigError
+from fmtl.training.depthwise import fast_depthwise_grads
 
 LITE0 = "efficientnet_lite0"
 SCRATCH_CNN = "scratch_cnn"  # fmtl's from-scratch baseline (fmtl/training/scratch.py)
@@ -85,6 +86,7 @@ def create_model(
         network, defaults = _build_scratch(weights)
     else:
         network, defaults = _build_torchvision(name, weights)
+    fast_depthwise_grads(network)  # the same maths, 4x faster fine-tuning of mobile networks on CPU
     final_name, final = _final_layer(network)
     _set_module(network, final_name, nn.Identity())
     if num_classes is not None:

@@ -1,0 +1,66 @@
+"""The fast depthwise weight gradient computes the same gradients as PyTorch's own convolution."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmtl.training.depthwise import SMALL_MAP_PIXELS, conv2d, fast_depthwise_grads
+from fmtl.training.models import create_model
+
+
+@pytest.mark.parametrize(
+    ("channels", "side", "kernel", "stride", "padding", "bias"),
+    [
+        (48, 1, 5, 1, 2, False),  # 1x1 maps, kernel larger than the map: the case oneDNN is slowest at
+        (32, 4, 3, 1, 1, True),  # 4x4: still the element-wise path
+        (16, 7, 3, 2, 0, False),  # stride 2, no padding (Conv2dSame pads outside)
+        (8, 12, 3, 1, 1, False),  # 144 pixels: oneDNN's weight gradient
+    ],
+)
+def test_gradients_match_pytorch(channels, side, kernel, stride, padding, bias):
+    torch.manual_seed(0)
+    x = torch.randn(6, channels, side, side, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(channels, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(channels, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (x, weight, b) if bias else (x, weight)
+    expected_out = F.conv2d(x, weight, b, stride, padding, 1, channels)
+    grad = torch.randn_like(expected_out)
+    expected = torch.autograd.grad(expected_out, inputs, grad)
+    out = conv2d(x, weight, b, (stride, stride), (padding, padding), (1, 1), channels)
+    got = torch.autograd.grad(out, inputs, grad)
+    torch.testing.assert_close(out, expected_out)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_small_maps_take_the_elementwise_path():
+    """Not only equal: the custom backward really runs for small maps (else the test above proves nothing)."""
+    x = torch.randn(2, 4, 2, 2, requires_grad=True)
+    weight = torch.randn(4, 1, 3, 3, requires_grad=True)
+    out = conv2d(x, weight, None, (1, 1), (1, 1), (1, 1), 4)
+    assert out.grad_fn.name().endswith("_DepthwiseConv2dBackward")
+    assert 2 * 2 <= SMALL_MAP_PIXELS
+    with torch.no_grad():  # outside autograd it is plain F.conv2d
+        assert conv2d(x, weight, None, (1, 1), (1, 1), (1, 1), 4).grad_fn is None
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2"])
+def test_models_switch_their_depthwise_layers_and_train_the_same(name):
+    torch.manual_seed(0)
+    model = create_model(name, 10, weights="none" if name != "efficientnet_lite0" else "DEFAULT").double()
+    switched = [m for m in model.modules() if type(m).__name__ == "_FastGradConv2d"]
+    assert len(switched) >= 10
+    reference = create_model(name, 10, weights="none" if name != "efficientnet_lite0" else "DEFAULT").double()
+    reference.load_state_dict(model.state_dict())
+    for module in reference.modules():  # back to plain nn.Conv2d: PyTorch's own gradients
+        if type(module).__name__ == "_FastGradConv2d":
+            module.__class__ = nn.Conv2d
+    model.eval(), reference.eval()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    for net in (model, reference):
+        net.zero_grad()
+        net(x).square().mean().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
+    assert fast_depthwise_grads(model) == 0  # already switched: idempotent
