@@ -95,6 +95,7 @@ class RunInfo:
     weights: str = ""  # the pretrained weights it started from
     data: str = ""  # the training data's description
     best_epoch: int = 0
+    flip_tta: bool = False  # its logits average each image's and its mirror image's (in the ONNX graph too)
     data_options: DataOptions | None = None  # None: not recorded (evaluation then needs --data)
     metrics: dict = field(default_factory=dict)  # {"val": {...}, "test": {...}}
     fmtl_version: str = ""

@@ -186,3 +186,60 @@ def test_a_budget_too_short_to_fine_tune_falls_back_to_the_head_alone(monkeypatc
         budget.plan_run(
             load_config(["--budget", "150s", "--strategy", "finetune"]), None, None, counts, "cpu", time.perf_counter()
         )
+
+
+# ---------------------------------------------------------------- augmentation and flip test-time augmentation
+
+
+def test_augment_options_change_the_augmentation():
+    from fmtl.training.augment import augment_for
+
+    images = torch.rand(64, 1, 28, 28)
+    flipped = images.flip(-1)
+    assert augment_for(load_config(["--no-augment"]), seed=0) is None
+    flips_only = augment_for(load_config(["--augment-strength", "0"]), seed=0)(images)
+    # strength 0: every image is itself or its mirror image, and both occur
+    same = (flips_only - images).abs().amax((1, 2, 3)) < 1e-5
+    mirrored = (flips_only - flipped).abs().amax((1, 2, 3)) < 1e-5
+    assert bool((same | mirrored).all()) and same.any() and mirrored.any()
+    no_flip = augment_for(load_config(["--augment-strength", "0", "--no-flip"]), seed=0)(images)
+    torch.testing.assert_close(no_flip, images, atol=1e-5, rtol=0)
+    gentle = augment_for(load_config(["--augment-strength", "0.5", "--no-flip"]), seed=0)(images)
+    strong = augment_for(load_config(["--augment-strength", "2", "--no-flip"]), seed=0)(images)
+    assert (gentle - images).abs().mean() < (strong - images).abs().mean()
+    with pytest.raises(FmtlError, match="augment-strength"):
+        load_config(["--augment-strength", "-1"])
+
+
+def test_flip_tta_averages_mirror_logits_in_eval_only():
+    model = create_model("scratch_cnn", 10, weights="none").eval()
+    x = torch.rand(4, 3, 28, 28)
+    plain = model(x)
+    model.flip_tta = True
+    torch.testing.assert_close(model(x), (plain + model._logits(x.flip(-1))) / 2)
+    torch.testing.assert_close(model(x.flip(-1)), model(x))  # mirror-invariant by construction
+    model.train()
+    assert not torch.allclose(model(x.flip(-1)), model(x))  # training sees each image as it is
+
+
+@pytest.mark.slow
+def test_flip_tta_is_recorded_and_travels_into_the_export(tmp_path):
+    """config.yaml and model.json say it; the exported graph is mirror-invariant with it and not without."""
+    import numpy as np
+    import onnxruntime as ort
+
+    outputs = {}
+    for tta in ("--flip-tta", "--no-flip-tta"):
+        run = tmp_path / tta
+        args = ["--model", "scratch_cnn", "--weights", "none", "--strategy", "finetune", "--image-size", "0"]
+        args += [*SCRATCH, "--epochs", "1", *SMALL, "--max-train-samples", "300", "--no-save-state", tta]
+        assert train_main([*args, "--output", str(run)]) == 0
+        assert yaml.safe_load((run / "config.yaml").read_text())["flip_tta"] is (tta == "--flip-tta")
+        assert json.loads((run / "model.json").read_text())["flip_tta"] is (tta == "--flip-tta")
+        onnx_path = export_onnx(run, tmp_path / f"{tta}.onnx", parity_images=64)
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        images = np.random.default_rng(0).integers(0, 256, (8, 1, 28, 28), dtype=np.uint8)
+        name = session.get_inputs()[0].name
+        outputs[tta] = (session.run(None, {name: images})[0], session.run(None, {name: images[..., ::-1].copy()})[0])
+    with_tta, without = (float(np.abs(a - b).max()) for a, b in (outputs["--flip-tta"], outputs["--no-flip-tta"]))
+    assert with_tta < 1e-6 and without > 30 * max(with_tta, 1e-7), (with_tta, without)

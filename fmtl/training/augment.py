@@ -51,6 +51,22 @@ class Preprocess(nn.Module):
         return F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=shrink)
 
 
+def augment_for(cfg, seed: int) -> Augment | None:
+    """The run's augmentation (``--augment``, ``--flip``, ``--augment-strength``), or None."""
+    if not cfg.augment:
+        return None
+    k = cfg.augment_strength
+    return Augment(
+        seed=seed,
+        flip=0.5 if cfg.flip else 0.0,
+        degrees=15.0 * k,
+        translate=0.1 * k,
+        scale=(1 - 0.1 * k, 1 + 0.1 * k),
+        brightness=0.2 * k,
+        contrast=0.2 * k,
+    )
+
+
 class Augment(nn.Module):
     """Seeded random flip, rotation, translation, scale (one affine warp) and brightness/contrast.
 

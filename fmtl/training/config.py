@@ -67,6 +67,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "optimizer step every N batches")
     patience: int = option(0, "stop after this many epochs without a better val accuracy (0: never)")
     augment: bool = option(True, "random flip, rotation, translation, scale, brightness/contrast")
+    augment_strength: float = option(1.0, "scales rotation (15 deg), translation (10%), scale and brightness/contrast")
+    flip: bool = option(True, "random horizontal flips (turn off for text, digits, anything with a handedness)")
+    flip_tta: bool = option(True, "with --flip: evaluate, and export, the mean of each image's and its mirror's logits")
     seed: int = option(0, "seeds the split, subset, initialisation, shuffling and augmentation")
     # hardware
     mixed_precision: str | None = option(
@@ -91,6 +94,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise FmtlError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.augment_strength <= 3:
+            raise FmtlError("--augment-strength must be between 0 (flips only) and 3")
         if self.lr <= 0:
             raise FmtlError("--lr must be positive")
         if self.budget is not None:

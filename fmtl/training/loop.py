@@ -32,7 +32,7 @@ from fmtl.atomic import atomic_write_text, write_errors
 from fmtl.errors import ERROR_PREFIX, EXIT_USER_ERROR, DivergenceError, FmtlError, MissingSplitError
 from fmtl.spec import DataOptions, InputSpec, RunInfo
 from fmtl.training import budget, reports
-from fmtl.training.augment import Augment, Preprocess
+from fmtl.training.augment import Preprocess, augment_for
 from fmtl.training.checkpoint import MODEL_WEIGHTS, load_training_state, save_model, save_training_state
 from fmtl.training.config import TrainConfig, load_config
 from fmtl.training.data import ImageSet, load_run_split, seeded_subset
@@ -192,6 +192,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> FmtlModel:
         apply_freeze(model, "frozen")
     else:
         apply_freeze(model, cfg.unfreeze)
+    model.flip_tta = cfg.flip_tta and cfg.flip
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -259,7 +260,7 @@ class Trainer:
         self.phases = plan_phases(cfg)
         device = accelerator.device
         self.preprocess = Preprocess(self.spec).to(device)
-        self.augment = Augment(seed=cfg.seed + accelerator.process_index) if cfg.augment else None
+        self.augment = augment_for(cfg, seed=cfg.seed + accelerator.process_index)
         self.train_images = self._on_device(self.train_set.images)
         self.train_labels = self.train_set.labels.to(device)
         self.val_images = self._on_device(self.val_set.images)
@@ -488,7 +489,7 @@ class Trainer:
         cfg = self.cfg
         return RunInfo(
             architecture=cfg.model, classes=self.classes, input_spec=self.spec, head=cfg.head, strategy=cfg.strategy,
-            weights=str(cfg.weights), data=self.train_set.source, best_epoch=self.best["epoch"],
+            weights=str(cfg.weights), data=self.train_set.source, best_epoch=self.best["epoch"], flip_tta=self.net.flip_tta,
             data_options=data_options(cfg), metrics=metrics,
         )  # fmt: skip
 
@@ -563,7 +564,7 @@ def outcome_of(trainer: Trainer, probs: np.ndarray) -> reports.TestOutcome:
     test = trainer.test_set
     return reports.TestOutcome(
         probs, test.images.numpy(), test.labels.numpy(), trainer.classes, trainer.test_name, trainer.best["epoch"],
-        trainer.cfg.seed,
+        trainer.cfg.seed, augment_for(trainer.cfg, seed=trainer.cfg.seed),
     )  # fmt: skip
 
 

@@ -46,11 +46,17 @@ class FmtlModel(nn.Module):
         self.architecture = architecture
         self.input_defaults = defaults
         self.backbone_frozen = False  # True: the backbone runs without gradients (feature extraction)
+        self.flip_tta = False  # True: in eval mode, logits are the mean of the image's and its mirror image's
 
     def forward(self, x: torch.Tensor, from_features: bool = False) -> torch.Tensor:
         """Logits for images, or for backbone features already computed (``from_features``)."""
         if from_features:
             return self.head(x)
+        if self.flip_tta and not self.training:
+            return (self._logits(x) + self._logits(x.flip(-1))) / 2
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             features = self.backbone(x)
         return self.head(features)

@@ -47,6 +47,7 @@ class TestOutcome:
     split: str  # "test", or the stand-in's name
     best_epoch: int
     seed: int  # picks the images shown in predictions.png
+    augment: object = None  # a fresh copy of the run's Augment, drawn in augmentations.png (None: not drawn)
 
 
 def finish(run_dir: Path, outcome: TestOutcome, history: list[dict], seconds: float) -> dict:
@@ -73,12 +74,12 @@ def draw_plots(run_dir: Path, outcome: TestOutcome, history: list[dict], report:
     plots.plot_predictions(
         images, outcome.labels[shown], outcome.probs[shown], outcome.classes, run_dir / "predictions.png"
     )
+    if outcome.augment is None:
+        return
     import torch
 
-    from fmtl.training.augment import Augment
-
     original = torch.from_numpy(images[0]).float() / 255
-    augmented = Augment(seed=outcome.seed)(original.unsqueeze(0).repeat(7, 1, 1, 1))
+    augmented = outcome.augment(original.unsqueeze(0).repeat(7, 1, 1, 1))
     plots.plot_augmentations(original.numpy(), augmented.numpy(), run_dir / "augmentations.png")
 
 
