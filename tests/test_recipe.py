@@ -243,3 +243,45 @@ def test_flip_tta_is_recorded_and_travels_into_the_export(tmp_path):
         outputs[tta] = (session.run(None, {name: images})[0], session.run(None, {name: images[..., ::-1].copy()})[0])
     with_tta, without = (float(np.abs(a - b).max()) for a, b in (outputs["--flip-tta"], outputs["--no-flip-tta"]))
     assert with_tta < 1e-6 and without > 30 * max(with_tta, 1e-7), (with_tta, without)
+
+
+# ---------------------------------------------------------------- the recipe by data size
+
+
+def test_recipe_is_picked_by_training_images_and_what_the_user_sets_wins():
+    from fmtl.training.recipe import LARGE, LARGE_FROM, apply_recipe
+
+    small, line = apply_recipe(load_config([]), LARGE_FROM - 1)
+    assert small.recipe == "small" and "recipe small" in line
+    assert all(getattr(small, key) == getattr(load_config([]), key) for key in LARGE)  # plain defaults
+    large, line = apply_recipe(load_config([]), LARGE_FROM)
+    assert large.recipe == "large" and all(getattr(large, key) == value for key, value in LARGE.items())
+    assert "--unfreeze last:5" in line and "--backbone-lr-scale" in line
+    mine, line = apply_recipe(load_config(["--image-size", "64", "--augment-strength", "1"]), 54_000)
+    assert mine.image_size == 64 and mine.augment_strength == 1 and mine.unfreeze == LARGE["unfreeze"]
+    assert "--image-size" not in line
+    forced, _ = apply_recipe(load_config(["--recipe", "large"]), 100)
+    assert forced.image_size == LARGE["image_size"]
+    scratch, line = apply_recipe(load_config(["--model", "scratch_cnn", "--weights", "none"]), 54_000)
+    assert scratch.unfreeze == "all" and "scratch" in line
+    with pytest.raises(FmtlError, match="recipe"):
+        load_config(["--recipe", "huge"])
+
+
+@pytest.mark.slow
+def test_forced_recipe_is_applied_and_saved(tmp_path):
+    """--recipe large on a small run: config.yaml holds the recipe's values, and the first blocks stay frozen."""
+    run = tmp_path / "large"
+    args = ["--recipe", "large", "--strategy", "finetune", "--epochs", "1", *SMALL, "--max-train-samples", "300"]
+    assert train_main([*args, "--image-size", "32", "--no-save-state", "--output", str(run)]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["recipe"] == "large" and saved["unfreeze"] == "last:5" and saved["augment_strength"] == 0.5
+    assert saved["image_size"] == 32  # given on the command line: the recipe's 48 does not override it
+    from safetensors.torch import load_file
+
+    trained = load_file(str(run / "model.safetensors"))
+    pretrained = create_model("efficientnet_lite0", 10).state_dict()
+    stem = "backbone.features.0.0.weight"
+    last = "backbone.features.8.0.weight"
+    assert torch.equal(trained[stem], pretrained[stem])  # frozen by last:5
+    assert not torch.equal(trained[last], pretrained[last])

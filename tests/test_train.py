@@ -41,8 +41,9 @@ def linear_run(tmp_path_factory):
 
 def test_linear_run_writes_every_file(linear_run):
     for name in ("config.yaml", "results.csv", "metrics.json", "model.safetensors", "model.json", "curves.png",
-                 "confusion_matrix.png", "predictions.png", "augmentations.png", "state/trainer.json"):  # fmt: skip
+                 "confusion_matrix.png", "predictions.png", "state/trainer.json"):  # fmt: skip
         assert (linear_run / name).is_file(), name
+    assert not (linear_run / "augmentations.png").exists()  # --no-augment: there is nothing to show
     rows = read_results(linear_run)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # the loss falls

@@ -40,6 +40,7 @@ class TrainConfig:
     val_fraction: float = option(0.1, "share of the training data held out for validation (stratified)")
     max_train_samples: int = option(0, "train on a seeded, stratified subset of this many images (0: all)")
     max_eval_samples: int = option(0, "validate and test on seeded, stratified subsets of this size (0: all)")
+    recipe: str = option("auto", "defaults by data size: auto (picks by training images), small or large")
     # model
     model: str = option("efficientnet_lite0", "any torchvision classifier name, or efficientnet_lite0")
     weights: str = option("DEFAULT", "DEFAULT, a torchvision weights name, a .pth/.safetensors file, or none")
@@ -88,6 +89,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
+        _choice("recipe", self.recipe, ("auto", "small", "large"))
         if self.mixed_precision is not None:
             _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("optimizer", self.optimizer, ("adamw", "sgd"))
@@ -169,6 +171,7 @@ def load_config(argv: list[str] | None = None, prog: str = "fmtl train") -> Trai
     values.update(given)
     config = TrainConfig(**values)
     config.validate()
+    config.given = frozenset(values)  # what the user set: the recipe (fmtl.training.recipe) fills in the rest
     return config
 
 

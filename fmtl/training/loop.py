@@ -35,6 +35,7 @@ from fmtl.training import budget, reports
 from fmtl.training.augment import Preprocess, augment_for
 from fmtl.training.checkpoint import MODEL_WEIGHTS, load_training_state, save_model, save_training_state
 from fmtl.training.config import TrainConfig, load_config
+from fmtl.training.recipe import apply_recipe
 from fmtl.training.data import ImageSet, load_run_split, seeded_subset
 from fmtl.training.headfit import fit_linear_head
 from fmtl.training.metrics import topk_correct
@@ -516,6 +517,8 @@ def run(cfg: TrainConfig) -> dict | None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     splits = load_splits(cfg)
+    cfg, picked = apply_recipe(cfg, len(splits.train))
+    accelerator.print(picked)
     plan = None
     if cfg.budget and not cfg.resume:  # a resumed run keeps the epochs its config.yaml was planned with
         cfg, plan = plan_budget(cfg, splits, accelerator, clock)

@@ -92,7 +92,8 @@ def summary(run_dir: Path, report: dict, classes: list[str], best: dict, epochs:
         f"best epoch {best['epoch']} of {epochs}: val accuracy {best['val_acc']:.4f}",
         f"{report['split']} accuracy {report['accuracy']:.4f}, {topk} {report[topk]:.4f} on {report['num_images']} images",
         f"trained in {seconds / 60:.1f} min; run folder {run_dir}/ (model.safetensors, model.json, "
-        "metrics.json, results.csv, curves.png, confusion_matrix.png, predictions.png, augmentations.png)",
+        "metrics.json, results.csv, curves.png, confusion_matrix.png, predictions.png"
+        + (", augmentations.png)" if (run_dir / "augmentations.png").exists() else ")"),
         f"next: fmtl export --onnx {run_dir}",
     ]
     return "\n".join(lines)

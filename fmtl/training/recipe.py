@@ -1,0 +1,61 @@
+"""fmtl's default recipe, picked by the number of labelled training images.
+
+What wins against training from scratch depends on the data size (``benchmarks/accuracy.py``
+measures it). With a few labelled images per class, the pretrained features do most of the
+work: fine-tune everything gently at 64 px, frozen BatchNorm, strong augmentation. With tens
+of thousands, a budget buys only a few epochs, and what decides is how many: a cheaper
+fine-tune (48 px, the first feature blocks frozen) with lighter augmentation and BatchNorm that
+adapts to the new domain learns more per CPU-minute.
+
+``--recipe auto`` (the default) picks by the number of training images; ``small`` or ``large``
+force one. A recipe only supplies defaults: every option given on the command line or in
+``--config`` wins. The picked recipe is printed and saved in config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fmtl.training.config import TrainConfig
+
+RECIPES = ("auto", "small", "large")
+LARGE_FROM = 20_000  # training images from which the large-data recipe is the default
+# Option -> value, over TrainConfig's own defaults (which are the small-data recipe).
+LARGE = {
+    "image_size": 48,
+    "unfreeze": "last:5",
+    "augment_strength": 0.5,
+    "backbone_lr_scale": 0.5,
+}
+
+
+def pick_recipe(n_train: int) -> str:
+    return "large" if n_train >= LARGE_FROM else "small"
+
+
+def apply_recipe(cfg: TrainConfig, n_train: int) -> tuple[TrainConfig, str]:
+    """``cfg`` with the recipe's defaults for the options nobody set, and a line saying what was picked.
+
+    Options count as set when ``load_config`` saw them (command line, ``--config``, a resumed run's
+    config.yaml); a TrainConfig built in code has every option set.
+    """
+    name = pick_recipe(n_train) if cfg.recipe == "auto" else cfg.recipe
+    if str(cfg.weights).lower() == "none":  # nothing pretrained to keep frozen or adapt gently
+        return cfg, "recipe: none (training from scratch: fmtl's plain defaults)"
+    given = getattr(cfg, "given", None)
+    given = set(given) if given is not None else {f.name for f in dataclasses.fields(cfg)}
+    changes = {key: value for key, value in (LARGE if name == "large" else {}).items() if key not in given}
+    why = f"{n_train:,} training images" + (
+        f" {'>=' if n_train >= LARGE_FROM else '<'} {LARGE_FROM:,}" if cfg.recipe == "auto" else ", as asked"
+    )
+    shown = " ".join(_flag(key, value) for key, value in changes.items())
+    line = f"recipe {name} ({why})" + (f": {shown}" if shown else "")
+    resolved = dataclasses.replace(cfg, recipe=name, **changes)
+    return resolved, line
+
+
+def _flag(key: str, value) -> str:
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
