@@ -35,11 +35,11 @@ from fmtl.training import budget, reports
 from fmtl.training.augment import Preprocess, augment_for
 from fmtl.training.checkpoint import MODEL_WEIGHTS, load_training_state, save_model, save_training_state
 from fmtl.training.config import TrainConfig, load_config
-from fmtl.training.recipe import apply_recipe
 from fmtl.training.data import ImageSet, load_run_split, seeded_subset
 from fmtl.training.headfit import fit_linear_head
 from fmtl.training.metrics import topk_correct
 from fmtl.training.models import FmtlModel, apply_freeze, create_model, parameter_groups, parameter_summary
+from fmtl.training.recipe import apply_recipe
 
 
 @dataclass
