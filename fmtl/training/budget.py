@@ -131,6 +131,8 @@ def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached
         optimizer = optimizers.setdefault(id(params), torch.optim.AdamW(params, lr=1e-6))
         loss = F.cross_entropy(forward().float(), labels)
         loss.backward()
+        if cfg.grad_clip:  # as the real step does: a pass over every gradient
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
