@@ -57,9 +57,10 @@ class Costs:
 
     finetune_step: float  # one training batch with the backbone training
     head_step: float  # one training batch of a frozen phase (cached features, or augmented images)
-    forward_image: float  # one image through the network without gradients (val, test, feature caching)
+    forward_image: float  # one image through the network without gradients (val, test; both views under --flip-tta)
     save: float  # one epoch's checkpoint (model and training state)
     head_fit: float = 0.0  # solving the linear head by L-BFGS on the cached features (--head-fit lbfgs), once
+    feature_image: float = 0.0  # one image through the backbone alone, one view (feature caching); 0: forward_image
 
 
 @dataclass
@@ -150,6 +151,7 @@ def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached
     with torch.no_grad():
         features = model.eval().features(batch(False)).float()
         forward_image = _timed(lambda: model(batch(False))) / probe
+        feature_image = _timed(lambda: model.features(batch(False))) / probe if head_cached else 0.0
     model.head.train()
     if head_cached:
         head = _timed(lambda: train_step(head_params, lambda: model.head(features)))
@@ -161,7 +163,7 @@ def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached
     fit = 0.0
     if head_cached and cfg.head_fit == "lbfgs" and isinstance(model.head, torch.nn.Linear):
         fit = _lbfgs_cost(n_train, features.shape[1], model.head.out_features)
-    return Costs(finetune, head, forward_image, save, fit)
+    return Costs(finetune, head, forward_image, save, fit, feature_image)
 
 
 def _lbfgs_cost(n: int, num_features: int, classes: int) -> float:
@@ -197,7 +199,9 @@ def plan_epochs(
     head_epoch = steps * costs.head_step + (0.0 if head_cached else val_pass) + costs.save
     finetune_epoch = steps * costs.finetune_step + val_pass + costs.save
     once = {
-        "caching": (counts["train"] + counts["val"]) * forward if head_cached else 0.0,
+        "caching": (counts["train"] + counts["val"]) * (costs.feature_image or costs.forward_image) / num_processes
+        if head_cached
+        else 0.0,
         "head fit": costs.head_fit,
         "test": counts["test"] * forward,
         "reports": FIXED_SECONDS,

@@ -92,7 +92,7 @@ def create_model(
         network, defaults = _build_scratch(weights)
     else:
         network, defaults = _build_torchvision(name, weights)
-    fast_depthwise_grads(network)  # the same maths, 4x faster fine-tuning of mobile networks on CPU
+    fast_depthwise_grads(network)  # the same gradients; Lite0 fine-tuning 1.7-3.1x faster on CPU (depthwise.py)
     final_name, final = _final_layer(network)
     _set_module(network, final_name, nn.Identity())
     if num_classes is not None:
