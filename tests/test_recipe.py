@@ -77,6 +77,16 @@ def test_plan_fits_whole_epochs_into_the_budget():
     assert plan.predicted_s + finetune_epoch > 1200 * 0.92
 
 
+def test_plan_times_feature_caching_on_one_view():
+    """Caching runs the backbone once per image; mirror-averaged val/test passes cost twice that."""
+    cfg = load_config(["--budget", "1200s"])
+    counts = {"train": 54_000, "val": 6_000, "test": 10_000}
+    costs = Costs(finetune_step=0.5, head_step=0.002, forward_image=0.002, save=0.2, feature_image=0.001)
+    plan = plan_epochs(cfg, costs, counts, available_s=1195, budget_s=1200)
+    assert plan.parts_s["caching"] == pytest.approx(60_000 * 0.001, abs=0.1)
+    assert plan.parts_s["test"] == pytest.approx(10_000 * 0.002, abs=0.1)
+
+
 def test_plan_refuses_a_budget_shorter_than_one_epoch():
     with pytest.raises(ConfigError, match="too short"):
         _plan(200)
