@@ -53,7 +53,9 @@ class FmtlModel(nn.Module):
         if from_features:
             return self.head(x)
         if self.flip_tta and not self.training:
-            return (self._logits(x) + self._logits(x.flip(-1))) / 2
+            # One pass over both views: one copy of the network in an exported graph (and in its int8 twin)
+            both = self._logits(torch.cat([x, x.flip(-1)]))
+            return (both[: x.shape[0]] + both[x.shape[0] :]) / 2
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
