@@ -68,7 +68,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "optimizer step every N batches")
     patience: int = option(0, "stop after this many epochs without a better val accuracy (0: never)")
     augment: bool = option(True, "random flip, rotation, translation, scale, brightness/contrast")
-    augment_strength: float = option(1.0, "scales rotation (15 deg), translation (0.1 of the side), scale and brightness/contrast")
+    augment_strength: float = option(
+        1.0, "scales rotation (15 deg), translation (0.1 of the side), scale and brightness/contrast"
+    )
     flip: bool = option(True, "random horizontal flips (turn off for text, digits, anything with a handedness)")
     flip_tta: bool = option(True, "with --flip: evaluate, and export, the mean of each image's and its mirror's logits")
     seed: int = option(0, "seeds the split, subset, initialisation, shuffling and augmentation")
