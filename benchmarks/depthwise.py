@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 from torch import nn
 
+from fmtl.training.budget import _timed
 from fmtl.training.depthwise import _FastGradConv2d, fast_depthwise_grads
 from fmtl.training.models import apply_freeze, create_model
 
@@ -38,13 +37,7 @@ def step_ms_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times) / len(x)
+    return 1000 * _timed(step, steps) / len(x)  # median of timed steps after one warm-up, as --budget times
 
 
 def main() -> None:
