@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fmtl.errors import FmtlError
 from fmtl.training.config import TrainConfig
 from fmtl.training.data import load_dataset, seeded_subset
 from fmtl.training.loop import Phase, Splits, Trainer, lr_factors, make_accelerator, plan_phases
@@ -50,7 +51,7 @@ def splits() -> Splits:
 def _trainer(tmp_path, splits: Splits, **options) -> Trainer:
     cfg = TrainConfig(image_size=32, batch_size=64, quiet=True, save_state=False, augment=False, **options)
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir.mkdir(parents=True)
     return Trainer(cfg, make_accelerator(cfg, run_dir), run_dir, splits)
 
 
@@ -99,6 +100,18 @@ def test_unfreeze_last_n_trains_only_those_blocks(tmp_path, splits) -> None:
     assert _changed(head_before, trainer.net.head)
 
 
+def test_max_steps_ends_inside_the_last_epoch_with_the_schedule_complete(tmp_path, splits) -> None:
+    # 256 images at batch 64: 4 steps an epoch; 6 steps is one epoch and a half
+    trainer = _trainer(tmp_path, splits, strategy="finetune", epochs=5, max_steps=6)
+    assert trainer.cfg.epochs == 2 and trainer.total_steps == 6
+    trainer.fit(1)
+    assert [row.epoch for row in trainer.history] == [1, 2]
+    assert trainer.scheduler.scheduler.last_epoch == 6  # optimizer steps taken: 4 + 2
+    assert trainer.scheduler.get_last_lr()[-1] == pytest.approx(0.0)  # the cosine ended with them
+    with pytest.raises(FmtlError, match="max-steps"):  # a hybrid run cut short inside its head phase
+        _trainer(tmp_path / "hybrid", splits, strategy="hybrid", epochs=3, head_epochs=2, max_steps=7)
+
+
 # --- process-wide settings belong to the entry point ---------------------------------------------
 
 
@@ -115,3 +128,10 @@ def test_allocator_setting_is_made_by_the_entry_point_only(monkeypatch) -> None:
     entry._process_settings(TrainConfig())
     assert calls == [1]
     assert "mallopt" not in inspect.getsource(loop)  # library code (and tests calling main()) never sets it
+
+
+def test_lr_factors_end_the_cosine_where_max_steps_cuts_the_last_epoch() -> None:
+    cfg = TrainConfig(strategy="finetune", epochs=3, warmup_fraction=0.1)
+    factors = lr_factors(cfg, plan_phases(cfg), 10, total_steps=25)["head"]
+    assert factors(24) > 0.0 and factors(25) == pytest.approx(0.0)  # 25 steps: 2.5 epochs, schedule complete
+    assert lr_factors(cfg, plan_phases(cfg), 10)["head"](25) > 0.05  # whole epochs: still mid-cosine there

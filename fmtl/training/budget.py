@@ -2,11 +2,12 @@
 
 A short warm-up times a few real training steps of each kind the run will take (a
 fine-tuning step, a head step, an evaluation forward pass, a checkpoint save) on the run's
-own model, input size and batch size. The planner then fits whole epochs into what is left
+own model, input size and batch size. The planner then fits epochs into what is left
 of the budget, after the parts every run pays once (feature caching, the test pass, the
-reports) and a safety margin, so the learning-rate schedule is laid out for the epochs that
-will actually run and ends completed rather than cut off mid-cosine. The plan is printed,
-saved as ``plan.json`` and written into ``config.yaml`` (``epochs``, ``head_epochs``), so a
+reports) and a safety margin, the last fine-tuning epoch cut short where a whole one would not
+fit, so the learning-rate schedule is laid out for the steps that will actually run and ends
+completed rather than cut off mid-cosine. The plan is printed, saved as ``plan.json`` and written
+into ``config.yaml`` (``epochs``, ``head_epochs``, ``max_steps``), so a
 resumed run continues the same plan. The clock starts when the run starts, after Python's own start
 and imports (3-12 s on the 2-core machine here, depending on its load).
 """
@@ -30,10 +31,15 @@ from fmtl.training.augment import Preprocess, augment_for
 
 UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 BUDGET_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([hms]?)")
-SAFETY = 0.08  # share of the budget kept free: throughput on a shared machine drifts during a run
+# Share of the budget kept free: throughput on a shared machine drifts during a run. The timed steps
+# already run ~10 % slower than a steady epoch's (all data, 48 px: 3.5 against 3.1 ms an image).
+SAFETY = 0.06
 FIXED_SECONDS = 4.0  # run folder, plots and the summary at the end, measured at ~2-3 s
 MAX_LINEAR_EPOCHS = 50  # a frozen-backbone run on cached features converges long before this
-TIMED_STEPS = 2  # timed steps per kind, after one untimed warm-up step
+# The last fine-tuning epoch may be cut short, so time a whole epoch would not fill still trains (its
+# cosine ends with it); a piece under this share of an epoch is not worth its validation pass.
+MIN_PARTIAL_EPOCH = 0.25
+TIMED_STEPS = 3  # timed steps per kind (their median), after one untimed warm-up step
 # Images per timed step. Per-image cost falls with the batch up to about this size (Lite0 on the 2-core
 # EPYC: 3.3 ms at batch 32, 2.0 at 128), so runs are timed at their own batch, up to this, and scaled above it.
 PROBE_BATCH = 128
@@ -72,17 +78,29 @@ class Plan:
     head_epochs: int
     strategy: str
     steps_per_epoch: int
+    max_steps: int  # 0: every epoch whole; else the run ends after this many steps, inside its last epoch
     predicted_s: float  # warm-up included, margin excluded
     parts_s: dict
     costs: dict
     finished_s: float | None = None  # filled in at the end of the run: the budget's clock when it finished
     note: str = ""  # why the plan differs from what was asked
 
+    @property
+    def finetune_epochs(self) -> float:
+        """Fine-tuning epochs, the last one's fraction included (e.g. 3.6)."""
+        whole = self.epochs - (self.head_epochs if self.strategy == "hybrid" else 0)
+        if not self.max_steps or self.strategy == "linear":
+            return float(whole)
+        return whole - 1 + (self.max_steps - (self.epochs - 1) * self.steps_per_epoch) / self.steps_per_epoch
+
     def describe(self) -> str:
+        finetune = f"{self.finetune_epochs:.3g} fine-tuning epoch(s)"
+        if self.max_steps:
+            finetune += f" (the last cut short: {self.max_steps} steps in all)"
         phases = {
             "linear": f"{self.epochs} head epoch(s)",
-            "finetune": f"{self.epochs} fine-tuning epoch(s)",
-            "hybrid": f"{self.head_epochs} head epoch(s) + {self.epochs - self.head_epochs} fine-tuning epoch(s)",
+            "finetune": finetune,
+            "hybrid": f"{self.head_epochs} head epoch(s) + {finetune}",
         }[self.strategy]
         parts = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in self.parts_s.items())
         note = f" [{self.note}]" if self.note else ""
@@ -187,10 +205,12 @@ def _lbfgs_cost(n: int, num_features: int, classes: int) -> float:
 def plan_epochs(
     cfg, costs: Costs, counts: dict[str, int], available_s: float, budget_s: float, num_processes: int = 1
 ) -> Plan:
-    """Whole epochs that fit ``available_s`` (the budget less what was already spent), phases completed.
+    """Epochs that fit ``available_s`` (the budget less what was already spent), phases completed.
 
     ``counts`` holds the number of train, val and test images. Hybrid keeps ``cfg.head_epochs`` head
     epochs and gives the rest to fine-tuning; linear takes as many head epochs as fit (at most 50).
+    Fine-tuning fills what is left with a last epoch cut short (``max_steps``), when that is at least
+    ``MIN_PARTIAL_EPOCH`` of an epoch.
     """
     steps = math.ceil(counts["train"] / num_processes / cfg.batch_size)
     forward = costs.forward_image / num_processes
@@ -208,6 +228,15 @@ def plan_epochs(
     }
     spare = available_s - budget_s * SAFETY - sum(once.values())
     head_epochs, epochs = _fit(cfg, spare, head_epoch, finetune_epoch)
+    partial = 0  # steps of one more, shortened, fine-tuning epoch
+    if cfg.strategy != "linear":
+        left = spare - (head_epochs if cfg.strategy == "hybrid" else 0) * head_epoch
+        left -= (epochs - (head_epochs if cfg.strategy == "hybrid" else 0)) * finetune_epoch
+        partial = min(steps - 1, int((left - val_pass - costs.save) // costs.finetune_step))
+        if partial >= MIN_PARTIAL_EPOCH * steps:
+            epochs += 1
+        else:
+            partial = 0
     if epochs < 1 or (cfg.strategy == "hybrid" and epochs <= head_epochs):
         first = head_epoch * max(head_epochs, 1) + (finetune_epoch if cfg.strategy == "hybrid" else 0.0)
         one = first if cfg.strategy != "finetune" else finetune_epoch
@@ -218,9 +247,10 @@ def plan_epochs(
             "(--max-train-samples) or a smaller --image-size"
         )
     n_head = head_epochs if cfg.strategy == "hybrid" else (epochs if cfg.strategy == "linear" else 0)
+    short = (steps - partial) * costs.finetune_step if partial else 0.0  # the last epoch's steps not taken
     parts = {
         **({"head": n_head * head_epoch} if n_head else {}),
-        **({"finetune": (epochs - n_head) * finetune_epoch} if epochs > n_head else {}),
+        **({"finetune": (epochs - n_head) * finetune_epoch - short} if epochs > n_head else {}),
         **{name: seconds for name, seconds in once.items() if seconds},
         "warm-up": budget_s - available_s,
     }
@@ -230,6 +260,7 @@ def plan_epochs(
         head_epochs=head_epochs,
         strategy=cfg.strategy,
         steps_per_epoch=steps,
+        max_steps=(epochs - 1) * steps + partial if partial else 0,
         predicted_s=round(sum(parts.values()), 1),
         parts_s={name: round(seconds, 1) for name, seconds in parts.items()},
         costs={name: round(value, 5) for name, value in dataclasses.asdict(costs).items()},
@@ -265,4 +296,5 @@ def plan_run(cfg, model, spec: InputSpec, counts: dict[str, int], device, starte
             dataclasses.replace(cfg, strategy="linear"), costs, counts, available, budget_s, num_processes
         )
         plan.note = "too short for one fine-tuning epoch here: frozen backbone, head only"
-    return dataclasses.replace(cfg, strategy=plan.strategy, epochs=plan.epochs, head_epochs=plan.head_epochs), plan
+    planned = {"strategy": plan.strategy, "epochs": plan.epochs, "head_epochs": plan.head_epochs}
+    return dataclasses.replace(cfg, **planned, max_steps=plan.max_steps), plan

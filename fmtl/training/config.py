@@ -55,6 +55,7 @@ class TrainConfig:
     head_fit: str = option("lbfgs", "cached head phase: first solve the linear head by L-BFGS (lbfgs), or not (none)")
     # optimisation
     epochs: int = option(3, "total epochs, all phases together")
+    max_steps: int = option(0, "end after this many optimizer steps, the last epoch cut short (0: --epochs decides)")
     budget: str | None = option(None, "train within this wall time (90s, 10m, 1h): epochs planned from measured speed")
     batch_size: int = option(128, "images per step per process")
     eval_batch_size: int = option(256, "images per step for validation, test and feature caching")
@@ -98,6 +99,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise FmtlError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps < 0:
+            raise FmtlError("--max-steps must be 0 (off) or positive")
         if not 0 <= self.augment_strength <= 3:
             raise FmtlError("--augment-strength must be between 0 (flips only) and 3")
         if self.lr <= 0:

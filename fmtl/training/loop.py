@@ -205,12 +205,16 @@ def index_loader(n: int, batch_size: int, shuffle: bool, seed: int) -> DataLoade
     return DataLoader(range(n), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def lr_factors(cfg: TrainConfig, phases: list[Phase], steps_per_epoch: int) -> dict:
-    """Schedule factors per part: warmup then cosine within each phase; a backbone rests (0) while frozen."""
+def lr_factors(cfg: TrainConfig, phases: list[Phase], steps_per_epoch: int, total_steps: int = 0) -> dict:
+    """Schedule factors per part: warmup then cosine within each phase; a backbone rests (0) while frozen.
+
+    ``total_steps`` (0: every epoch whole) ends the last phase, and its cosine, inside its last epoch.
+    """
+    end = total_steps or cfg.epochs * steps_per_epoch
 
     def within(phase: Phase, step: int) -> float:
         start = (phase.first_epoch - 1) * steps_per_epoch
-        total = (phase.last_epoch - phase.first_epoch + 1) * steps_per_epoch
+        total = min(phase.last_epoch * steps_per_epoch, end) - start
         warmup = max(1, int(cfg.warmup_fraction * total))
         local = step - start
         if local < warmup:
@@ -230,14 +234,18 @@ def lr_factors(cfg: TrainConfig, phases: list[Phase], steps_per_epoch: int) -> d
     return {"head": head, "backbone": backbone}
 
 
-def make_optimizer(cfg: TrainConfig, model: FmtlModel, phases: list[Phase], steps_per_epoch: int):
-    """One optimizer and one scheduler for the whole run (all phases), so a resumed state always fits."""
+def make_optimizer(cfg: TrainConfig, model: FmtlModel, phases: list[Phase], steps_per_epoch: int, total_steps: int = 0):
+    """One optimizer and one scheduler for the whole run (all phases), so a resumed state always fits.
+
+    Steps count the scheduler's steps: Accelerate steps a prepared scheduler once per process at each
+    optimizer step (it lays schedules out as if one process took every batch).
+    """
     groups = parameter_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     else:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    factors = lr_factors(cfg, phases, steps_per_epoch)
+    factors = lr_factors(cfg, phases, steps_per_epoch, total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [factors[g["part"]] for g in groups])
 
 
@@ -256,6 +264,13 @@ class Trainer:
             splits.test_name,
         )
         self.classes = self.train_set.classes
+        train_loader = index_loader(len(self.train_set), cfg.batch_size, shuffle=True, seed=cfg.seed)
+        # Optimizer steps per process per epoch (Accelerate gives every process the same number of batches).
+        self.steps_per_epoch = math.ceil(
+            math.ceil(len(train_loader) / accelerator.num_processes) / cfg.gradient_accumulation_steps
+        )
+        self.cfg = cfg = self.cut_short(cfg)
+        self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
         model = build_model(cfg, len(self.classes))
         self.spec = input_spec(model, self.train_set, cfg)
         self.phases = plan_phases(cfg)
@@ -265,11 +280,12 @@ class Trainer:
         self.train_images = self._on_device(self.train_set.images)
         self.train_labels = self.train_set.labels.to(device)
         self.val_images = self._on_device(self.val_set.images)
-        train_loader = index_loader(len(self.train_set), cfg.batch_size, shuffle=True, seed=cfg.seed)
         self.shuffle_generator = train_loader.generator  # the sampler's, drawn from each epoch: part of the state
         val_loader = index_loader(len(self.val_set), cfg.eval_batch_size, shuffle=False, seed=0)
-        steps = math.ceil(len(train_loader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
-        optimizer, scheduler = make_optimizer(cfg, model, self.phases, steps)
+        processes = accelerator.num_processes
+        optimizer, scheduler = make_optimizer(
+            cfg, model, self.phases, self.steps_per_epoch * processes, self.total_steps * processes
+        )
         self.model, self.optimizer, self.train_loader, self.val_loader, self.scheduler = accelerator.prepare(
             model, optimizer, train_loader, val_loader, scheduler
         )
@@ -278,6 +294,18 @@ class Trainer:
         self.history: list[EpochRow] = []
         self.best = {"val_acc": -1.0, "epoch": 0}
         self.cached: dict | None = None  # backbone features, when a frozen phase has no augmentation
+
+    def cut_short(self, cfg: TrainConfig) -> TrainConfig:
+        """--max-steps: the epochs it reaches into, the last one cut short (so phases and schedule end with it)."""
+        if not cfg.max_steps:
+            return cfg
+        epochs = min(cfg.epochs, math.ceil(cfg.max_steps / self.steps_per_epoch))
+        if cfg.strategy == "hybrid" and epochs <= cfg.head_epochs:
+            raise FmtlError(
+                f"--max-steps {cfg.max_steps} ends within the {cfg.head_epochs} head epoch(s) "
+                f"({self.steps_per_epoch} steps each): raise it or lower --head-epochs"
+            )
+        return replace(cfg, epochs=epochs)
 
     def _on_device(self, images: torch.Tensor) -> torch.Tensor:
         # A few hundred MB of uint8 is cheap to keep on a GPU; a huge folder dataset stays in host memory.
@@ -334,8 +362,13 @@ class Trainer:
                 self.fit_head()
         self.train_loader.set_epoch(epoch)
         total_loss, seen = torch.zeros((), device=accelerator.device), 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.cfg.epochs} {phase.name}", leave=False,
-                   disable=self.cfg.quiet or not accelerator.is_local_main_process)  # fmt: skip
+        # --max-steps may end the last epoch early: its batches, not the loader's
+        batches = min(
+            len(self.train_loader),
+            (self.total_steps - (epoch - 1) * self.steps_per_epoch) * self.cfg.gradient_accumulation_steps,
+        )
+        bar = tqdm(self.train_loader, total=batches, desc=f"epoch {epoch}/{self.cfg.epochs} {phase.name}",
+                   leave=False, disable=self.cfg.quiet or not accelerator.is_local_main_process)  # fmt: skip
         started = time.perf_counter()
         for step, indices in enumerate(bar, 1):
             with accelerator.accumulate(self.model):
@@ -344,6 +377,8 @@ class Trainer:
             total_loss += loss.detach() * len(indices)
             seen += len(indices)
             bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            if step >= batches:
+                break
         total = accelerator.reduce(torch.stack([total_loss, torch.tensor(float(seen), device=total_loss.device)]))
         return (total[0] / total[1]).item(), int(total[1].item())
 
@@ -553,14 +588,15 @@ def run(cfg: TrainConfig) -> dict | None:
 
 
 def plan_budget(cfg: TrainConfig, splits: Splits, accelerator: Accelerator, clock: float):
-    """--budget: time this run's steps on a throwaway model, fit whole epochs; every process takes the main's plan."""
+    """--budget: time this run's steps on a throwaway model, fit the epochs; every process takes the main's plan."""
     model = build_model(cfg, len(splits.train.classes))
     counts = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
     spec = input_spec(model, splits.train, cfg)
     _, plan = budget.plan_run(cfg, model, spec, counts, accelerator.device, clock, accelerator.num_processes)
     plan = broadcast_object_list([plan])[0]
     accelerator.print(plan.describe())
-    return replace(cfg, strategy=plan.strategy, epochs=plan.epochs, head_epochs=plan.head_epochs), plan
+    planned = {"strategy": plan.strategy, "epochs": plan.epochs, "head_epochs": plan.head_epochs}
+    return replace(cfg, **planned, max_steps=plan.max_steps), plan
 
 
 def outcome_of(trainer: Trainer, probs: np.ndarray) -> reports.TestOutcome:
