@@ -37,7 +37,7 @@ def step_ms_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return 1000 * _timed(step, steps) / len(x)  # median of timed steps after one warm-up, as --budget times
+    return 1000 * _timed(step, steps) / len(x)  # median of timed steps after untimed warm-up steps, as --budget times
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one command, for when a GPU is lent (about 5 minutes on one H100; under 8 on one GPU).
+# The GPU check: one command, for when a GPU is lent (250 s on one H200, 2026-11-26; results in launch/README.md).
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]        # default: a new folder under /tmp
 #
@@ -39,10 +39,10 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1); output in $OUT"
 
-launch() {  # launch PRECISION RUN_DIR [more train options]: accelerate launch with launch/gpu.yaml
-    local precision=$1 run=$2
-    shift 2
-    "$BIN/accelerate" launch --config_file launch/gpu.yaml --mixed_precision "$precision" \
+launch() {  # launch SECONDS PRECISION RUN_DIR [more train options]: accelerate launch with launch/gpu.yaml, timed out
+    local limit=$1 precision=$2 run=$3
+    shift 3
+    timeout "$limit" "$BIN/accelerate" launch --config_file launch/gpu.yaml --mixed_precision "$precision" \
         fmtl/train.py "${DATA[@]}" --output "$run" "$@"
 }
 
@@ -54,7 +54,7 @@ last_rate() {  # images/s of the last epoch in a run's results.csv
 declare -A RATE
 for precision in no bf16 fp16; do
     run="$OUT/train-$precision"
-    if timeout 150 launch "$precision" "$run" --epochs 2 >"$run.log" 2>&1; then
+    if launch 150 "$precision" "$run" --epochs 2 >"$run.log" 2>&1; then
         RATE[$precision]=$(last_rate "$run")
         record "ok   train $precision: ${RATE[$precision]} images/s (last epoch)"
     else
@@ -81,7 +81,7 @@ done
 if [[ -f "$run/state/trainer.json" ]]; then
     kill -KILL -- -"$pid" 2>/dev/null; wait "$pid" 2>/dev/null
     first_row=$(sed -n 2p "$run/results.csv")
-    if timeout 200 launch bf16 "$run" --resume "$run" --epochs 3 >>"$run.log" 2>&1 \
+    if launch 200 bf16 "$run" --resume "$run" --epochs 3 >>"$run.log" 2>&1 \
         && [[ $(($(wc -l <"$run/results.csv") - 1)) -eq 3 ]] && [[ $(sed -n 2p "$run/results.csv") == "$first_row" ]]; then
         record "ok   kill after epoch 1 and --resume: 3 epochs, epoch 1 unchanged"
     else

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 import time
@@ -82,7 +83,7 @@ def test_plan_times_feature_caching_on_one_view():
     costs = Costs(finetune_step=0.5, head_step=0.002, forward_image=0.002, save=0.2, feature_image=0.001)
     plan = plan_epochs(cfg, costs, counts, available_s=1195, budget_s=1200)
     assert plan.parts_s["caching"] == pytest.approx(60_000 * 0.001, abs=0.1)
-    assert plan.parts_s["test"] == pytest.approx(10_000 * 0.002, abs=0.1)
+    assert plan.after_s["test"] == pytest.approx(10_000 * 0.002, abs=0.1)  # after the budget, predicted too
 
 
 def test_plan_cuts_the_last_fine_tuning_epoch_short_to_fill_the_budget():
@@ -93,6 +94,37 @@ def test_plan_cuts_the_last_fine_tuning_epoch_short_to_fill_the_budget():
     step = plan.costs["finetune_step"]
     usable = 1200 * (1 - SAFETY)
     assert usable - 2 * step <= plan.predicted_s <= usable  # filled to within a step or so
+
+
+def test_plan_validates_fine_tuning_less_often_when_validation_costs_more_than_training():
+    counts = {"train": 100, "val": 6_000, "test": 10_000}  # ten images a class, thousands to validate on
+    costs = Costs(finetune_step=0.6, head_step=0.002, forward_image=0.002, save=0.1)
+    plan = plan_epochs(load_config(["--budget", "120s"]), costs, counts, available_s=115, budget_s=120)
+    assert plan.eval_every == math.ceil(6_000 * 0.002 / (0.2 * 0.6)) and "validated every" in plan.describe()
+    assert plan.predicted_s <= 120 * (1 - SAFETY)
+    assert plan.epochs - plan.head_epochs > 20  # validating every epoch, 12 s each, would leave ~6 epochs
+    given = plan_epochs(load_config(["--budget", "120s", "--eval-every", "1"]), costs, counts, 115, 120)
+    assert given.eval_every == 1 and given.epochs - given.head_epochs < 10  # the user's choice stands
+    large = _plan(1200)
+    assert large.eval_every == 1  # all the data: a val pass is a small share of an epoch
+
+
+def test_warm_up_times_fewer_steps_where_they_would_eat_a_short_budget():
+    from fmtl.training.budget import _timed
+
+    calls: list[int] = []
+
+    def step() -> None:
+        calls.append(1)
+        time.sleep(0.02)
+
+    assert _timed(step) >= 0.02 and len(calls) == 9  # six untimed, three timed
+    calls.clear()
+    _timed(step, max_seconds=0.1)  # four more calls fit: three timed, one more untimed
+    assert len(calls) == 5
+    calls.clear()
+    _timed(step, max_seconds=0.03)  # one more call fits: the timed one
+    assert len(calls) == 2
 
 
 def test_plan_refuses_a_budget_shorter_than_one_epoch():
@@ -114,8 +146,10 @@ def test_budget_run_ends_within_budget_with_a_completed_schedule(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     plan = json.loads((run_dir / "plan.json").read_text())
     assert f"budget {budget}s" in result.stdout
-    assert plan["finished_s"] <= budget  # fmtl's own clock, from the start of the run
-    assert wall <= budget + 15  # plus the interpreter's start and imports
+    assert plan["finished_s"] <= budget  # training, on fmtl's own clock from the start of the run
+    after = sum(plan["after_s"].values())  # then the test pass and the reports, predicted
+    assert plan["total_s"] - plan["finished_s"] <= 2 * after + 5
+    assert wall <= plan["total_s"] + 15  # plus the interpreter's start and imports
     rows = _rows(run_dir)
     assert len(rows) == plan["epochs"] > plan["head_epochs"] == 2
     # Each phase's cosine ran to its end: the last step's learning rate is near zero, not cut off mid-way.
@@ -196,9 +230,9 @@ def test_a_budget_too_short_to_fine_tune_falls_back_to_the_head_alone(monkeypatc
     costs = Costs(finetune_step=0.5, head_step=0.002, forward_image=0.001, save=0.2)
     monkeypatch.setattr(budget, "measure_costs", lambda *args, **kwargs: costs)
     counts = {"train": 54_000, "val": 6_000, "test": 10_000}
-    cfg = load_config(["--budget", "130s"])  # one fine-tuning epoch alone would take ~220 s; a quarter of one ~55 s
+    cfg = load_config(["--budget", "120s"])  # one fine-tuning epoch alone would take ~220 s; a quarter of one ~55 s
     planned, plan = budget.plan_run(cfg, None, None, counts, "cpu", time.perf_counter())
-    assert planned.strategy == plan.strategy == "linear" and plan.note and plan.predicted_s <= 130
+    assert planned.strategy == plan.strategy == "linear" and plan.note and plan.predicted_s <= 120
     assert 1 <= planned.epochs <= 50
     with pytest.raises(ConfigError, match="too short"):  # asked for fine-tuning only: no fallback
         budget.plan_run(

@@ -112,6 +112,17 @@ def test_max_steps_ends_inside_the_last_epoch_with_the_schedule_complete(tmp_pat
         _trainer(tmp_path / "hybrid", splits, strategy="hybrid", epochs=3, head_epochs=2, max_steps=7)
 
 
+def test_eval_every_validates_every_nth_fine_tuning_epoch_and_the_last(tmp_path, splits) -> None:
+    trainer = _trainer(tmp_path, splits, strategy="hybrid", epochs=5, head_epochs=1, eval_every=3)
+    calls: list[int] = []
+    evaluate = trainer.evaluate_val
+    trainer.evaluate_val = lambda phase: calls.append(len(trainer.history) + 1) or evaluate(phase)
+    trainer.fit(1)
+    assert calls == [1, 4, 5]  # the head epoch, the 3rd fine-tuning epoch, the run's last
+    assert [row.val_acc is not None for row in trainer.history] == [True, False, False, True, True]
+    assert trainer.best["epoch"] in (1, 4, 5)
+
+
 # --- process-wide settings belong to the entry point ---------------------------------------------
 
 

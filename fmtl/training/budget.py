@@ -2,14 +2,15 @@
 
 A short warm-up times a few real training steps of each kind the run will take (a
 fine-tuning step, a head step, an evaluation forward pass, a checkpoint save) on the run's
-own model, input size and batch size. The planner then fits epochs into what is left
-of the budget, after the parts every run pays once (feature caching, the test pass, the
-reports) and a safety margin, the last fine-tuning epoch cut short where a whole one would not
-fit, so the learning-rate schedule is laid out for the steps that will actually run and ends
-completed rather than cut off mid-cosine. The plan is printed, saved as ``plan.json`` and written
-into ``config.yaml`` (``epochs``, ``head_epochs``, ``max_steps``), so a
-resumed run continues the same plan. The clock starts when the run starts, after Python's own start
-and imports (3-12 s on the 2-core machine here, depending on its load).
+own model, input size and batch size. The budget is for training: the warm-up, feature caching,
+the epochs and their validation passes. The planner fits epochs into what is left of it after
+the parts every run pays once (feature caching, solving the head) and a safety margin, the last
+fine-tuning epoch cut short where a whole one would not fit, so the learning-rate schedule is
+laid out for the steps that will actually run and ends completed rather than cut off mid-cosine.
+The test pass and the reports come after the budget; the plan predicts them too. The plan is
+printed, saved as ``plan.json`` and written into ``config.yaml`` (``epochs``, ``head_epochs``,
+``max_steps``), so a resumed run continues the same plan. The clock starts when the run starts,
+after Python's own start and imports (3-12 s on the 2-core machine here, depending on its load).
 """
 
 from __future__ import annotations
@@ -39,7 +40,16 @@ MAX_LINEAR_EPOCHS = 50  # a frozen-backbone run on cached features converges lon
 # The last fine-tuning epoch may be cut short, so time a whole epoch would not fill still trains (its
 # cosine ends with it); a piece under this share of an epoch is not worth its validation pass.
 MIN_PARTIAL_EPOCH = 0.25
-TIMED_STEPS = 3  # timed steps per kind (their median), after one untimed warm-up step
+# Fine-tuning validates every Nth epoch when one validation pass costs more than this share of an epoch's
+# training (a few hundred images against thousands of val images); each phase's last epoch always does.
+VAL_SHARE = 0.2
+TIMED_STEPS = 3  # timed steps per kind: their median
+# Untimed calls before them: a fine-tuning step here ran 0.51-0.56 s on calls 2-4, 0.41-0.44 s from call 7
+# on (allocator and caches warming up), and timing calls 2-4 had planned 25 % too much time per epoch.
+WARMUP_CALLS = 6
+# ... fewer calls, down to one of each, where the first shows they would take more than this share of the budget
+# (a fine-tuning step of 100 images at 160 px takes ~4 s here: three of them would be a quarter of a minute)
+TIMING_SHARE = 0.03
 # Images per timed step. Per-image cost falls with the batch up to about this size (Lite0 on the 2-core
 # EPYC: 3.3 ms at batch 32, 2.0 at 128), so runs are timed at their own batch, up to this, and scaled above it.
 PROBE_BATCH = 128
@@ -79,10 +89,13 @@ class Plan:
     strategy: str
     steps_per_epoch: int
     max_steps: int  # 0: every epoch whole; else the run ends after this many steps, inside its last epoch
+    eval_every: int  # fine-tuning validates every Nth epoch, and at its end
     predicted_s: float  # warm-up included, margin excluded
     parts_s: dict
     costs: dict
-    finished_s: float | None = None  # filled in at the end of the run: the budget's clock when it finished
+    after_s: dict = dataclasses.field(default_factory=dict)  # predicted: the test pass and reports, after training
+    finished_s: float | None = None  # filled in at the end of training: the budget's clock then
+    total_s: float | None = None  # and after the test pass and reports
     note: str = ""  # why the plan differs from what was asked
 
     @property
@@ -97,6 +110,8 @@ class Plan:
         finetune = f"{self.finetune_epochs:.3g} fine-tuning epoch(s)"
         if self.max_steps:
             finetune += f" (the last cut short: {self.max_steps} steps in all)"
+        if self.eval_every > 1 and self.strategy != "linear":
+            finetune += f", validated every {self.eval_every} and at the end"
         phases = {
             "linear": f"{self.epochs} head epoch(s)",
             "finetune": finetune,
@@ -104,9 +119,10 @@ class Plan:
         }[self.strategy]
         parts = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in self.parts_s.items())
         note = f" [{self.note}]" if self.note else ""
+        after = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in self.after_s.items())
         return (
             f"budget {self.budget_s:.0f}s: {phases}, each phase's schedule complete; "
-            f"predicted {self.predicted_s:.0f}s ({parts}){note}"
+            f"predicted {self.predicted_s:.0f}s ({parts}), then {after}{note}"
         )
 
     def to_json(self) -> str:
@@ -116,9 +132,15 @@ class Plan:
 # ---------------------------------------------------------------- measuring
 
 
-def _timed(step, steps: int = TIMED_STEPS) -> float:
-    """Median seconds of ``steps`` calls after one untimed warm-up call (first-call set-up is not throughput)."""
+def _timed(step, steps: int = TIMED_STEPS, max_seconds: float = math.inf, warmup: int = WARMUP_CALLS) -> float:
+    """Median seconds of ``steps`` calls after ``warmup`` untimed ones (set-up and warming are not throughput);
+    fewer of both, at least one of each, where the first call says they would take over ``max_seconds``."""
+    started = time.perf_counter()
     step()
+    fit = int(min(max_seconds / max(time.perf_counter() - started, 1e-9), 1000))  # calls that fit after the first
+    steps = max(1, min(steps, fit))
+    for _ in range(max(0, min(warmup - 1, fit - steps))):
+        step()
     times = []
     for _ in range(steps):
         started = time.perf_counter()
@@ -127,12 +149,16 @@ def _timed(step, steps: int = TIMED_STEPS) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached: bool, n_train: int) -> Costs:
+def measure_costs(
+    model, spec: InputSpec, cfg, device: torch.device, head_cached: bool, n_train: int, budget_s: float = math.inf
+) -> Costs:
     """Time real steps of ``model`` (a throwaway copy of the run's model: its weights are changed).
 
-    Steps run on ``PROBE_BATCH`` images and are scaled to the run's batch size, so the warm-up stays a
-    small share of a short budget.
+    Steps run on at most ``PROBE_BATCH`` images and are scaled to the run's batch size, and each kind
+    takes fewer timed steps where they would cost more than ``TIMING_SHARE`` of ``budget_s``, so the
+    warm-up stays a small share of a short budget.
     """
+    limit = TIMING_SHARE * budget_s
     model = model.to(device)
     probe = min(cfg.batch_size, PROBE_BATCH)
     scale = cfg.batch_size / probe
@@ -164,20 +190,20 @@ def measure_costs(model, spec: InputSpec, cfg, device: torch.device, head_cached
     finetune = 0.0
     if cfg.strategy != "linear":
         params = [p for p in model.parameters() if p.requires_grad]
-        finetune = _timed(lambda: train_step(params, lambda: model(batch(True)))) * scale
+        finetune = _timed(lambda: train_step(params, lambda: model(batch(True))), max_seconds=limit) * scale
     head_params = list(model.head.parameters())
     with torch.no_grad():
         features = model.eval().features(batch(False)).float()
-        forward_image = _timed(lambda: model(batch(False))) / probe
-        feature_image = _timed(lambda: model.features(batch(False))) / probe if head_cached else 0.0
+        forward_image = _timed(lambda: model(batch(False)), max_seconds=limit) / probe
+        feature_image = _timed(lambda: model.features(batch(False)), max_seconds=limit) / probe if head_cached else 0.0
     model.head.train()
     if head_cached:
         head = _timed(lambda: train_step(head_params, lambda: model.head(features)))
     else:
         model.backbone_frozen = True
-        head = _timed(lambda: train_step(head_params, lambda: model(batch(cfg.augment)))) * scale
+        head = _timed(lambda: train_step(head_params, lambda: model(batch(cfg.augment))), max_seconds=limit) * scale
         model.backbone_frozen = False
-    save = _timed(lambda: torch.save(model.state_dict(), io.BytesIO()), steps=1) * 3  # + AdamW's two moments
+    save = _timed(lambda: torch.save(model.state_dict(), io.BytesIO()), steps=1, warmup=1) * 3  # + AdamW's two moments
     fit = 0.0
     if head_cached and cfg.head_fit == "lbfgs" and isinstance(model.head, torch.nn.Linear):
         fit = _lbfgs_cost(n_train, features.shape[1], model.head.out_features)
@@ -196,7 +222,7 @@ def _lbfgs_cost(n: int, num_features: int, classes: int) -> float:
         F.cross_entropy(x @ weight, labels).backward()
 
     evaluations = MAX_ITERATIONS * 1.25 * (1 + len(WEIGHT_DECAYS) * min(1.0, CHOICE_ROWS / n))  # ~1.25 per iteration
-    return _timed(evaluation, steps=1) * evaluations
+    return _timed(evaluation, steps=1, warmup=1) * evaluations
 
 
 # ---------------------------------------------------------------- planning
@@ -217,22 +243,23 @@ def plan_epochs(
     head_cached = cfg.strategy != "finetune" and (cfg.head_cache or not cfg.augment)
     val_pass = counts["val"] * forward
     head_epoch = steps * costs.head_step + (0.0 if head_cached else val_pass) + costs.save
-    finetune_epoch = steps * costs.finetune_step + val_pass + costs.save
+    every = _eval_every(cfg, val_pass, steps * costs.finetune_step)
+    finetune_epoch = steps * costs.finetune_step + val_pass / every + costs.save
     once = {
+        "last validation": val_pass * (1 - 1 / every),  # the fine-tuning phase's end always validates
         "caching": (counts["train"] + counts["val"]) * (costs.feature_image or costs.forward_image) / num_processes
         if head_cached
         else 0.0,
         "head fit": costs.head_fit,
-        "test": counts["test"] * forward,
-        "reports": FIXED_SECONDS,
     }
+    after = {"test": counts["test"] * forward, "reports": FIXED_SECONDS}  # once training has ended
     spare = available_s - budget_s * SAFETY - sum(once.values())
     head_epochs, epochs = _fit(cfg, spare, head_epoch, finetune_epoch)
     partial = 0  # steps of one more, shortened, fine-tuning epoch
     if cfg.strategy != "linear":
         left = spare - (head_epochs if cfg.strategy == "hybrid" else 0) * head_epoch
         left -= (epochs - (head_epochs if cfg.strategy == "hybrid" else 0)) * finetune_epoch
-        partial = min(steps - 1, int((left - val_pass - costs.save) // costs.finetune_step))
+        partial = min(steps - 1, int((left - val_pass / every - costs.save) // costs.finetune_step))
         if partial >= MIN_PARTIAL_EPOCH * steps:
             epochs += 1
         else:
@@ -261,10 +288,20 @@ def plan_epochs(
         strategy=cfg.strategy,
         steps_per_epoch=steps,
         max_steps=(epochs - 1) * steps + partial if partial else 0,
+        eval_every=every,
         predicted_s=round(sum(parts.values()), 1),
         parts_s={name: round(seconds, 1) for name, seconds in parts.items()},
         costs={name: round(value, 5) for name, value in dataclasses.asdict(costs).items()},
+        after_s={name: round(seconds, 1) for name, seconds in after.items()},
     )
+
+
+def _eval_every(cfg, val_pass: float, finetune_train: float) -> int:
+    """The user's --eval-every if set, else the least N that keeps validation within VAL_SHARE of fine-tuning."""
+    given = getattr(cfg, "given", None)  # None: a TrainConfig built in code, every option set
+    if cfg.strategy == "linear" or given is None or "eval_every" in given:
+        return cfg.eval_every
+    return max(1, math.ceil(val_pass / (VAL_SHARE * finetune_train)))
 
 
 def _fit(cfg, spare: float, head_epoch: float, finetune_epoch: float) -> tuple[int, int]:
@@ -284,7 +321,7 @@ def plan_run(cfg, model, spec: InputSpec, counts: dict[str, int], device, starte
     """
     budget_s = parse_budget(cfg.budget)
     head_cached = cfg.strategy != "finetune" and (cfg.head_cache or not cfg.augment)
-    costs = measure_costs(model, spec, cfg, device, head_cached, counts["train"])
+    costs = measure_costs(model, spec, cfg, device, head_cached, counts["train"], budget_s)
     available = budget_s - (time.perf_counter() - started)
     try:
         plan = plan_epochs(cfg, costs, counts, available, budget_s, num_processes)

@@ -68,6 +68,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip gradient norm to this (0: off)")
     gradient_accumulation_steps: int = option(1, "optimizer step every N batches")
     patience: int = option(0, "stop after this many epochs without a better val accuracy (0: never)")
+    eval_every: int = option(
+        1, "validate every N fine-tuning epochs and at each phase's end (with --budget: the planner's unless set)"
+    )
     augment: bool = option(True, "random flip, rotation, translation, scale, brightness/contrast")
     augment_strength: float = option(
         1.0, "scales rotation (15 deg), translation (0.1 of the side), scale and brightness/contrast"
@@ -96,7 +99,7 @@ class TrainConfig:
         if self.mixed_precision is not None:
             _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("optimizer", self.optimizer, ("adamw", "sgd"))
-        for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_every"):
             if getattr(self, name) < 1:
                 raise FmtlError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_steps < 0:

@@ -67,17 +67,22 @@ def phase_of(phases: list[Phase], epoch: int) -> Phase:
     return next(p for p in phases if p.first_epoch <= epoch <= p.last_epoch)
 
 
+VAL_KEYS = ("loss", "acc", "top5", "count")
+
+
 @dataclass
 class EpochRow:
-    """One epoch's record: a row of results.csv, a point of the curves, an entry of the saved state."""
+    """One epoch's record: a row of results.csv, a point of the curves, an entry of the saved state.
+
+    The val fields are None for an epoch that did not validate (``--eval-every``)."""
 
     epoch: int
     phase: str
     train_loss: float
-    val_loss: float
-    val_acc: float
-    val_top5: float
-    val_images: int
+    val_loss: float | None
+    val_acc: float | None
+    val_top5: float | None
+    val_images: int | None
     lr: float
     seconds: float
     images_per_s: float
@@ -331,7 +336,7 @@ class Trainer:
             started = time.perf_counter()
             train_loss, seen = self.train_one_epoch(epoch, phase)
             self.check_weights(epoch)
-            val = self.evaluate_val(phase)
+            val = self.evaluate_val(phase) if self.validates(epoch, phase) else dict.fromkeys(VAL_KEYS)
             seconds = time.perf_counter() - started
             row = EpochRow(
                 epoch, phase.name, train_loss, val["loss"], val["acc"], val["top5"], val["count"],
@@ -341,6 +346,14 @@ class Trainer:
             if self.should_stop(epoch):
                 self.accelerator.print(f"early stop: no better val accuracy for {self.cfg.patience} epochs")
                 break
+
+    def validates(self, epoch: int, phase: Phase) -> bool:
+        """--eval-every N: fine-tuning validates every Nth epoch of its phase and at its end; head epochs always
+        (on cached features that costs little). With a few hundred images, a validation pass can cost more
+        than the epoch it checks."""
+        if phase.frozen or epoch == phase.last_epoch:
+            return True
+        return (epoch - phase.first_epoch + 1) % self.cfg.eval_every == 0
 
     def train_one_epoch(self, epoch: int, phase: Phase) -> tuple[float, int]:
         net, accelerator = self.net, self.accelerator
@@ -495,7 +508,7 @@ class Trainer:
     def end_epoch(self, row: EpochRow) -> None:
         """Record the epoch, keep the best model, save the resumable state."""
         self.history.append(row)
-        improved = row.val_acc > self.best["val_acc"]
+        improved = row.val_acc is not None and row.val_acc > self.best["val_acc"]
         if improved:
             self.best = {"val_acc": row.val_acc, "val_top5": row.val_top5, "epoch": row.epoch}
         if self.accelerator.is_main_process:
@@ -503,10 +516,14 @@ class Trainer:
             if improved:
                 with write_errors(self.run_dir / MODEL_WEIGHTS):
                     save_model(self.run_dir, self.net, self.model_info({"val": self.best}))
-        self.accelerator.log({k: v for k, v in asdict(row).items() if k != "phase"}, step=row.epoch)
+        self.accelerator.log({k: v for k, v in asdict(row).items() if k != "phase" and v is not None}, step=row.epoch)
+        val = (
+            f"val loss {row.val_loss:.4f}  val acc {row.val_acc:.4f}  top-5 {row.val_top5:.4f}"
+            if row.val_acc is not None
+            else "(not validated: --eval-every)"
+        )
         self.accelerator.print(
-            f"epoch {row.epoch:>3} {row.phase:<8} train loss {row.train_loss:.4f}  val loss "
-            f"{row.val_loss:.4f}  val acc {row.val_acc:.4f}  top-5 {row.val_top5:.4f}  "
+            f"epoch {row.epoch:>3} {row.phase:<8} train loss {row.train_loss:.4f}  {val}  "
             f"{row.seconds:.1f}s ({row.images_per_s:.0f} img/s){'  *' if improved else ''}"
         )
         if self.cfg.save_state:
@@ -572,6 +589,8 @@ def run(cfg: TrainConfig) -> dict | None:
     started = time.perf_counter()
     trainer.fit(start)
     seconds = time.perf_counter() - started
+    if plan is not None:  # --budget covers training; the test pass and the reports follow it
+        plan.finished_s = round(time.perf_counter() - clock, 1)
     probs = trainer.test()
     metrics = None
     if accelerator.is_main_process:
@@ -579,10 +598,13 @@ def run(cfg: TrainConfig) -> dict | None:
         accelerator.print(
             reports.summary(run_dir, metrics, trainer.classes, trainer.best, len(trainer.history), seconds)
         )
-        if plan is not None:  # how the plan came out: the budget's clock at the end of the run
-            plan.finished_s = round(time.perf_counter() - clock, 1)
+        if plan is not None:  # how the plan came out, on the budget's clock
+            plan.total_s = round(time.perf_counter() - clock, 1)
             atomic_write_text(run_dir / "plan.json", plan.to_json())
-            accelerator.print(f"budget {plan.budget_s:.0f}s: finished in {plan.finished_s:.0f}s")
+            accelerator.print(
+                f"budget {plan.budget_s:.0f}s: training finished at {plan.finished_s:.0f}s, "
+                f"the test pass and reports at {plan.total_s:.0f}s"
+            )
     accelerator.end_training()
     return metrics
 
@@ -596,7 +618,7 @@ def plan_budget(cfg: TrainConfig, splits: Splits, accelerator: Accelerator, cloc
     plan = broadcast_object_list([plan])[0]
     accelerator.print(plan.describe())
     planned = {"strategy": plan.strategy, "epochs": plan.epochs, "head_epochs": plan.head_epochs}
-    return replace(cfg, **planned, max_steps=plan.max_steps), plan
+    return replace(cfg, **planned, max_steps=plan.max_steps, eval_every=plan.eval_every), plan
 
 
 def outcome_of(trainer: Trainer, probs: np.ndarray) -> reports.TestOutcome:
