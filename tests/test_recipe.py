@@ -24,6 +24,7 @@ from fmtl.training.config import load_config
 from fmtl.training.export import export_onnx
 from fmtl.training.loop import main as train_main
 from fmtl.training.models import create_model
+from fmtl.training.recipe import apply_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 # Random weights: BatchNorm must learn its statistics and the backbone trains at the head's rate.
@@ -99,7 +100,8 @@ def test_plan_cuts_the_last_fine_tuning_epoch_short_to_fill_the_budget():
 def test_plan_validates_fine_tuning_less_often_when_validation_costs_more_than_training():
     counts = {"train": 100, "val": 6_000, "test": 10_000}  # ten images a class, thousands to validate on
     costs = Costs(finetune_step=0.6, head_step=0.002, forward_image=0.002, save=0.1)
-    plan = plan_epochs(load_config(["--budget", "120s"]), costs, counts, available_s=115, budget_s=120)
+    cfg, _ = apply_recipe(load_config(["--budget", "120s"]), counts["train"])  # as a run gets it
+    plan = plan_epochs(cfg, costs, counts, available_s=115, budget_s=120)
     assert plan.eval_every == math.ceil(6_000 * 0.002 / (0.2 * 0.6)) and "validated every" in plan.describe()
     assert plan.predicted_s <= 120 * (1 - SAFETY)
     assert plan.epochs - plan.head_epochs > 20  # validating every epoch, 12 s each, would leave ~6 epochs
@@ -127,6 +129,14 @@ def test_warm_up_times_fewer_steps_where_they_would_eat_a_short_budget():
     assert len(calls) == 2
 
 
+def test_re_plan_fits_the_measured_pace_into_what_is_left():
+    from fmtl.training.budget import replan_total
+
+    # 100 steps done at 0.5 s each, 50 s into a 200 s budget: 200 x (1 - SAFETY) - 50 s left
+    assert replan_total(100, 0.5, 50, 200) == 100 + int((200 * (1 - SAFETY) - 50) // 0.5)
+    assert replan_total(100, 0.5, 199, 200) == 101  # already late: one more step ends the schedule
+
+
 def test_plan_refuses_a_budget_shorter_than_one_epoch():
     with pytest.raises(ConfigError, match="too short"):
         _plan(120)  # ~25 s left for fine-tuning: 46 steps of 422, under the quarter epoch worth training
@@ -151,11 +161,12 @@ def test_budget_run_ends_within_budget_with_a_completed_schedule(tmp_path):
     assert plan["total_s"] - plan["finished_s"] <= 2 * after + 5
     assert wall <= plan["total_s"] + 15  # plus the interpreter's start and imports
     rows = _rows(run_dir)
-    assert len(rows) == plan["epochs"] > plan["head_epochs"] == 2
+    epochs = (plan["replan"] or plan)["epochs"]  # re-planned from the measured pace, once fine-tuning ran a while
+    assert len(rows) == epochs > plan["head_epochs"] == 2
     # Each phase's cosine ran to its end: the last step's learning rate is near zero, not cut off mid-way.
     assert float(rows[-1]["lr"]) < 0.05 * 1e-3
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["budget"] == f"{budget}s" and saved["epochs"] == plan["epochs"]
+    assert saved["budget"] == f"{budget}s" and saved["epochs"] == epochs
 
 
 @pytest.mark.slow

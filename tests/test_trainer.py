@@ -3,13 +3,16 @@ and the schedule's arithmetic as fast unit tests."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+import yaml
 
 from fmtl.errors import FmtlError
 from fmtl.training.config import TrainConfig
 from fmtl.training.data import load_dataset, seeded_subset
-from fmtl.training.loop import Phase, Splits, Trainer, lr_factors, make_accelerator, plan_phases
+from fmtl.training.loop import Phase, Schedule, Splits, Trainer, lr_factors, make_accelerator, plan_phases
 from fmtl.training.models import feature_blocks
 
 # --- the schedule ------------------------------------------------------------------------------
@@ -26,7 +29,7 @@ def test_plan_phases_per_strategy() -> None:
 def test_lr_factors_warm_up_then_cosine_within_each_phase() -> None:
     cfg = TrainConfig(strategy="hybrid", epochs=3, head_epochs=1, warmup_fraction=0.1)
     steps = 10
-    factors = lr_factors(cfg, plan_phases(cfg), steps)
+    factors = lr_factors(cfg, Schedule(plan_phases(cfg), steps, 3 * steps))
     head, backbone = [factors["head"](s) for s in range(30)], [factors["backbone"](s) for s in range(30)]
     assert head[0] == pytest.approx(1.0)  # warmup of 1 step in the 10-step head phase
     assert head[9] < 0.05  # the head phase's cosine ends near zero...
@@ -48,11 +51,19 @@ def splits() -> Splits:
     return Splits(train, val, val, "val")
 
 
-def _trainer(tmp_path, splits: Splits, **options) -> Trainer:
-    cfg = TrainConfig(image_size=32, batch_size=64, quiet=True, save_state=False, augment=False, **options)
+def _config(**options) -> TrainConfig:
+    return TrainConfig(image_size=32, batch_size=64, quiet=True, save_state=False, augment=False, **options)
+
+
+def _parts(tmp_path, splits: Splits, **options) -> tuple:
+    cfg = _config(**options)
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True)
-    return Trainer(cfg, make_accelerator(cfg, run_dir), run_dir, splits)
+    return make_accelerator(cfg, run_dir), run_dir, splits
+
+
+def _trainer(tmp_path, splits: Splits, **options) -> Trainer:
+    return Trainer(_config(**options), *_parts(tmp_path, splits, **options))
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -123,6 +134,24 @@ def test_eval_every_validates_every_nth_fine_tuning_epoch_and_the_last(tmp_path,
     assert trainer.best["epoch"] in (1, 4, 5)
 
 
+def test_a_budget_run_re_plans_its_end_once_from_its_measured_pace(tmp_path, splits, monkeypatch) -> None:
+    from fmtl.training import budget
+
+    paces: list[float] = []
+    monkeypatch.setattr(budget, "replan_total", lambda done, pace, elapsed, budget_s: paces.append(pace) or 9)
+    clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60)
+    cfg = dict(strategy="finetune", epochs=2)  # 256 images at batch 64: 4 steps an epoch, 8 planned
+    trainer = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), clock=clock)
+    trainer.fit(1)
+    assert len(paces) == 1 and paces[0] > 0  # once, after epoch 1 (a fifth of the planned steps)
+    assert clock.replan["steps_before"] == 8 and clock.replan["steps"] == 9
+    assert [row.epoch for row in trainer.history] == [1, 2, 3]  # 4 + 4 + 1 steps
+    assert trainer.scheduler.scheduler.last_epoch == 9
+    assert trainer.scheduler.get_last_lr()[-1] == pytest.approx(0.0)  # the moved schedule still completes
+    saved = yaml.safe_load((trainer.run_dir / "config.yaml").read_text())
+    assert saved["epochs"] == 3 and saved["max_steps"] == 9
+
+
 # --- process-wide settings belong to the entry point ---------------------------------------------
 
 
@@ -143,6 +172,8 @@ def test_allocator_setting_is_made_by_the_entry_point_only(monkeypatch) -> None:
 
 def test_lr_factors_end_the_cosine_where_max_steps_cuts_the_last_epoch() -> None:
     cfg = TrainConfig(strategy="finetune", epochs=3, warmup_fraction=0.1)
-    factors = lr_factors(cfg, plan_phases(cfg), 10, total_steps=25)["head"]
+    schedule = Schedule(plan_phases(cfg), 10, 25)
+    factors = lr_factors(cfg, schedule)["head"]
     assert factors(24) > 0.0 and factors(25) == pytest.approx(0.0)  # 25 steps: 2.5 epochs, schedule complete
-    assert lr_factors(cfg, plan_phases(cfg), 10)["head"](25) > 0.05  # whole epochs: still mid-cosine there
+    schedule.total_steps = 30  # moved (a re-plan): the same factors follow
+    assert factors(25) > 0.05 and factors(30) == pytest.approx(0.0)

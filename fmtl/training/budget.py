@@ -55,6 +55,27 @@ TIMING_SHARE = 0.03
 PROBE_BATCH = 128
 
 
+# Once this share of the planned fine-tuning steps has run, the run re-plans the rest from its measured pace
+# (a warm-up of a few steps misjudges a whole epoch by 10-30 % here, and more when other jobs start or stop).
+REPLAN_AFTER = 0.2
+
+
+@dataclass
+class BudgetClock:
+    """What a --budget run needs to re-plan itself once, from inside its epochs."""
+
+    started: float  # time.perf_counter() when the budget's clock started
+    budget_s: float
+    finetune_s: float = 0.0  # wall seconds of the fine-tuning epochs so far, validation included
+    replan: dict | None = None  # filled in once it has re-planned
+
+
+def replan_total(done_steps: int, seconds_per_step: float, elapsed_s: float, budget_s: float) -> int:
+    """Total steps for the run: those done, plus what the measured pace fits into the rest of the budget."""
+    left = budget_s * (1 - SAFETY) - elapsed_s
+    return done_steps + max(1, int(left // seconds_per_step))
+
+
 def parse_budget(text: str) -> float:
     """``"90s"``, ``"10m"``, ``"1h"``, ``"1h30m"`` or plain seconds ``"600"`` -> seconds."""
     cleaned = str(text).strip().lower().replace(" ", "")
@@ -94,6 +115,7 @@ class Plan:
     parts_s: dict
     costs: dict
     after_s: dict = dataclasses.field(default_factory=dict)  # predicted: the test pass and reports, after training
+    replan: dict | None = None  # how the run re-planned itself from its measured pace (BudgetClock)
     finished_s: float | None = None  # filled in at the end of training: the budget's clock then
     total_s: float | None = None  # and after the test pass and reports
     note: str = ""  # why the plan differs from what was asked

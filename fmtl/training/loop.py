@@ -32,6 +32,7 @@ from fmtl.atomic import atomic_write_text, write_errors
 from fmtl.errors import ERROR_PREFIX, EXIT_USER_ERROR, DivergenceError, FmtlError, MissingSplitError
 from fmtl.spec import DataOptions, InputSpec, RunInfo
 from fmtl.training import budget, reports
+from fmtl.training.budget import BudgetClock
 from fmtl.training.augment import Preprocess, augment_for
 from fmtl.training.checkpoint import MODEL_WEIGHTS, load_training_state, save_model, save_training_state
 from fmtl.training.config import TrainConfig, load_config
@@ -210,16 +211,22 @@ def index_loader(n: int, batch_size: int, shuffle: bool, seed: int) -> DataLoade
     return DataLoader(range(n), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def lr_factors(cfg: TrainConfig, phases: list[Phase], steps_per_epoch: int, total_steps: int = 0) -> dict:
-    """Schedule factors per part: warmup then cosine within each phase; a backbone rests (0) while frozen.
+@dataclass
+class Schedule:
+    """Where the learning-rate schedule's phases lie, in scheduler steps. A --budget run moves its end once,
+    when it re-plans from its measured pace; the factors read it at every step."""
 
-    ``total_steps`` (0: every epoch whole) ends the last phase, and its cosine, inside its last epoch.
-    """
-    end = total_steps or cfg.epochs * steps_per_epoch
+    phases: list[Phase]
+    steps_per_epoch: int
+    total_steps: int  # the last phase, and its cosine, ends here (inside its last epoch under --max-steps)
+
+
+def lr_factors(cfg: TrainConfig, schedule: Schedule) -> dict:
+    """Schedule factors per part: warmup then cosine within each phase; a backbone rests (0) while frozen."""
 
     def within(phase: Phase, step: int) -> float:
-        start = (phase.first_epoch - 1) * steps_per_epoch
-        total = min(phase.last_epoch * steps_per_epoch, end) - start
+        start = (phase.first_epoch - 1) * schedule.steps_per_epoch
+        total = min(phase.last_epoch * schedule.steps_per_epoch, schedule.total_steps) - start
         warmup = max(1, int(cfg.warmup_fraction * total))
         local = step - start
         if local < warmup:
@@ -228,7 +235,8 @@ def lr_factors(cfg: TrainConfig, phases: list[Phase], steps_per_epoch: int, tota
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def phase_at(step: int) -> Phase:
-        return phase_of(phases, min(step // steps_per_epoch + 1, cfg.epochs))
+        last = schedule.phases[-1].last_epoch
+        return phase_of(schedule.phases, min(step // schedule.steps_per_epoch + 1, last))
 
     def head(step: int) -> float:
         return within(phase_at(step), step)
@@ -239,18 +247,18 @@ def lr_factors(cfg: TrainConfig, phases: list[Phase], steps_per_epoch: int, tota
     return {"head": head, "backbone": backbone}
 
 
-def make_optimizer(cfg: TrainConfig, model: FmtlModel, phases: list[Phase], steps_per_epoch: int, total_steps: int = 0):
+def make_optimizer(cfg: TrainConfig, model: FmtlModel, schedule: Schedule):
     """One optimizer and one scheduler for the whole run (all phases), so a resumed state always fits.
 
-    Steps count the scheduler's steps: Accelerate steps a prepared scheduler once per process at each
-    optimizer step (it lays schedules out as if one process took every batch).
+    ``schedule`` counts the scheduler's steps: Accelerate steps a prepared scheduler once per process at
+    each optimizer step (it lays schedules out as if one process took every batch).
     """
     groups = parameter_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     else:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    factors = lr_factors(cfg, phases, steps_per_epoch, total_steps)
+    factors = lr_factors(cfg, schedule)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [factors[g["part"]] for g in groups])
 
 
@@ -260,8 +268,11 @@ def make_optimizer(cfg: TrainConfig, model: FmtlModel, phases: list[Phase], step
 class Trainer:
     """Holds what one run needs; ``fit`` is the epoch loop, the rest are its steps."""
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, splits: Splits):
+    def __init__(
+        self, cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, splits: Splits, clock: BudgetClock | None = None
+    ):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
+        self.clock = clock  # --budget: the run re-plans itself once from its measured pace
         self.train_set, self.val_set, self.test_set, self.test_name = (
             splits.train,
             splits.val,
@@ -288,9 +299,8 @@ class Trainer:
         self.shuffle_generator = train_loader.generator  # the sampler's, drawn from each epoch: part of the state
         val_loader = index_loader(len(self.val_set), cfg.eval_batch_size, shuffle=False, seed=0)
         processes = accelerator.num_processes
-        optimizer, scheduler = make_optimizer(
-            cfg, model, self.phases, self.steps_per_epoch * processes, self.total_steps * processes
-        )
+        self.schedule = Schedule(self.phases, self.steps_per_epoch * processes, self.total_steps * processes)
+        optimizer, scheduler = make_optimizer(cfg, model, self.schedule)
         self.model, self.optimizer, self.train_loader, self.val_loader, self.scheduler = accelerator.prepare(
             model, optimizer, train_loader, val_loader, scheduler
         )
@@ -331,7 +341,9 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
     def fit(self, start_epoch: int) -> None:
-        for epoch in range(start_epoch, self.cfg.epochs + 1):
+        epoch = start_epoch - 1
+        while epoch < self.cfg.epochs:  # a re-plan may move the end
+            epoch += 1
             phase = phase_of(self.phases, epoch)
             started = time.perf_counter()
             train_loss, seen = self.train_one_epoch(epoch, phase)
@@ -342,10 +354,48 @@ class Trainer:
                 epoch, phase.name, train_loss, val["loss"], val["acc"], val["top5"], val["count"],
                 lr=self.scheduler.get_last_lr()[-1], seconds=round(seconds, 2), images_per_s=round(seen / seconds, 1),
             )  # fmt: skip
+            self.maybe_replan(epoch, phase, seconds)
             self.end_epoch(row)
             if self.should_stop(epoch):
                 self.accelerator.print(f"early stop: no better val accuracy for {self.cfg.patience} epochs")
                 break
+
+    def maybe_replan(self, epoch: int, phase: Phase, seconds: float) -> None:
+        """--budget: once REPLAN_AFTER of the fine-tuning steps have run, fit the rest to the measured pace.
+
+        The schedule's end moves (its cosine stretches or shrinks from here on); the new end is saved with
+        the training state and in config.yaml, so --resume continues it."""
+        clock, spe = self.clock, self.steps_per_epoch
+        if clock is None or clock.replan is not None or phase.frozen or epoch >= self.cfg.epochs:
+            return
+        clock.finetune_s += seconds
+        done = (epoch - phase.first_epoch + 1) * spe
+        if done < budget.REPLAN_AFTER * (self.total_steps - (phase.first_epoch - 1) * spe):
+            return
+        if not self.validates(epoch, phase):  # measure whole --eval-every cycles: validation in its share
+            return
+        pace = clock.finetune_s / done
+        total = budget.replan_total(epoch * spe, pace, time.perf_counter() - clock.started, clock.budget_s)
+        total = broadcast_object_list([total])[0]  # every process takes the main's
+        before = self.total_steps
+        self.set_total_steps(total)
+        clock.replan = {"after_epoch": epoch, "seconds_per_step": round(pace, 4), "steps_before": before,
+                        "steps": total, "epochs": self.cfg.epochs}  # fmt: skip
+        self.accelerator.print(
+            f"re-planned after epoch {epoch} at {pace:.3f}s a fine-tuning step (validation included): "
+            f"{total} steps in all, was {before}; {self.cfg.epochs} epochs"
+        )
+        if self.accelerator.is_main_process:
+            reports.write_config(self.run_dir, self.cfg)
+
+    def set_total_steps(self, total: int) -> None:
+        """End the run, and its last phase's schedule, after ``total`` optimizer steps (per process)."""
+        epochs = math.ceil(total / self.steps_per_epoch)
+        max_steps = 0 if total == epochs * self.steps_per_epoch else total
+        self.cfg = replace(self.cfg, epochs=epochs, max_steps=max_steps)
+        self.total_steps = total
+        self.phases[:] = plan_phases(self.cfg)  # the schedule's own list: its factors see the new phases
+        self.schedule.total_steps = total * self.accelerator.num_processes
 
     def validates(self, epoch: int, phase: Phase) -> bool:
         """--eval-every N: fine-tuning validates every Nth epoch of its phase and at its end; head epochs always
@@ -531,7 +581,7 @@ class Trainer:
             save_training_state(
                 self.accelerator,
                 self.run_dir,
-                {"epoch": row.epoch, "history": history, "best": self.best},
+                {"epoch": row.epoch, "history": history, "best": self.best, "total_steps": self.total_steps},
                 self.generators(),
             )
 
@@ -549,6 +599,8 @@ class Trainer:
     def resume(self) -> int:
         state = load_training_state(self.accelerator, self.run_dir, self.generators())
         self.history, self.best = [EpochRow(**row) for row in state["history"]], state["best"]
+        if state.get("total_steps", self.total_steps) != self.total_steps:  # a re-plan config.yaml may not hold
+            self.set_total_steps(state["total_steps"])
         self.accelerator.print(
             f"resuming {self.run_dir} after epoch {state['epoch']} (best val acc {self.best['val_acc']:.4f})"
         )
@@ -571,16 +623,17 @@ def run(cfg: TrainConfig) -> dict | None:
     splits = load_splits(cfg)
     cfg, picked = apply_recipe(cfg, len(splits.train))
     accelerator.print(picked)
-    plan = None
+    plan = budget_clock = None
     if cfg.budget and not cfg.resume:  # a resumed run keeps the epochs its config.yaml was planned with
         cfg, plan = plan_budget(cfg, splits, accelerator, clock)
+        budget_clock = budget.BudgetClock(clock, plan.budget_s)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         reports.write_config(run_dir, cfg)
         if plan is not None:
             atomic_write_text(run_dir / "plan.json", plan.to_json())
     accelerator.init_trackers("fmtl", config={k: v for k, v in asdict(cfg).items() if v is not None})
-    trainer = Trainer(cfg, accelerator, run_dir, splits)
+    trainer = Trainer(cfg, accelerator, run_dir, splits, budget_clock)
     accelerator.print(f"{cfg.model} on {trainer.train_set.source}: {len(trainer.train_set)} train / "
                       f"{len(trainer.val_set)} val / {len(trainer.test_set)} test images, {len(trainer.classes)} classes, "
                       f"{trainer.spec.image_size}px, {cfg.strategy}; {parameter_summary(trainer.net)}; "
@@ -599,6 +652,7 @@ def run(cfg: TrainConfig) -> dict | None:
             reports.summary(run_dir, metrics, trainer.classes, trainer.best, len(trainer.history), seconds)
         )
         if plan is not None:  # how the plan came out, on the budget's clock
+            plan.replan = budget_clock.replan
             plan.total_s = round(time.perf_counter() - clock, 1)
             atomic_write_text(run_dir / "plan.json", plan.to_json())
             accelerator.print(

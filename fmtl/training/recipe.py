@@ -51,6 +51,8 @@ def apply_recipe(cfg: TrainConfig, n_train: int) -> tuple[TrainConfig, str]:
     shown = " ".join(_flag(key, value) for key, value in changes.items())
     line = f"recipe {name} ({why})" + (f": {shown}" if shown else "")
     resolved = dataclasses.replace(cfg, recipe=name, **changes)
+    if hasattr(cfg, "given"):  # not a field: replace() drops it, and the planner still needs it (--eval-every)
+        resolved.given = cfg.given
     return resolved, line
 
 
