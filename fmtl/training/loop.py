@@ -32,8 +32,8 @@ from fmtl.atomic import atomic_write_text, write_errors
 from fmtl.errors import ERROR_PREFIX, EXIT_USER_ERROR, DivergenceError, FmtlError, MissingSplitError
 from fmtl.spec import DataOptions, InputSpec, RunInfo
 from fmtl.training import budget, reports
-from fmtl.training.budget import BudgetClock
 from fmtl.training.augment import Preprocess, augment_for
+from fmtl.training.budget import BudgetClock
 from fmtl.training.checkpoint import MODEL_WEIGHTS, load_training_state, save_model, save_training_state
 from fmtl.training.config import TrainConfig, load_config
 from fmtl.training.data import ImageSet, load_run_split, seeded_subset
@@ -269,7 +269,12 @@ class Trainer:
     """Holds what one run needs; ``fit`` is the epoch loop, the rest are its steps."""
 
     def __init__(
-        self, cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, splits: Splits, clock: BudgetClock | None = None
+        self,
+        cfg: TrainConfig,
+        accelerator: Accelerator,
+        run_dir: Path,
+        splits: Splits,
+        clock: BudgetClock | None = None,
     ):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
         self.clock = clock  # --budget: the run re-plans itself once from its measured pace
