@@ -312,11 +312,15 @@ def test_flip_tta_is_recorded_and_travels_into_the_export(tmp_path):
 
 
 def test_recipe_is_picked_by_training_images_and_what_the_user_sets_wins():
-    from fmtl.training.recipe import LARGE, LARGE_FROM, apply_recipe
+    from fmtl.training.recipe import FEW, FEW_BELOW, LARGE, LARGE_FROM, apply_recipe
 
     small, line = apply_recipe(load_config([]), LARGE_FROM - 1)
     assert small.recipe == "small" and "recipe small" in line
     assert all(getattr(small, key) == getattr(load_config([]), key) for key in LARGE)  # plain defaults
+    assert apply_recipe(load_config([]), FEW_BELOW)[0].recipe == "small"
+    few, line = apply_recipe(load_config([]), FEW_BELOW - 1)
+    assert few.recipe == "few" and few.image_size == FEW["image_size"] == 128 and "--image-size 128" in line
+    assert apply_recipe(load_config(["--image-size", "32"]), 100)[0].image_size == 32
     large, line = apply_recipe(load_config([]), LARGE_FROM)
     assert large.recipe == "large" and all(getattr(large, key) == value for key, value in LARGE.items())
     assert "--unfreeze last:5" in line and "--backbone-lr-scale" in line

@@ -40,7 +40,7 @@ class TrainConfig:
     val_fraction: float = option(0.1, "share of the training data held out for validation (stratified)")
     max_train_samples: int = option(0, "train on a seeded, stratified subset of this many images (0: all)")
     max_eval_samples: int = option(0, "validate and test on seeded, stratified subsets of this size (0: all)")
-    recipe: str = option("auto", "defaults by data size: auto (picks by training images), small or large")
+    recipe: str = option("auto", "defaults by data size: auto (picks by training images), few, small or large")
     # model
     model: str = option("efficientnet_lite0", "any torchvision classifier name, or efficientnet_lite0")
     weights: str = option("DEFAULT", "DEFAULT, a torchvision weights name, a .pth/.safetensors file, or none")
@@ -95,7 +95,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
-        _choice("recipe", self.recipe, ("auto", "small", "large"))
+        _choice("recipe", self.recipe, ("auto", "few", "small", "large"))
         if self.mixed_precision is not None:
             _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("optimizer", self.optimizer, ("adamw", "sgd"))

@@ -2,13 +2,16 @@
 
 What wins against training from scratch depends on the data size (``benchmarks/accuracy.py``
 measures it). With a few labelled images per class, the pretrained features do most of the
-work: fine-tune everything gently at 64 px, frozen BatchNorm, strong augmentation. With tens
-of thousands, a budget buys only a few epochs, and what decides is how many: a cheaper
-fine-tune (48 px, the first feature blocks frozen) with lighter augmentation and BatchNorm that
-adapts to the new domain learns more per CPU-minute.
+work, and they are much better at a resolution nearer ImageNet's: a solved linear probe on 100
+Fashion-MNIST images scored 65 % at 64 px, 69 % at 128 and 72 % at 160, and on 1,000 images 79,
+82 and 83 %. A few hundred images make a 128 px fine-tuning epoch affordable, so ``few`` trains at
+128 px. With a few thousand, ``small`` fine-tunes everything gently at 64 px, frozen BatchNorm,
+strong augmentation. With tens of thousands, a budget buys only a few epochs, and what decides is
+how many: ``large`` fine-tunes more cheaply (48 px, the first feature blocks frozen) with lighter
+augmentation and a larger backbone learning rate.
 
-``--recipe auto`` (the default) picks by the number of training images; ``small`` or ``large``
-force one. A recipe only supplies defaults: every option given on the command line or in
+``--recipe auto`` (the default) picks by the number of training images; ``few``, ``small`` or
+``large`` force one. A recipe only supplies defaults: every option given on the command line or in
 ``--config`` wins. The picked recipe is printed and saved in config.yaml.
 """
 
@@ -18,19 +21,22 @@ import dataclasses
 
 from fmtl.training.config import TrainConfig
 
-RECIPES = ("auto", "small", "large")
+RECIPES = ("auto", "few", "small", "large")
+FEW_BELOW = 2_000  # training images under which the few-images recipe is the default
 LARGE_FROM = 20_000  # training images from which the large-data recipe is the default
 # Option -> value, over TrainConfig's own defaults (which are the small-data recipe).
+FEW = {"image_size": 128}
 LARGE = {
     "image_size": 48,
     "unfreeze": "last:5",
     "augment_strength": 0.5,
     "backbone_lr_scale": 0.5,
 }
+CHANGES = {"few": FEW, "small": {}, "large": LARGE}
 
 
 def pick_recipe(n_train: int) -> str:
-    return "large" if n_train >= LARGE_FROM else "small"
+    return "few" if n_train < FEW_BELOW else "large" if n_train >= LARGE_FROM else "small"
 
 
 def apply_recipe(cfg: TrainConfig, n_train: int) -> tuple[TrainConfig, str]:
@@ -44,10 +50,9 @@ def apply_recipe(cfg: TrainConfig, n_train: int) -> tuple[TrainConfig, str]:
         return cfg, "recipe: none (training from scratch: fmtl's plain defaults)"
     given = getattr(cfg, "given", None)
     given = set(given) if given is not None else {f.name for f in dataclasses.fields(cfg)}
-    changes = {key: value for key, value in (LARGE if name == "large" else {}).items() if key not in given}
-    why = f"{n_train:,} training images" + (
-        f" {'>=' if n_train >= LARGE_FROM else '<'} {LARGE_FROM:,}" if cfg.recipe == "auto" else ", as asked"
-    )
+    changes = {key: value for key, value in CHANGES[name].items() if key not in given}
+    bounds = {"few": f"< {FEW_BELOW:,}", "small": f"{FEW_BELOW:,} to {LARGE_FROM:,}", "large": f">= {LARGE_FROM:,}"}
+    why = f"{n_train:,} training images" + (f", {bounds[name]}" if cfg.recipe == "auto" else ", as asked")
     shown = " ".join(_flag(key, value) for key, value in changes.items())
     line = f"recipe {name} ({why})" + (f": {shown}" if shown else "")
     resolved = dataclasses.replace(cfg, recipe=name, **changes)
