@@ -52,7 +52,8 @@ def splits() -> Splits:
 
 
 def _config(**options) -> TrainConfig:
-    return TrainConfig(image_size=32, batch_size=64, quiet=True, save_state=False, augment=False, **options)
+    return TrainConfig(**{"image_size": 32, "batch_size": 64, "quiet": True, "save_state": False, "augment": False,
+                          **options})  # fmt: skip
 
 
 def _parts(tmp_path, splits: Splits, **options) -> tuple:
@@ -143,13 +144,28 @@ def test_a_budget_run_re_plans_its_end_once_from_its_measured_pace(tmp_path, spl
     cfg = dict(strategy="finetune", epochs=2)  # 256 images at batch 64: 4 steps an epoch, 8 planned
     trainer = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), clock=clock)
     trainer.fit(1)
-    assert len(paces) == 1 and paces[0] > 0  # once, after epoch 1 (a fifth of the planned steps)
-    assert clock.replan["steps_before"] == 8 and clock.replan["steps"] == 9
+    # after epoch 1 (a fifth of the planned steps), then at every later epoch but the last
+    assert len(paces) == 2 and all(pace > 0 for pace in paces)
+    assert [r["steps_before"] for r in clock.replans] == [8, 9] and clock.replans[-1]["steps"] == 9
     assert [row.epoch for row in trainer.history] == [1, 2, 3]  # 4 + 4 + 1 steps
     assert trainer.scheduler.scheduler.last_epoch == 9
     assert trainer.scheduler.get_last_lr()[-1] == pytest.approx(0.0)  # the moved schedule still completes
     saved = yaml.safe_load((trainer.run_dir / "config.yaml").read_text())
     assert saved["epochs"] == 3 and saved["max_steps"] == 9
+
+
+def test_a_resumed_run_continues_the_re_planned_schedule(tmp_path, splits, monkeypatch) -> None:
+    from fmtl.training import budget
+
+    monkeypatch.setattr(budget, "replan_total", lambda *args: 9)
+    cfg = dict(strategy="finetune", epochs=2, save_state=True)
+    first = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), clock=budget.BudgetClock(time.perf_counter(), 60))
+    first.fit(1)
+    # a new process on the same run folder, with the config it started with: the saved state holds the new end
+    resumed = Trainer(_config(**cfg, resume=str(first.run_dir)), make_accelerator(_config(**cfg), first.run_dir),
+                      first.run_dir, splits)  # fmt: skip
+    assert resumed.resume() == 4 and resumed.total_steps == 9 and resumed.cfg.epochs == 3
+    assert resumed.schedule.total_steps == 9 and resumed.phases[-1].last_epoch == 3
 
 
 # --- process-wide settings belong to the entry point ---------------------------------------------

@@ -55,8 +55,9 @@ TIMING_SHARE = 0.03
 PROBE_BATCH = 128
 
 
-# Once this share of the planned fine-tuning steps has run, the run re-plans the rest from its measured pace
-# (a warm-up of a few steps misjudges a whole epoch by 10-30 % here, and more when other jobs start or stop).
+# Once this share of the planned fine-tuning steps has run, the run re-plans the rest from its measured pace,
+# and again at every validated epoch after that (a warm-up of a few steps misjudges a whole epoch by 10-30 %
+# here, more when other jobs start or stop, and a run's own pace drifts by 20 % over its epochs).
 REPLAN_AFTER = 0.2
 
 
@@ -66,8 +67,9 @@ class BudgetClock:
 
     started: float  # time.perf_counter() when the budget's clock started
     budget_s: float
-    finetune_s: float = 0.0  # wall seconds of the fine-tuning epochs so far, validation included
-    replan: dict | None = None  # filled in once it has re-planned
+    finetune_s: float = 0.0  # wall seconds of the fine-tuning epochs since the last re-plan, validation included
+    finetune_steps: int = 0  # and their steps
+    replans: list = dataclasses.field(default_factory=list)  # one entry each time it re-planned
 
 
 def replan_total(done_steps: int, seconds_per_step: float, elapsed_s: float, budget_s: float) -> int:
@@ -115,7 +117,7 @@ class Plan:
     parts_s: dict
     costs: dict
     after_s: dict = dataclasses.field(default_factory=dict)  # predicted: the test pass and reports, after training
-    replan: dict | None = None  # how the run re-planned itself from its measured pace (BudgetClock)
+    replans: list = dataclasses.field(default_factory=list)  # how the run re-planned itself from its pace
     finished_s: float | None = None  # filled in at the end of training: the budget's clock then
     total_s: float | None = None  # and after the test pass and reports
     note: str = ""  # why the plan differs from what was asked
