@@ -110,9 +110,10 @@ def run_fmtl(key: str, per_class: int, seed: int, budget: int, out: Path, eval_i
         return {"error": (result.stderr.strip().splitlines() or ["?"])[-1], "wall_s": round(wall, 1), "load": before}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
+    epochs = (plan.get("replans") or [plan])[-1]["epochs"]  # what ran: the last re-plan's, else the plan's
     return {
         "accuracy": metrics["accuracy"], "test_images": metrics["num_images"], "wall_s": round(wall, 1),
-        "epochs": plan["epochs"], "head_epochs": plan["head_epochs"], "finished_s": plan.get("finished_s"),
+        "epochs": epochs, "head_epochs": plan["head_epochs"], "finished_s": plan.get("finished_s"),
         "load": before, "plan": plan, "run_dir": str(run_dir.relative_to(REPO)) if run_dir.is_relative_to(REPO) else str(run_dir),
     }  # fmt: skip
 
