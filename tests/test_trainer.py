@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from fmtl.errors import FmtlError
-from fmtl.training.config import TrainConfig
+from fmtl.training.config import TrainConfig, load_config
 from fmtl.training.data import load_dataset, seeded_subset
 from fmtl.training.loop import Phase, Schedule, Splits, Trainer, lr_factors, make_accelerator, plan_phases
 from fmtl.training.models import feature_blocks
@@ -161,9 +161,9 @@ def test_a_resumed_run_continues_the_re_planned_schedule(tmp_path, splits, monke
     cfg = dict(strategy="finetune", epochs=2, save_state=True)
     first = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), clock=budget.BudgetClock(time.perf_counter(), 60))
     first.fit(1)
-    # a new process on the same run folder, with the config it started with: the saved state holds the new end
-    resumed = Trainer(_config(**cfg, resume=str(first.run_dir)), make_accelerator(_config(**cfg), first.run_dir),
-                      first.run_dir, splits)  # fmt: skip
+    # a new process on the same run folder: config.yaml holds the new end
+    saved = load_config(["--resume", str(first.run_dir)])
+    resumed = Trainer(saved, make_accelerator(saved, first.run_dir), first.run_dir, splits)
     assert resumed.resume() == 4 and resumed.total_steps == 9 and resumed.cfg.epochs == 3
     assert resumed.schedule.total_steps == 9 and resumed.phases[-1].last_epoch == 3
 

@@ -369,9 +369,10 @@ class Trainer:
         """--budget: once REPLAN_AFTER of the fine-tuning steps have run, fit the rest to the measured pace,
         again at every validated epoch after that, from the pace since the last re-plan.
 
-        The schedule's end moves (its cosine stretches or shrinks from here on); the new end is saved with
-        the training state and in config.yaml, so --resume continues it. A run's pace drifts: on the
-        2-core machine here its first fine-tuning epoch of all the data took 171 s, its fourth 134 s."""
+        The schedule's end moves (its cosine stretches or shrinks from here on); config.yaml gets the new end
+        before the epoch's state is saved, so --resume continues it (a resumed run does not re-plan again).
+        A run's pace drifts: on the 2-core machine here its first fine-tuning epoch of all the data took
+        171 s, its fourth 134 s."""
         clock, spe = self.clock, self.steps_per_epoch
         if clock is None or phase.frozen or epoch >= self.cfg.epochs:
             return
@@ -590,7 +591,7 @@ class Trainer:
             save_training_state(
                 self.accelerator,
                 self.run_dir,
-                {"epoch": row.epoch, "history": history, "best": self.best, "total_steps": self.total_steps},
+                {"epoch": row.epoch, "history": history, "best": self.best},
                 self.generators(),
             )
 
@@ -608,8 +609,6 @@ class Trainer:
     def resume(self) -> int:
         state = load_training_state(self.accelerator, self.run_dir, self.generators())
         self.history, self.best = [EpochRow(**row) for row in state["history"]], state["best"]
-        if state.get("total_steps", self.total_steps) != self.total_steps:  # a re-plan config.yaml may not hold
-            self.set_total_steps(state["total_steps"])
         self.accelerator.print(
             f"resuming {self.run_dir} after epoch {state['epoch']} (best val acc {self.best['val_acc']:.4f})"
         )
