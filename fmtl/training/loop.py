@@ -213,8 +213,8 @@ def index_loader(n: int, batch_size: int, shuffle: bool, seed: int) -> DataLoade
 
 @dataclass
 class Schedule:
-    """Where the learning-rate schedule's phases lie, in scheduler steps. A --budget run moves its end once,
-    when it re-plans from its measured pace; the factors read it at every step."""
+    """Where the learning-rate schedule's phases lie, in scheduler steps. A --budget run moves its end each
+    time it re-plans from its measured pace; the factors read it at every step."""
 
     phases: list[Phase]
     steps_per_epoch: int
@@ -277,7 +277,7 @@ class Trainer:
         clock: BudgetClock | None = None,
     ):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
-        self.clock = clock  # --budget: the run re-plans itself once from its measured pace
+        self.clock = clock  # --budget: the run re-plans itself from its measured pace
         self.train_set, self.val_set, self.test_set, self.test_name = (
             splits.train,
             splits.val,
