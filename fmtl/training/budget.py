@@ -32,8 +32,7 @@ from fmtl.training.augment import Preprocess, augment_for
 
 UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 BUDGET_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([hms]?)")
-# Share of the budget kept free: throughput on a shared machine drifts during a run. The timed steps
-# already run ~10 % slower than a steady epoch's (all data, 48 px: 3.5 against 3.1 ms an image).
+# Share of the budget kept free: throughput on a shared machine drifts between one re-plan and the next.
 SAFETY = 0.06
 FIXED_SECONDS = 4.0  # run folder, plots and the summary at the end, measured at ~2-3 s
 MAX_LINEAR_EPOCHS = 50  # a frozen-backbone run on cached features converges long before this
@@ -63,7 +62,7 @@ REPLAN_AFTER = 0.2
 
 @dataclass
 class BudgetClock:
-    """What a --budget run needs to re-plan itself once, from inside its epochs."""
+    """What a --budget run needs to re-plan itself from inside its epochs."""
 
     started: float  # time.perf_counter() when the budget's clock started
     budget_s: float
@@ -281,8 +280,8 @@ def plan_epochs(
     head_epochs, epochs = _fit(cfg, spare, head_epoch, finetune_epoch)
     partial = 0  # steps of one more, shortened, fine-tuning epoch
     if cfg.strategy != "linear":
-        left = spare - (head_epochs if cfg.strategy == "hybrid" else 0) * head_epoch
-        left -= (epochs - (head_epochs if cfg.strategy == "hybrid" else 0)) * finetune_epoch
+        n_head = head_epochs if cfg.strategy == "hybrid" else 0
+        left = spare - n_head * head_epoch - (epochs - n_head) * finetune_epoch
         partial = min(steps - 1, int((left - val_pass / every - costs.save) // costs.finetune_step))
         if partial >= MIN_PARTIAL_EPOCH * steps:
             epochs += 1
