@@ -77,6 +77,7 @@ class DataOptions:
     seed: int = 0  # seeds the split and the evaluation subsets
     source_size: int = 224  # side folder images are stored at
     max_eval_samples: int = 0  # val and test were seeded stratified subsets of this size (0: all)
+    max_val_samples: int = 0  # val was a seeded stratified subset of this size (0: max_eval_samples decides)
 
     @classmethod
     def from_dict(cls, d: dict) -> DataOptions:

@@ -211,3 +211,17 @@ def test_unknown_source_and_split():
         load_dataset(os.path.join("no", "such", "thing"), "train")
     with pytest.raises(DataError, match="unknown split"):
         load_dataset("fashion-mnist", "dev")
+
+
+def test_max_val_samples_shrinks_validation_only():
+    from fmtl.spec import DataOptions
+    from fmtl.training.data import load_run_split
+
+    both = DataOptions(max_eval_samples=500)
+    val_only = DataOptions(max_eval_samples=500, max_val_samples=200)
+    assert len(load_run_split(both, "val")) == 500 and len(load_run_split(val_only, "val")) == 200
+    assert len(load_run_split(val_only, "test")) == 500  # the test set is what --max-eval-samples says
+    assert len(load_run_split(DataOptions(max_val_samples=300), "test")) == 10_000
+    assert len(load_run_split(val_only, "train")) == 54_000
+    counts = torch.bincount(load_run_split(val_only, "val").labels, minlength=10)
+    assert counts.tolist() == [20] * 10  # a stratified subset of the run's val split

@@ -320,6 +320,7 @@ def test_recipe_is_picked_by_training_images_and_what_the_user_sets_wins():
     assert apply_recipe(load_config([]), FEW_BELOW)[0].recipe == "small"
     few, line = apply_recipe(load_config([]), FEW_BELOW - 1)
     assert few.recipe == "few" and few.image_size == FEW["image_size"] == 128 and "--image-size 128" in line
+    assert few.backbone_lr_scale == 0.3 and "--backbone-lr-scale 0.3" in line
     assert apply_recipe(load_config(["--image-size", "32"]), 100)[0].image_size == 32
     large, line = apply_recipe(load_config([]), LARGE_FROM)
     assert large.recipe == "large" and all(getattr(large, key) == value for key, value in LARGE.items())
@@ -352,3 +353,14 @@ def test_forced_recipe_is_applied_and_saved(tmp_path):
     last = "backbone.features.8.0.weight"
     assert torch.equal(trained[stem], pretrained[stem])  # frozen by last:5
     assert not torch.equal(trained[last], pretrained[last])
+
+
+def test_max_val_samples_validates_on_fewer_images_and_tests_on_all_asked(tmp_path):
+    run = tmp_path / "run"
+    args = ["--max-train-samples", "300", "--max-eval-samples", "400", "--max-val-samples", "100"]
+    args += ["--image-size", "32", "--threads", "1", "--quiet", "--strategy", "linear", "--epochs", "1"]
+    assert train_main([*args, "--no-save-state", "--output", str(run)]) == 0
+    assert [int(row["val_images"]) for row in _rows(run)] == [100]
+    assert json.loads((run / "metrics.json").read_text())["num_images"] == 400
+    assert yaml.safe_load((run / "config.yaml").read_text())["max_val_samples"] == 100
+    assert json.loads((run / "model.json").read_text())["data_options"]["max_val_samples"] == 100  # export reloads the same

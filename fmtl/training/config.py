@@ -40,6 +40,9 @@ class TrainConfig:
     val_fraction: float = option(0.1, "share of the training data held out for validation (stratified)")
     max_train_samples: int = option(0, "train on a seeded, stratified subset of this many images (0: all)")
     max_eval_samples: int = option(0, "validate and test on seeded, stratified subsets of this size (0: all)")
+    max_val_samples: int = option(
+        0, "validate on a seeded, stratified subset of this size (0: --max-eval-samples decides); the test set stays"
+    )
     recipe: str = option("auto", "defaults by data size: auto (picks by training images), few, small or large")
     # model
     model: str = option("efficientnet_lite0", "any torchvision classifier name, or efficientnet_lite0")

@@ -125,7 +125,10 @@ def load_run_split(options: DataOptions, split: str) -> ImageSet:
         options.source, split, data_dir=options.data_dir, val_fraction=options.val_fraction, seed=options.seed,
         test_source=options.test_source, source_size=options.source_size,
     )  # fmt: skip
-    return seeded_subset(data, options.max_eval_samples, options.seed) if split != "train" else data
+    if split == "train":
+        return data
+    count = options.max_val_samples if split == "val" and options.max_val_samples else options.max_eval_samples
+    return seeded_subset(data, count, options.seed)
 
 
 def _load_split(source: str, split: str, data_dir, source_size: int, download: bool) -> ImageSet:

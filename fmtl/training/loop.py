@@ -162,6 +162,7 @@ def data_options(cfg: TrainConfig) -> DataOptions:
     return DataOptions(
         source=cfg.data, test_source=cfg.test_data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
         seed=cfg.seed, source_size=cfg.source_size, max_eval_samples=cfg.max_eval_samples,
+        max_val_samples=cfg.max_val_samples,
     )  # fmt: skip
 
 
