@@ -256,7 +256,9 @@ def main() -> None:
     parser.add_argument("--contenders", help=f"of {', '.join(CONTENDERS)} (--quick: all but finetune)")
     parser.add_argument("--wall", action="store_true", help="also the 1/5/15 min curve on all the data")
     parser.add_argument("--eval-images", type=int, help="val and test images per run (0: all; --quick: 500)")
-    parser.add_argument("--val-images", type=int, default=VAL_IMAGES, help="fmtl's val images below all the data (0: all)")
+    parser.add_argument(
+        "--val-images", type=int, default=VAL_IMAGES, help="fmtl's val images below all the data (0: all)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run, every contender alike")
     parser.add_argument("--out", default="runs/accuracy")
     parser.add_argument("--report", action="store_true", help="only write the table and plot of OUT's results so far")

@@ -363,4 +363,6 @@ def test_max_val_samples_validates_on_fewer_images_and_tests_on_all_asked(tmp_pa
     assert [int(row["val_images"]) for row in _rows(run)] == [100]
     assert json.loads((run / "metrics.json").read_text())["num_images"] == 400
     assert yaml.safe_load((run / "config.yaml").read_text())["max_val_samples"] == 100
-    assert json.loads((run / "model.json").read_text())["data_options"]["max_val_samples"] == 100  # export reloads the same
+    assert (
+        json.loads((run / "model.json").read_text())["data_options"]["max_val_samples"] == 100
+    )  # export reloads the same
