@@ -7,9 +7,10 @@ Fashion-MNIST images scored 65 % at 64 px, 69 % at 128 and 72 % at 160, and on 1
 82 and 83 %. A few hundred images make a 128 px fine-tuning epoch affordable, so ``few`` trains at
 128 px, with a backbone learning rate 0.3x the head's (0.1x lost about a point: 74.2 against 75.2 %
 at 10 per class after 25 steps, 83.8 against 84.8 % at 100 after 48, means of 3 seeded subsets). With a few thousand, ``small`` fine-tunes everything gently at 64 px, frozen BatchNorm,
-strong augmentation. With tens of thousands, a budget buys only a few epochs, and what decides is
-how many: ``large`` fine-tunes more cheaply (48 px, the first feature blocks frozen) with lighter
-augmentation and a larger backbone learning rate.
+strong augmentation. With ten thousand and more, a budget buys only a few epochs, and what decides
+is how many: ``large`` fine-tunes more cheaply (48 px, the first feature blocks frozen) with lighter
+augmentation and a larger backbone learning rate. On 10,000 images (1,000 a class) in 300 s it
+reached 91.9 % val accuracy against ``small``'s 88.9 % (8.2 fine-tuning epochs against 4.4).
 
 ``--recipe auto`` (the default) picks by the number of training images; ``few``, ``small`` or
 ``large`` force one. A recipe only supplies defaults: every option given on the command line or in
@@ -24,7 +25,7 @@ from fmtl.training.config import TrainConfig
 
 RECIPES = ("auto", "few", "small", "large")
 FEW_BELOW = 2_000  # training images under which the few-images recipe is the default
-LARGE_FROM = 20_000  # training images from which the large-data recipe is the default
+LARGE_FROM = 10_000  # training images from which the large-data recipe is the default (measured: 10,000 and 54,000)
 # Option -> value, over TrainConfig's own defaults (which are the small-data recipe).
 FEW = {"image_size": 128, "backbone_lr_scale": 0.3}
 LARGE = {
