@@ -105,8 +105,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_every"):
             if getattr(self, name) < 1:
                 raise FmtlError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_steps < 0:
-            raise FmtlError("--max-steps must be 0 (off) or positive")
+        for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_val_samples"):
+            if getattr(self, name) < 0:
+                raise FmtlError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
         if not 0 <= self.augment_strength <= 3:
             raise FmtlError("--augment-strength must be between 0 (flips only) and 3")
         if self.lr <= 0:

@@ -6,8 +6,8 @@ work, and they are much better at a resolution nearer ImageNet's: a solved linea
 Fashion-MNIST images scored 65 % at 64 px, 69 % at 128 and 72 % at 160, and on 1,000 images 79,
 82 and 83 %. A few hundred images make a 128 px fine-tuning epoch affordable, so ``few`` trains at
 128 px, with a backbone learning rate 0.3x the head's (0.1x lost about a point: 74.2 against 75.2 %
-at 10 per class after 25 steps, 83.8 against 84.8 % at 100 after 48, means of 3 seeded subsets). With a few thousand, ``small`` fine-tunes everything gently at 64 px, frozen BatchNorm,
-strong augmentation. With ten thousand and more, a budget buys only a few epochs, and what decides
+at 10 per class after 25 steps, 83.8 against 84.8 % at 100 after 48, means of 3 seeded subsets). With a few thousand, ``small`` fine-tunes everything gently at 64 px,
+frozen BatchNorm, strong augmentation. With ten thousand and more, a budget buys only a few epochs, and what decides
 is how many: ``large`` fine-tunes more cheaply (48 px, the first feature blocks frozen) with lighter
 augmentation and a larger backbone learning rate. On 10,000 images (1,000 a class) in 300 s it
 reached 91.9 % val accuracy against ``small``'s 88.9 % (8.2 fine-tuning epochs against 4.4).
