@@ -132,9 +132,9 @@ def test_warm_up_times_fewer_steps_where_they_would_eat_a_short_budget():
 def test_re_plan_fits_the_measured_pace_into_what_is_left():
     from fmtl.training.budget import replan_total
 
-    # 100 steps done at 0.5 s each, 50 s into a 200 s budget: 200 x (1 - SAFETY) - 50 s left
-    assert replan_total(100, 0.5, 50, 200) == 100 + int((200 * (1 - SAFETY) - 50) // 0.5)
-    assert replan_total(100, 0.5, 199, 200) == 101  # already late: one more step ends the schedule
+    # 100 steps done at 0.5 s each, 50 s left
+    assert replan_total(100, 0.5, 50) == 200
+    assert replan_total(100, 0.5, -3) == 101  # already late: one more step ends the schedule
 
 
 def test_plan_refuses_a_budget_shorter_than_one_epoch():

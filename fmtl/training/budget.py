@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from fmtl.errors import ConfigError
 from fmtl.spec import InputSpec
 from fmtl.training.augment import Preprocess, augment_for
+from fmtl.training.models import cached_view_blocks
 
 UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 BUDGET_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([hms]?)")
@@ -71,10 +72,9 @@ class BudgetClock:
     replans: list = dataclasses.field(default_factory=list)  # one entry each time it re-planned
 
 
-def replan_total(done_steps: int, seconds_per_step: float, elapsed_s: float, budget_s: float) -> int:
-    """Total steps for the run: those done, plus what the measured pace fits into the rest of the budget."""
-    left = budget_s * (1 - SAFETY) - elapsed_s
-    return done_steps + max(1, int(left // seconds_per_step))
+def replan_total(done_steps: int, seconds_per_step: float, left_s: float) -> int:
+    """Total steps for the run: those done, plus what the measured pace fits into the ``left_s`` seconds left."""
+    return done_steps + max(1, int(left_s // seconds_per_step))
 
 
 def parse_budget(text: str) -> float:
@@ -99,6 +99,7 @@ class Costs:
     save: float  # one epoch's checkpoint (model and training state)
     head_fit: float = 0.0  # solving the linear head by L-BFGS on the cached features (--head-fit lbfgs), once
     feature_image: float = 0.0  # one image through the backbone alone, one view (feature caching); 0: forward_image
+    view_image: float = 0.0  # --frozen-views: one augmented image through the frozen first blocks (view caching)
 
 
 @dataclass
@@ -210,10 +211,17 @@ def measure_costs(
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
-    finetune = 0.0
+    finetune = view_image = 0.0
     if cfg.strategy != "linear":
         params = [p for p in model.parameters() if p.requires_grad]
-        finetune = _timed(lambda: train_step(params, lambda: model(batch(True))), max_seconds=limit) * scale
+        forward = lambda: model(batch(True))  # noqa: E731
+        blocks = cached_view_blocks(cfg, model)
+        if blocks:  # --frozen-views: fine-tuning runs only the blocks after the cached ones
+            with torch.no_grad():
+                view_image = _timed(lambda: model.prefix(batch(True), blocks), max_seconds=limit) / probe
+                cached = model.prefix(batch(True), blocks)
+            forward = lambda: model(cached, from_block=blocks)  # noqa: E731
+        finetune = _timed(lambda: train_step(params, forward), max_seconds=limit) * scale
     head_params = list(model.head.parameters())
     with torch.no_grad():
         features = model.eval().features(batch(False)).float()
@@ -230,7 +238,7 @@ def measure_costs(
     fit = 0.0
     if head_cached and cfg.head_fit == "lbfgs" and isinstance(model.head, torch.nn.Linear):
         fit = _lbfgs_cost(n_train, features.shape[1], model.head.out_features)
-    return Costs(finetune, head, forward_image, save, fit, feature_image)
+    return Costs(finetune, head, forward_image, save, fit, feature_image, view_image)
 
 
 def _lbfgs_cost(n: int, num_features: int, classes: int) -> float:
@@ -274,6 +282,7 @@ def plan_epochs(
         if head_cached
         else 0.0,
         "head fit": costs.head_fit,
+        "views": cfg.frozen_views * counts["train"] * costs.view_image if cfg.strategy != "linear" else 0.0,
     }
     after = {"test": counts["test"] * forward, "reports": FIXED_SECONDS}  # once training has ended
     spare = available_s - budget_s * SAFETY - sum(once.values())

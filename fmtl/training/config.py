@@ -56,6 +56,11 @@ class TrainConfig:
     freeze_bn: bool = option(True, "fine-tune with BatchNorm in inference mode, so features don't jump on unfreezing")
     head_cache: bool = option(True, "head-only epochs train on cached features of un-augmented images (cheap)")
     head_fit: str = option("lbfgs", "cached head phase: first solve the linear head by L-BFGS (lbfgs), or not (none)")
+    frozen_views: int = option(
+        0,
+        "with --unfreeze last:N: run the frozen blocks once on this many views of each image (the first plain, "
+        "the rest augmented) and fine-tune on those; 0: run them every step on fresh augmentations",
+    )
     # optimisation
     epochs: int = option(3, "total epochs, all phases together")
     max_steps: int = option(0, "end after this many optimizer steps, the last epoch cut short (0: --epochs decides)")
@@ -105,7 +110,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_every"):
             if getattr(self, name) < 1:
                 raise FmtlError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_val_samples"):
+        for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_val_samples", "frozen_views"):
             if getattr(self, name) < 0:
                 raise FmtlError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
         if not 0 <= self.augment_strength <= 3:

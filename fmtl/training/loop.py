@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fmtl.atomic import atomic_write_text, write_errors
-from fmtl.errors import ERROR_PREFIX, EXIT_USER_ERROR, DivergenceError, FmtlError, MissingSplitError
+from fmtl.errors import ERROR_PREFIX, EXIT_USER_ERROR, ConfigError, DivergenceError, FmtlError, MissingSplitError
 from fmtl.spec import DataOptions, InputSpec, RunInfo
 from fmtl.training import budget, reports
 from fmtl.training.augment import Preprocess, augment_for
@@ -39,7 +39,14 @@ from fmtl.training.config import TrainConfig, load_config
 from fmtl.training.data import ImageSet, load_run_split, seeded_subset
 from fmtl.training.headfit import fit_linear_head
 from fmtl.training.metrics import topk_correct
-from fmtl.training.models import FmtlModel, apply_freeze, create_model, parameter_groups, parameter_summary
+from fmtl.training.models import (
+    FmtlModel,
+    apply_freeze,
+    cached_view_blocks,
+    create_model,
+    parameter_groups,
+    parameter_summary,
+)
 from fmtl.training.recipe import apply_recipe
 
 
@@ -69,6 +76,7 @@ def phase_of(phases: list[Phase], epoch: int) -> Phase:
 
 
 VAL_KEYS = ("loss", "acc", "top5", "count")
+MAX_VIEW_BYTES = 8 * 2**30  # --frozen-views: the most activation memory its cache may hold
 
 
 @dataclass
@@ -313,8 +321,28 @@ class Trainer:
         # Clip only what the optimizer updates: walking a frozen backbone every step is wasted time.
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.history: list[EpochRow] = []
+        self.val_seconds = 0.0  # the last validation pass
         self.best = {"val_acc": -1.0, "epoch": 0}
         self.cached: dict | None = None  # backbone features, when a frozen phase has no augmentation
+        # --frozen-views: the frozen first blocks' outputs for a few views of each training image ([V, N, ...])
+        self.prefix_blocks = cached_view_blocks(cfg, self.net)
+        self.views: torch.Tensor | None = None
+        self.view_generator = torch.Generator().manual_seed(cfg.seed)  # which view each image shows, per epoch
+        if self.prefix_blocks:
+            self.check_views_fit()
+
+    def check_views_fit(self) -> None:
+        """--frozen-views: refuse, before training, a cache that would not fit in MAX_VIEW_BYTES."""
+        one = self.batch(self.train_images, torch.arange(1), augment=False)
+        with torch.no_grad():
+            per_view = self.net.eval().prefix(one, self.prefix_blocks).numel() * 4 * len(self.train_set)
+        need = per_view * self.cfg.frozen_views
+        if need > MAX_VIEW_BYTES:
+            raise ConfigError(
+                f"--frozen-views {self.cfg.frozen_views} on {len(self.train_set):,} images would hold "
+                f"{need / 2**30:.1f} GiB of activations (at most {MAX_VIEW_BYTES / 2**30:.0f}): fewer views, "
+                "fewer images or a smaller --image-size, or --frozen-views 0"
+            )
 
     def cut_short(self, cfg: TrainConfig) -> TrainConfig:
         """--max-steps: the epochs it reaches into, the last one cut short (so phases and schedule end with it)."""
@@ -335,6 +363,8 @@ class Trainer:
     def generators(self) -> dict[str, torch.Generator]:
         """fmtl's own random generators, saved and restored with the training state."""
         mine = {"shuffle": self.shuffle_generator}
+        if self.prefix_blocks:
+            mine["views"] = self.view_generator
         return {**mine, "augment": self.augment.generator} if self.augment is not None else mine
 
     @property
@@ -351,10 +381,16 @@ class Trainer:
         while epoch < self.cfg.epochs:  # a re-plan may move the end
             epoch += 1
             phase = phase_of(self.phases, epoch)
+            if self.prefix_blocks and not phase.frozen and self.views is None:
+                self.views = self.cache_views()  # once, outside the epoch's time: it is not the pace of a step
             started = time.perf_counter()
             train_loss, seen = self.train_one_epoch(epoch, phase)
             self.check_weights(epoch)
-            val = self.evaluate_val(phase) if self.validates(epoch, phase) else dict.fromkeys(VAL_KEYS)
+            val = dict.fromkeys(VAL_KEYS)
+            if self.validates(epoch, phase):
+                val_started = time.perf_counter()
+                val = self.evaluate_val(phase)
+                self.val_seconds = time.perf_counter() - val_started
             seconds = time.perf_counter() - started
             row = EpochRow(
                 epoch, phase.name, train_loss, val["loss"], val["acc"], val["top5"], val["count"],
@@ -386,7 +422,9 @@ class Trainer:
             return
         pace = clock.finetune_s / clock.finetune_steps
         clock.finetune_s, clock.finetune_steps = 0.0, 0
-        total = budget.replan_total(epoch * spe, pace, time.perf_counter() - clock.started, clock.budget_s)
+        # The phase's last epoch validates whatever --eval-every says: keep one pass's time for it
+        left = clock.budget_s * (1 - budget.SAFETY) - (time.perf_counter() - clock.started) - self.val_seconds
+        total = budget.replan_total(epoch * spe, pace, left)
         total = broadcast_object_list([total])[0]  # every process takes the main's
         before = self.total_steps
         self.set_total_steps(total)
@@ -446,7 +484,7 @@ class Trainer:
         started = time.perf_counter()
         for step, indices in enumerate(bar, 1):
             with accelerator.accumulate(self.model):
-                loss = self.train_step(indices, use_cache)
+                loss = self.train_step(indices, use_cache, use_views=not phase.frozen and self.views is not None)
             self.check_loss(loss, epoch, step)
             total_loss += loss.detach() * len(indices)
             seen += len(indices)
@@ -467,10 +505,14 @@ class Trainer:
             f"(weight decay {chosen['weight_decay']:g}, chosen on val)"
         )
 
-    def train_step(self, indices: torch.Tensor, use_cache: bool) -> torch.Tensor:
+    def train_step(self, indices: torch.Tensor, use_cache: bool, use_views: bool = False) -> torch.Tensor:
         labels = self.train_labels[indices.to(self.train_labels.device)]
         if use_cache:
             logits = self.model(self.cached["train"][indices.to(self.cached["train"].device)], from_features=True)
+        elif use_views:  # one of the cached views of each image, drawn afresh every time it comes up
+            view = torch.randint(len(self.views), (len(indices),), generator=self.view_generator)
+            logits = self.model(self.views[view.to(self.views.device), indices.to(self.views.device)],
+                                from_block=self.prefix_blocks)  # fmt: skip
         else:
             logits = self.model(self.batch(self.train_images, indices, augment=True))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
@@ -530,6 +572,30 @@ class Trainer:
             stacked, order = torch.cat(parts), torch.cat(order)
             features[name] = torch.empty_like(stacked).index_copy_(0, order.to(stacked.device), stacked)
         return features
+
+    @torch.no_grad()
+    def cache_views(self) -> torch.Tensor:
+        """--frozen-views V: the frozen blocks' output for V views of every training image, ``[V, N, ...]``.
+
+        The first view is the plain image, the others augmented with their own generator, seeded by --seed
+        alone, so a resumed run rebuilds the same views. Fine-tuning then runs only the blocks after them:
+        on the 2-core machine here a 128 px Lite0 step on 100 images took ~0.5 s with the first 6 of its
+        9 blocks cached, against ~2.5 s through all of them.
+        """
+        net, cfg = self.net.eval(), self.cfg
+        augment = augment_for(cfg, seed=cfg.seed)
+        chunks = torch.arange(len(self.train_set)).split(cfg.eval_batch_size)
+        views = []
+        for view in tqdm(range(cfg.frozen_views), desc="caching views", leave=False,
+                         disable=cfg.quiet or not self.accelerator.is_local_main_process):  # fmt: skip
+            with_augment = augment if view else None
+            parts = []
+            for indices in chunks:
+                x = self.preprocess(self.train_images[indices.to(self.train_images.device)], with_augment)
+                x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+                parts.append(net.prefix(x, self.prefix_blocks).float())
+            views.append(torch.cat(parts))
+        return torch.stack(views)
 
     @torch.no_grad()
     def predict_probs(self, images: torch.Tensor) -> np.ndarray:

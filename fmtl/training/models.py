@@ -48,10 +48,13 @@ class FmtlModel(nn.Module):
         self.backbone_frozen = False  # True: the backbone runs without gradients (feature extraction)
         self.flip_tta = False  # True: in eval mode, logits are the mean of the image's and its mirror image's
 
-    def forward(self, x: torch.Tensor, from_features: bool = False) -> torch.Tensor:
-        """Logits for images, or for backbone features already computed (``from_features``)."""
+    def forward(self, x: torch.Tensor, from_features: bool = False, from_block: int = 0) -> torch.Tensor:
+        """Logits for images, for backbone features already computed (``from_features``), or for the
+        output of the backbone's first ``from_block`` feature blocks (``prefix``), already computed."""
         if from_features:
             return self.head(x)
+        if from_block:
+            return self.head(self._backbone_from(x, from_block))
         if self.flip_tta and not self.training:
             # One pass over both views: one copy of the network in an exported graph (and in its int8 twin)
             both = self._logits(torch.cat([x, x.flip(-1)]))
@@ -65,6 +68,20 @@ class FmtlModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+    def prefix(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The output of the backbone's first ``blocks`` feature blocks (``backbone.features[:blocks]``)."""
+        return self.backbone.features[:blocks](x)
+
+    def _backbone_from(self, x: torch.Tensor, first: int) -> torch.Tensor:
+        # The backbone's own forward (pooling, flattening, what is left of its classifier) over its feature
+        # blocks from ``first`` on: every torchvision model with a ``features`` sequence calls it first.
+        features = self.backbone.features
+        self.backbone.features = features[first:]
+        try:
+            return self.backbone(x)
+        finally:
+            self.backbone.features = features
 
 
 def available_models() -> list[str]:
@@ -237,6 +254,37 @@ def feature_blocks(model: FmtlModel) -> list[nn.Module]:
     if isinstance(layers, nn.Sequential):
         return list(layers.children())
     raise ModelConfigError(f"{model.architecture} has no feature stages fmtl knows; use freeze 'all' or 'frozen'")
+
+
+def frozen_prefix_blocks(model: FmtlModel, policy: str) -> int:
+    """How many leading feature blocks ``last:N`` keeps frozen, where they can run apart from the rest
+    (the backbone has a ``features`` sequence); else a ModelConfigError."""
+    if not isinstance(getattr(model.backbone, "features", None), nn.Sequential):
+        raise ModelConfigError(
+            f"--frozen-views needs a backbone with a `features` sequence (EfficientNet, MobileNet, ConvNeXt, VGG); "
+            f"{model.architecture} has none"
+        )
+    if not policy.startswith("last:"):
+        raise ModelConfigError(f"--frozen-views needs --unfreeze last:N (frozen first blocks to cache), not {policy}")
+    blocks = len(model.backbone.features) - int(policy[5:])
+    if blocks < 1:
+        raise ModelConfigError(f"--unfreeze {policy} leaves no frozen block for --frozen-views to cache")
+    return blocks
+
+
+def cached_view_blocks(cfg, model: FmtlModel) -> int:
+    """Frozen first blocks whose outputs --frozen-views caches (0: none, it is off or does not apply).
+
+    A recipe's --frozen-views (not the user's) gives way silently where the backbone cannot run apart."""
+    if not cfg.frozen_views or cfg.strategy == "linear":
+        return 0
+    try:
+        return frozen_prefix_blocks(model, cfg.unfreeze)
+    except ModelConfigError:
+        given = getattr(cfg, "given", None)
+        if given is None or "frozen_views" in given:
+            raise
+        return 0
 
 
 def apply_freeze(model: FmtlModel, policy: str) -> None:
