@@ -40,7 +40,9 @@ def test_invalid_values_are_rejected():
         load_config(["--config", "/no/such.yaml"])
 
 
-@pytest.mark.parametrize("flag", ["--max-steps", "--max-train-samples", "--max-eval-samples", "--max-val-samples"])
+@pytest.mark.parametrize(
+    "flag", ["--max-steps", "--max-train-samples", "--max-eval-samples", "--max-val-samples", "--frozen-views"]
+)
 def test_negative_counts_are_refused_in_one_line(flag):
     with pytest.raises(FmtlError, match=f"^{flag} must be 0"):
         load_config([flag, "-1"])

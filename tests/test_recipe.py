@@ -87,6 +87,14 @@ def test_plan_times_feature_caching_on_one_view():
     assert plan.after_s["test"] == pytest.approx(10_000 * 0.002, abs=0.1)  # after the budget, predicted too
 
 
+def test_plan_prices_an_epoch_smaller_than_one_batch_by_its_images():
+    """100 images at batch 128: one step of 100 images, priced at 100/128 of a timed 128-image step."""
+    cfg = load_config(["--strategy", "finetune", "--budget", "100s"])
+    costs = Costs(finetune_step=1.0, head_step=0.0, forward_image=0.0, save=0.0)
+    plan = plan_epochs(cfg, costs, {"train": 100, "val": 0, "test": 0}, available_s=100, budget_s=100)
+    assert plan.epochs == int(100 * (1 - SAFETY) // (100 / 128))  # not 94 epochs of a full step's time
+
+
 def test_plan_cuts_the_last_fine_tuning_epoch_short_to_fill_the_budget():
     plan = _plan(1200)
     steps = plan.steps_per_epoch
@@ -102,7 +110,8 @@ def test_plan_validates_fine_tuning_less_often_when_validation_costs_more_than_t
     costs = Costs(finetune_step=0.6, head_step=0.002, forward_image=0.002, save=0.1)
     cfg, _ = apply_recipe(load_config(["--budget", "120s"]), counts["train"])  # as a run gets it
     plan = plan_epochs(cfg, costs, counts, available_s=115, budget_s=120)
-    assert plan.eval_every == math.ceil(6_000 * 0.002 / (0.2 * 0.6)) and "validated every" in plan.describe()
+    step = 0.6 * 100 / 128  # one step of 100 images, timed at 128
+    assert plan.eval_every == math.ceil(6_000 * 0.002 / (0.2 * step)) and "validated every" in plan.describe()
     assert plan.predicted_s <= 120 * (1 - SAFETY)
     assert plan.epochs - plan.head_epochs > 20  # validating every epoch, 12 s each, would leave ~6 epochs
     given = plan_epochs(load_config(["--budget", "120s", "--eval-every", "1"]), costs, counts, 115, 120)

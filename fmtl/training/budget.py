@@ -273,9 +273,12 @@ def plan_epochs(
     forward = costs.forward_image / num_processes
     head_cached = cfg.strategy != "finetune" and (cfg.head_cache or not cfg.augment)
     val_pass = counts["val"] * forward
-    head_epoch = steps * costs.head_step + (0.0 if head_cached else val_pass) + costs.save
-    every = _eval_every(cfg, val_pass, steps * costs.finetune_step)
-    finetune_epoch = steps * costs.finetune_step + val_pass / every + costs.save
+    # An epoch's batches are not all full: 100 images at batch 128 are one step of 100 (a step's cost is
+    # about proportional to its images here), which a full step's time would overestimate by 28 %.
+    batches = counts["train"] / num_processes / cfg.batch_size
+    head_epoch = batches * costs.head_step + (0.0 if head_cached else val_pass) + costs.save
+    every = _eval_every(cfg, val_pass, batches * costs.finetune_step)
+    finetune_epoch = batches * costs.finetune_step + val_pass / every + costs.save
     once = {
         "last validation": val_pass * (1 - 1 / every),  # the fine-tuning phase's end always validates
         "caching": (counts["train"] + counts["val"]) * (costs.feature_image or costs.forward_image) / num_processes

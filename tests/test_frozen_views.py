@@ -1,0 +1,150 @@
+"""--frozen-views: fine-tuning on cached outputs of the frozen first blocks, for a few views of each image.
+
+What it must do: the split forward equals the whole one; training never runs the frozen blocks again;
+the blocks before the cut stay untouched and those after it train; the views are the same on every build
+(so a resumed run is the run that would have happened); the planner prices the cache; and a backbone or
+option it cannot work with gets a one-line error (or, from a recipe, is left alone).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from fmtl.errors import ConfigError, ModelConfigError
+from fmtl.training import budget, loop
+from fmtl.training.budget import SAFETY, Costs, measure_costs, plan_epochs
+from fmtl.training.config import TrainConfig, load_config
+from fmtl.training.data import load_dataset, seeded_subset
+from fmtl.training.loop import Phase, Splits, Trainer, make_accelerator
+from fmtl.training.models import cached_view_blocks, create_model, feature_blocks
+from fmtl.training.recipe import apply_recipe, few_views
+
+
+@pytest.fixture(scope="module")
+def splits() -> Splits:
+    test = load_dataset("fashion-mnist", "test")
+    train, val = seeded_subset(test, 256, seed=1), seeded_subset(test, 64, seed=2)
+    return Splits(train, val, val, "val")
+
+
+def _config(**options) -> TrainConfig:
+    defaults = {"image_size": 32, "batch_size": 64, "quiet": True, "save_state": False, "strategy": "finetune",
+                "epochs": 1, "unfreeze": "last:3", "frozen_views": 3}  # fmt: skip
+    return TrainConfig(**{**defaults, **options})
+
+
+def _trainer(run_dir, splits: Splits, **options) -> Trainer:
+    cfg = _config(**options)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # as run() does: the new head's initialisation
+    return Trainer(cfg, make_accelerator(cfg, run_dir), run_dir, splits)
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_the_split_forward_is_the_whole_forward() -> None:
+    model = create_model("efficientnet_lite0", 10).eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        whole = model(x)
+        for blocks in (1, 6, 8):
+            assert torch.allclose(model(model.prefix(x, blocks), from_block=blocks), whole, atol=1e-5)
+    assert len(model.backbone.features) == 9  # the cut is undone after each call
+
+
+def test_training_runs_only_the_blocks_after_the_cached_ones(tmp_path, splits) -> None:
+    trainer = _trainer(tmp_path / "run", splits)
+    net = trainer.net
+    assert trainer.prefix_blocks == len(net.backbone.features) - 3
+    trainer.views = trainer.cache_views()
+    assert trainer.views.shape[:2] == (3, len(splits.train))
+    plain = net.prefix(trainer.batch(trainer.train_images, torch.arange(8), augment=False), trainer.prefix_blocks)
+    assert torch.allclose(trainer.views[0, :8], plain, atol=1e-6)  # the first view: the images as they are
+    assert not torch.allclose(trainer.views[1], trainer.views[0])  # the others: augmented
+    blocks = feature_blocks(net)
+    early, late = torch.nn.ModuleList(blocks[:-3]), torch.nn.ModuleList(blocks[-3:])
+    early_before, late_before = _snapshot(early), _snapshot(late)
+    stem_calls: list[int] = []
+    net.backbone.features[0].register_forward_hook(lambda *args: stem_calls.append(1))
+    trainer.train_one_epoch(1, Phase("finetune", 1, 1))
+    assert not stem_calls  # no step ran the frozen blocks
+    assert all(torch.equal(early_before[k], v) for k, v in early.state_dict().items())
+    assert any(not torch.equal(late_before[k], v) for k, v in late.state_dict().items())
+
+
+def test_views_are_rebuilt_the_same_and_a_resumed_run_is_the_whole_run(tmp_path, splits, monkeypatch) -> None:
+    whole = _trainer(tmp_path / "whole", splits, epochs=2)
+    whole.fit(1)
+    again = _trainer(tmp_path / "again", splits, epochs=2)
+    assert torch.equal(again.cache_views(), whole.views)
+    # the same run stopped after its first epoch, then resumed in a new Trainer
+    first = _trainer(tmp_path / "cut", splits, epochs=2, save_state=True)
+    monkeypatch.setattr(Trainer, "should_stop", lambda self, epoch: epoch == 1)
+    first.fit(1)
+    monkeypatch.undo()
+    resumed = _trainer(first.run_dir, splits, epochs=2, save_state=True)  # a new process, the same run
+    assert "views" in resumed.generators()  # which view each image shows is part of the saved state
+    resumed.fit(resumed.resume())
+    expected, got = whole.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_the_planner_prices_the_views_and_times_the_shorter_step(splits) -> None:
+    cfg = _config(budget="60s")
+    model = create_model("efficientnet_lite0", 10)
+    from fmtl.training.models import apply_freeze
+
+    apply_freeze(model, cfg.unfreeze)
+    spec = loop.input_spec(model, splits.train, cfg)
+    costs = measure_costs(model, spec, cfg, torch.device("cpu"), head_cached=False, n_train=256)
+    assert costs.view_image > 0
+    counts = {"train": 1000, "val": 100, "test": 100}
+    plan = plan_epochs(cfg, costs, counts, available_s=59, budget_s=60)
+    assert plan.parts_s["views"] == pytest.approx(3 * 1000 * costs.view_image, abs=0.1)
+    off = Costs(costs.finetune_step, costs.head_step, costs.forward_image, costs.save)
+    assert "views" not in plan_epochs(_config(budget="60s", frozen_views=0), off, counts, 59, 60).parts_s
+
+
+def test_what_frozen_views_cannot_work_with_is_a_one_line_error(tmp_path, splits, monkeypatch) -> None:
+    resnet = create_model("resnet18", 10, weights="none")
+    with pytest.raises(ModelConfigError, match="features"):
+        cached_view_blocks(_config(), resnet)
+    with pytest.raises(ModelConfigError, match="last:N"):
+        cached_view_blocks(_config(unfreeze="all"), create_model("efficientnet_lite0", 10))
+    # from a recipe (not given by the user) it gives way where it does not apply
+    few, _ = apply_recipe(load_config(["--model", "resnet18"]), 100)
+    assert few.frozen_views == 16 and cached_view_blocks(few, resnet) == 0
+    monkeypatch.setattr(loop, "MAX_VIEW_BYTES", 1000)
+    with pytest.raises(ConfigError, match="GiB of activations"):
+        _trainer(tmp_path / "big", splits)
+
+
+def test_few_takes_more_views_the_fewer_the_images() -> None:
+    assert [few_views(n) for n in (100, 500, 1000, 1999)] == [16, 8, 4, 4]
+    few, line = apply_recipe(load_config([]), 1000)
+    assert few.unfreeze == "last:3" and few.frozen_views == 4 and "--frozen-views 4" in line
+    assert apply_recipe(load_config(["--frozen-views", "0"]), 1000)[0].frozen_views == 0  # the user's wins
+
+
+def test_a_re_plan_keeps_one_validation_pass_for_the_end(tmp_path, splits, monkeypatch) -> None:
+    lefts: list[tuple[float, float, float]] = []
+    clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60)
+
+    def replan(done, pace, left):
+        lefts.append((left, time.perf_counter() - clock.started, trainer.val_seconds))
+        return 9
+
+    monkeypatch.setattr(budget, "replan_total", replan)
+    cfg = _config(epochs=2, frozen_views=0, unfreeze="all")
+    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, clock=clock)
+    evaluate = trainer.evaluate_val
+    trainer.evaluate_val = lambda phase: time.sleep(1.0) or evaluate(phase)
+    trainer.fit(1)
+    left, elapsed, val_seconds = lefts[0]
+    assert val_seconds >= 1.0
+    assert left == pytest.approx(60 * (1 - SAFETY) - elapsed - val_seconds, abs=0.05)
