@@ -382,7 +382,13 @@ class Trainer:
             epoch += 1
             phase = phase_of(self.phases, epoch)
             if self.prefix_blocks and not phase.frozen and self.views is None:
+                started = time.perf_counter()
                 self.views = self.cache_views()  # once, outside the epoch's time: it is not the pace of a step
+                self.accelerator.print(
+                    f"cached {self.cfg.frozen_views} view(s) of {len(self.train_set):,} images through the first "
+                    f"{self.prefix_blocks} blocks in {time.perf_counter() - started:.1f}s "
+                    f"({self.views.nbytes / 2**20:,.0f} MiB)"
+                )
             started = time.perf_counter()
             train_loss, seen = self.train_one_epoch(epoch, phase)
             self.check_weights(epoch)
