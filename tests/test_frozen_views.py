@@ -131,20 +131,34 @@ def test_few_takes_more_views_the_fewer_the_images() -> None:
     assert apply_recipe(load_config(["--frozen-views", "0"]), 1000)[0].frozen_views == 0  # the user's wins
 
 
-def test_a_re_plan_keeps_one_validation_pass_for_the_end(tmp_path, splits, monkeypatch) -> None:
-    lefts: list[tuple[float, float, float]] = []
-    clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60)
+def test_a_re_plan_prices_the_validation_passes_to_come_at_the_measured_one(tmp_path, splits, monkeypatch) -> None:
+    calls: list = []
+    clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60, val_pass_s=0.01)
 
-    def replan(done, pace, left):
-        lefts.append((left, time.perf_counter() - clock.started, trainer.val_seconds))
+    def replan(done, pace, left, validations_s):
+        calls.append((left, time.perf_counter() - clock.started, validations_s, trainer.val_seconds))
         return 9
 
     monkeypatch.setattr(budget, "replan_total", replan)
-    cfg = _config(epochs=2, frozen_views=0, unfreeze="all")
+    cfg = _config(epochs=2, frozen_views=0, unfreeze="all")  # 4 steps an epoch
     trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, clock=clock)
     evaluate = trainer.evaluate_val
     trainer.evaluate_val = lambda phase: time.sleep(1.0) or evaluate(phase)
     trainer.fit(1)
-    left, elapsed, val_seconds = lefts[0]
-    assert val_seconds >= 1.0
-    assert left == pytest.approx(60 * (1 - SAFETY) - elapsed - val_seconds, abs=0.05)
+    left, elapsed, validations_s, val_seconds = calls[0]
+    assert left == pytest.approx(60 * (1 - SAFETY) - elapsed, abs=0.05)
+    assert val_seconds >= 1.0  # the pass just timed, not the plan's 0.01 s
+    assert validations_s(8) == val_seconds  # ending after epoch 2: its one pass
+    assert validations_s(9) == 2 * val_seconds  # a third epoch validates too
+
+
+def test_a_run_that_validates_only_at_its_end_re_plans_too(tmp_path, splits, monkeypatch) -> None:
+    calls: list = []
+    monkeypatch.setattr(budget, "replan_total", lambda done, pace, left, validations_s: calls.append(done) or 24)
+    clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60, val_pass_s=2.0)
+    cfg = _config(epochs=5, frozen_views=0, unfreeze="all", eval_every=10)
+    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, clock=clock)
+    trainer.fit(1)
+    assert calls == [4, 12, 20]  # after a fifth, half and four fifths of the steps (no validated epoch before the end)
+    assert [row.val_acc is not None for row in trainer.history] == [False] * 5 + [True]
+    assert clock.replans[0]["steps"] == 24 and trainer.total_steps == 24

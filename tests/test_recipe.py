@@ -144,6 +144,9 @@ def test_re_plan_fits_the_measured_pace_into_what_is_left():
     # 100 steps done at 0.5 s each, 50 s left
     assert replan_total(100, 0.5, 50) == 200
     assert replan_total(100, 0.5, -3) == 101  # already late: one more step ends the schedule
+    # the validation passes the steps bring are paid from the same seconds: 80 steps and a 10 s pass fit in 50 s
+    assert replan_total(100, 0.5, 50, lambda total: 10.0 * (total > 100)) == 180
+    assert replan_total(100, 0.5, 50, lambda total: 10.0 * ((total - 100) // 40 + 1)) == 160  # 60 steps, 2 passes
 
 
 def test_plan_refuses_a_budget_shorter_than_one_epoch():

@@ -139,7 +139,7 @@ def test_a_budget_run_re_plans_its_end_once_from_its_measured_pace(tmp_path, spl
     from fmtl.training import budget
 
     paces: list[float] = []
-    monkeypatch.setattr(budget, "replan_total", lambda done, pace, left: paces.append(pace) or 9)
+    monkeypatch.setattr(budget, "replan_total", lambda done, pace, left, validations_s: paces.append(pace) or 9)
     clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60)
     cfg = dict(strategy="finetune", epochs=2)  # 256 images at batch 64: 4 steps an epoch, 8 planned
     trainer = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), clock=clock)

@@ -41,24 +41,29 @@ MAX_LINEAR_EPOCHS = 50  # a frozen-backbone run on cached features converges lon
 # cosine ends with it); a piece under this share of an epoch is not worth its validation pass.
 MIN_PARTIAL_EPOCH = 0.25
 # Fine-tuning validates every Nth epoch when one validation pass costs more than this share of an epoch's
-# training (a few hundred images against thousands of val images); each phase's last epoch always does.
-VAL_SHARE = 0.2
+# training (a few hundred images against thousands of val images); each phase's last epoch always does. A
+# budget run re-plans from its pace whether it validates or not, so the passes between are worth little: at
+# 0.2, a 1,000-image run at 180 s here spent 13 s of it on a pass in its middle.
+VAL_SHARE = 0.1
 TIMED_STEPS = 3  # timed steps per kind: their median
 # Untimed calls before them: a fine-tuning step here ran 0.51-0.56 s on calls 2-4, 0.41-0.44 s from call 7
 # on (allocator and caches warming up), and timing calls 2-4 had planned 25 % too much time per epoch.
 WARMUP_CALLS = 6
 # ... fewer calls, down to one of each, where the first shows they would take more than this share of the budget
-# (a fine-tuning step of 100 images at 160 px takes ~4 s here: three of them would be a quarter of a minute)
-TIMING_SHARE = 0.03
+# (a fine-tuning step of 100 images at 160 px takes ~4 s here: three of them would be a quarter of a minute).
+# The run re-plans from its real pace once a fifth of its fine-tuning has run, so the warm-up need not be exact:
+# at 0.03 it took 22 s of a 180 s budget (seven kinds, ~5 s each), at 0.01 about 8 s.
+TIMING_SHARE = 0.01
 # Images per timed step. Per-image cost falls with the batch up to about this size (Lite0 on the 2-core
 # EPYC: 3.3 ms at batch 32, 2.0 at 128), so runs are timed at their own batch, up to this, and scaled above it.
 PROBE_BATCH = 128
 
 
-# Once this share of the planned fine-tuning steps has run, the run re-plans the rest from its measured pace,
-# and again at every validated epoch after that (a warm-up of a few steps misjudges a whole epoch by 10-30 %
-# here, more when other jobs start or stop, and a run's own pace drifts by 20 % over its epochs).
-REPLAN_AFTER = 0.2
+# As these shares of the planned fine-tuning steps have run, the run re-plans the rest from its measured pace,
+# and at every validated epoch after the first (a warm-up of a few steps misjudges a whole epoch by 10-30 %
+# here, more when other jobs start or stop, and a run's own pace drifts by 20 % over its epochs: a 1,000-image
+# run re-planned at a fifth only ended at 162 s of 180).
+REPLAN_AT = (0.2, 0.5, 0.8)
 
 
 @dataclass
@@ -67,14 +72,21 @@ class BudgetClock:
 
     started: float  # time.perf_counter() when the budget's clock started
     budget_s: float
-    finetune_s: float = 0.0  # wall seconds of the fine-tuning epochs since the last re-plan, validation included
+    val_pass_s: float = 0.0  # the plan's estimate of one validation pass, until the run has timed one
+    finetune_s: float = 0.0  # wall seconds of the fine-tuning epochs since the last re-plan, validation excluded
     finetune_steps: int = 0  # and their steps
     replans: list = dataclasses.field(default_factory=list)  # one entry each time it re-planned
+    shares_passed: int = 0  # how many of REPLAN_AT the fine-tuning has passed
 
 
-def replan_total(done_steps: int, seconds_per_step: float, left_s: float) -> int:
-    """Total steps for the run: those done, plus what the measured pace fits into the ``left_s`` seconds left."""
-    return done_steps + max(1, int(left_s // seconds_per_step))
+def replan_total(done_steps: int, seconds_per_step: float, left_s: float, validations_s=lambda total: 0.0) -> int:
+    """Total steps for the run: those done, plus the most that fit into the ``left_s`` seconds left with the
+    validation passes they bring (``validations_s(total)`` seconds, for a run ending after ``total`` steps);
+    at least one more, so the schedule ends."""
+    more = max(1, int(left_s // seconds_per_step))
+    while more > 1 and more * seconds_per_step + validations_s(done_steps + more) > left_s:
+        more -= 1
+    return done_steps + more
 
 
 def parse_budget(text: str) -> float:

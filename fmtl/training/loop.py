@@ -321,7 +321,8 @@ class Trainer:
         # Clip only what the optimizer updates: walking a frozen backbone every step is wasted time.
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.history: list[EpochRow] = []
-        self.val_seconds = 0.0  # the last validation pass
+        self.val_seconds = 0.0  # the last fine-tuning validation pass
+        self.epoch_mark = time.perf_counter()  # when the last epoch (or the views' caching) ended
         self.best = {"val_acc": -1.0, "epoch": 0}
         self.cached: dict | None = None  # backbone features, when a frozen phase has no augmentation
         # --frozen-views: the frozen first blocks' outputs for a few views of each training image ([V, N, ...])
@@ -377,7 +378,7 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
     def fit(self, start_epoch: int) -> None:
-        epoch = start_epoch - 1
+        epoch, self.epoch_mark = start_epoch - 1, time.perf_counter()
         while epoch < self.cfg.epochs:  # a re-plan may move the end
             epoch += 1
             phase = phase_of(self.phases, epoch)
@@ -389,59 +390,75 @@ class Trainer:
                     f"{self.prefix_blocks} blocks in {time.perf_counter() - started:.1f}s "
                     f"({self.views.nbytes / 2**20:,.0f} MiB)"
                 )
+                self.epoch_mark = time.perf_counter()
             started = time.perf_counter()
             train_loss, seen = self.train_one_epoch(epoch, phase)
             self.check_weights(epoch)
-            val = dict.fromkeys(VAL_KEYS)
+            val, val_s = dict.fromkeys(VAL_KEYS), 0.0
             if self.validates(epoch, phase):
                 val_started = time.perf_counter()
                 val = self.evaluate_val(phase)
-                self.val_seconds = time.perf_counter() - val_started
+                val_s = time.perf_counter() - val_started
+                if not phase.frozen:  # a head epoch's pass runs on cached features: not what fine-tuning pays
+                    self.val_seconds = val_s
             seconds = time.perf_counter() - started
             row = EpochRow(
                 epoch, phase.name, train_loss, val["loss"], val["acc"], val["top5"], val["count"],
                 lr=self.scheduler.get_last_lr()[-1], seconds=round(seconds, 2), images_per_s=round(seen / seconds, 1),
             )  # fmt: skip
-            self.maybe_replan(epoch, phase, seconds)
+            # the pace of training alone: this epoch's steps and the last epoch's save, not its validation
+            self.maybe_replan(epoch, phase, time.perf_counter() - self.epoch_mark - val_s)
             self.end_epoch(row)
+            self.epoch_mark = time.perf_counter()
             if self.should_stop(epoch):
                 self.accelerator.print(f"early stop: no better val accuracy for {self.cfg.patience} epochs")
                 break
 
-    def maybe_replan(self, epoch: int, phase: Phase, seconds: float) -> None:
-        """--budget: once REPLAN_AFTER of the fine-tuning steps have run, fit the rest to the measured pace,
-        again at every validated epoch after that, from the pace since the last re-plan.
+    def maybe_replan(self, epoch: int, phase: Phase, train_s: float) -> None:
+        """--budget: as each of REPLAN_AT's shares of the fine-tuning steps has run, and at every validated
+        epoch after the first share, fit the rest to the pace measured since the last re-plan.
 
-        The schedule's end moves (its cosine stretches or shrinks from here on); config.yaml gets the new end
-        before the epoch's state is saved, so --resume continues it (a resumed run does not re-plan again).
-        A run's pace drifts: on the 2-core machine here its first fine-tuning epoch of all the data took
-        171 s, its fourth 134 s."""
+        The pace is of training alone (``train_s``: the epoch's steps and a checkpoint save); the validation
+        passes the rest would bring are priced at the last one's measured time (the plan's estimate until
+        fine-tuning has validated once), so the phase's last epoch, which always validates, has its pass,
+        and a run that validates only at its end re-plans too (a 100-image run here had otherwise ended at
+        88 s of 120). The schedule's end moves (its cosine stretches or shrinks from here on); config.yaml
+        gets the new end before the epoch's state is saved, so --resume continues it (a resumed run does
+        not re-plan again). A run's pace drifts: on the 2-core machine here its first fine-tuning epoch of
+        all the data took 171 s, its fourth 134 s."""
         clock, spe = self.clock, self.steps_per_epoch
         if clock is None or phase.frozen or epoch >= self.cfg.epochs:
             return
-        clock.finetune_s += seconds
+        clock.finetune_s += train_s
         clock.finetune_steps += spe
         done = (epoch - phase.first_epoch + 1) * spe
-        if done < budget.REPLAN_AFTER * (self.total_steps - (phase.first_epoch - 1) * spe):
+        shares = sum(done >= share * (self.total_steps - (phase.first_epoch - 1) * spe) for share in budget.REPLAN_AT)
+        if not shares or (shares <= clock.shares_passed and not self.validates(epoch, phase)):
             return
-        if not self.validates(epoch, phase):  # measure whole --eval-every cycles: validation in its share
-            return
+        clock.shares_passed = max(clock.shares_passed, shares)
         pace = clock.finetune_s / clock.finetune_steps
         clock.finetune_s, clock.finetune_steps = 0.0, 0
-        # The phase's last epoch validates whatever --eval-every says: keep one pass's time for it
-        left = clock.budget_s * (1 - budget.SAFETY) - (time.perf_counter() - clock.started) - self.val_seconds
-        total = budget.replan_total(epoch * spe, pace, left)
+        left = clock.budget_s * (1 - budget.SAFETY) - (time.perf_counter() - clock.started)
+        val_s = self.val_seconds or clock.val_pass_s
+        total = budget.replan_total(epoch * spe, pace, left, lambda total: val_s * self.validations_after(epoch, total))
         total = broadcast_object_list([total])[0]  # every process takes the main's
         before = self.total_steps
         self.set_total_steps(total)
         clock.replans.append({"after_epoch": epoch, "seconds_per_step": round(pace, 4), "steps_before": before,
                               "steps": total, "epochs": self.cfg.epochs})  # fmt: skip
         self.accelerator.print(
-            f"re-planned after epoch {epoch} at {pace:.3f}s a fine-tuning step (validation included): "
+            f"re-planned after epoch {epoch} at {pace:.3f}s a fine-tuning step, {val_s:.1f}s a validation pass: "
             f"{total} steps in all, was {before}; {self.cfg.epochs} epochs"
         )
         if self.accelerator.is_main_process:
             reports.write_config(self.run_dir, self.cfg)
+
+    def validations_after(self, epoch: int, total: int) -> int:
+        """Validation passes the epochs after ``epoch`` would run if fine-tuning ended after ``total`` steps."""
+        last, first, every = math.ceil(total / self.steps_per_epoch), self.phases[-1].first_epoch, self.cfg.eval_every
+        if last <= epoch:
+            return 0
+        return (last - first + 1) // every - (epoch - first + 1) // every + ((last - first + 1) % every != 0)
 
     def set_total_steps(self, total: int) -> None:
         """End the run, and its last phase's schedule, after ``total`` optimizer steps (per process)."""
@@ -707,7 +724,8 @@ def run(cfg: TrainConfig) -> dict | None:
     plan = budget_clock = None
     if cfg.budget and not cfg.resume:  # a resumed run keeps the epochs its config.yaml was planned with
         cfg, plan = plan_budget(cfg, splits, accelerator, clock)
-        budget_clock = budget.BudgetClock(clock, plan.budget_s)
+        val_pass = len(splits.val) * plan.costs["forward_image"] / accelerator.num_processes
+        budget_clock = budget.BudgetClock(clock, plan.budget_s, val_pass_s=val_pass)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         reports.write_config(run_dir, cfg)
