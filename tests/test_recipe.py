@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from fmtl.errors import ConfigError, FmtlError
-from fmtl.training.budget import SAFETY, Costs, parse_budget, plan_epochs
+from fmtl.training.budget import SAFETY, VAL_SHARE, Costs, parse_budget, plan_epochs
 from fmtl.training.config import load_config
 from fmtl.training.export import export_onnx
 from fmtl.training.loop import main as train_main
@@ -111,7 +111,7 @@ def test_plan_validates_fine_tuning_less_often_when_validation_costs_more_than_t
     cfg, _ = apply_recipe(load_config(["--budget", "120s"]), counts["train"])  # as a run gets it
     plan = plan_epochs(cfg, costs, counts, available_s=115, budget_s=120)
     step = 0.6 * 100 / 128  # one step of 100 images, timed at 128
-    assert plan.eval_every == math.ceil(6_000 * 0.002 / (0.2 * step)) and "validated every" in plan.describe()
+    assert plan.eval_every == math.ceil(6_000 * 0.002 / (VAL_SHARE * step)) and "validated every" in plan.describe()
     assert plan.predicted_s <= 120 * (1 - SAFETY)
     assert plan.epochs - plan.head_epochs > 20  # validating every epoch, 12 s each, would leave ~6 epochs
     given = plan_epochs(load_config(["--budget", "120s", "--eval-every", "1"]), costs, counts, 115, 120)
