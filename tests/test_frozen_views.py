@@ -110,6 +110,25 @@ def test_the_planner_prices_the_views_and_times_the_shorter_step(splits) -> None
     assert "views" not in plan_epochs(_config(budget="60s", frozen_views=0), off, counts, 59, 60).parts_s
 
 
+def test_passes_without_gradients_are_timed_at_the_eval_batch_size(splits) -> None:
+    """Validation, test and caching run in batches of --eval-batch-size, whose cost per image differs from a
+    training batch's on a CPU: the warm-up times them at that size (here 48), training steps at --batch-size (16)."""
+    cfg = _config(budget="60s", batch_size=16, eval_batch_size=48, frozen_views=0)  # training steps run the stem
+    model = create_model("efficientnet_lite0", 10)
+    from fmtl.training.models import apply_freeze
+
+    apply_freeze(model, cfg.unfreeze)
+    spec = loop.input_spec(model, splits.train, cfg)
+    seen: dict[bool, list[int]] = {True: [], False: []}  # grad enabled -> batch sizes through the stem
+    model.backbone.features[0].register_forward_pre_hook(
+        lambda module, args: seen[torch.is_grad_enabled()].append(args[0].shape[0])
+    )
+    measure_costs(model, spec, cfg, torch.device("cpu"), head_cached=True, n_train=256)
+    assert set(seen[True]) == {16}  # training steps
+    assert seen[False].count(48) >= 2  # the forward and the feature passes, each timed
+    assert max(seen[False]) == 48
+
+
 def test_what_frozen_views_cannot_work_with_is_a_one_line_error(tmp_path, splits, monkeypatch) -> None:
     resnet = create_model("resnet18", 10, weights="none")
     with pytest.raises(ModelConfigError, match="features"):

@@ -211,15 +211,19 @@ def measure_costs(
     model = model.to(device)
     probe = min(cfg.batch_size, PROBE_BATCH)
     scale = cfg.batch_size / probe
-    images = torch.randint(0, 256, (probe, spec.channels, *spec.source_size), dtype=torch.uint8)
+    # Passes without gradients (validation, test, feature and view caching) run in batches of --eval-batch-size,
+    # and on a CPU their cost per image depends on it: timed at a training batch of 32 (few's), a 128 px
+    # validation pass in batches of 256 took 1.2 to 2.3 times the estimate and pushed runs to or past their budget.
+    eval_probe = min(cfg.eval_batch_size, PROBE_BATCH)
+    images = torch.randint(0, 256, (max(probe, eval_probe), spec.channels, *spec.source_size), dtype=torch.uint8)
     images = images.to(device)
     labels = torch.randint(0, 2, (probe,), device=device)
     preprocess = Preprocess(spec).to(device)
     augment = augment_for(cfg, seed=cfg.seed)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-    def batch(augmented: bool) -> torch.Tensor:
-        return preprocess(images, augment if augmented else None).contiguous(memory_format=layout)
+    def batch(augmented: bool, size: int = probe) -> torch.Tensor:
+        return preprocess(images[:size], augment if augmented else None).contiguous(memory_format=layout)
 
     def train_step(params, forward) -> None:
         optimizer = optimizers.setdefault(id(params), torch.optim.AdamW(params, lr=1e-6))
@@ -243,15 +247,21 @@ def measure_costs(
         blocks = cached_view_blocks(cfg, model)
         if blocks:  # --frozen-views: fine-tuning runs only the blocks after the cached ones
             with torch.no_grad():
-                view_image = _timed(lambda: model.prefix(batch(True), blocks), max_seconds=limit) / probe
+                view_image = (
+                    _timed(lambda: model.prefix(batch(True, eval_probe), blocks), max_seconds=limit) / eval_probe
+                )
                 cached = model.prefix(batch(True), blocks)
             forward = lambda: model(cached, from_block=blocks)  # noqa: E731
         finetune = _timed(lambda: train_step(params, forward), max_seconds=limit) * scale
     head_params = list(model.head.parameters())
     with torch.no_grad():
         features = model.eval().features(batch(False)).float()
-        forward_image = _timed(lambda: model(batch(False)), max_seconds=limit) / probe
-        feature_image = _timed(lambda: model.features(batch(False)), max_seconds=limit) / probe if head_cached else 0.0
+        forward_image = _timed(lambda: model(batch(False, eval_probe)), max_seconds=limit) / eval_probe
+        feature_image = (
+            _timed(lambda: model.features(batch(False, eval_probe)), max_seconds=limit) / eval_probe
+            if head_cached
+            else 0.0
+        )
     model.head.train()
     if head_cached:
         head = _timed(lambda: train_step(head_params, lambda: model.head(features)))
