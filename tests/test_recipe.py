@@ -110,8 +110,8 @@ def test_plan_validates_fine_tuning_less_often_when_validation_costs_more_than_t
     costs = Costs(finetune_step=0.6, head_step=0.002, forward_image=0.002, save=0.1)
     cfg, _ = apply_recipe(load_config(["--budget", "120s"]), counts["train"])  # as a run gets it
     plan = plan_epochs(cfg, costs, counts, available_s=115, budget_s=120)
-    step = 0.6 * 100 / 128  # one step of 100 images, timed at 128
-    assert plan.eval_every == math.ceil(6_000 * 0.002 / (VAL_SHARE * step)) and "validated every" in plan.describe()
+    epoch = 0.6 * 100 / cfg.batch_size  # an epoch of 100 images, priced by its images at the recipe's batch
+    assert plan.eval_every == math.ceil(6_000 * 0.002 / (VAL_SHARE * epoch)) and "validated every" in plan.describe()
     assert plan.predicted_s <= 120 * (1 - SAFETY)
     assert plan.epochs - plan.head_epochs > 20  # validating every epoch, 12 s each, would leave ~6 epochs
     given = plan_epochs(load_config(["--budget", "120s", "--eval-every", "1"]), costs, counts, 115, 120)
@@ -120,14 +120,19 @@ def test_plan_validates_fine_tuning_less_often_when_validation_costs_more_than_t
     assert large.eval_every == 1  # all the data: a val pass is a small share of an epoch
 
 
-def test_warm_up_times_fewer_steps_where_they_would_eat_a_short_budget():
+def test_warm_up_times_fewer_steps_where_they_would_eat_a_short_budget(monkeypatch):
+    from types import SimpleNamespace
+
+    from fmtl.training import budget
     from fmtl.training.budget import _timed
 
     calls: list[int] = []
+    clock = [0.0]  # each step takes 0.021 s of the budget module's clock (a loaded machine's real sleeps overshoot)
+    monkeypatch.setattr(budget, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
     def step() -> None:
         calls.append(1)
-        time.sleep(0.02)
+        clock[0] += 0.021
 
     assert _timed(step) >= 0.02 and len(calls) == 9  # six untimed, three timed
     calls.clear()
