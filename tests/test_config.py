@@ -38,6 +38,9 @@ def test_invalid_values_are_rejected():
         load_config(["--strategy", "hybrid", "--epochs", "1", "--head-epochs", "1"])
     with pytest.raises(FmtlError, match="not found"):
         load_config(["--config", "/no/such.yaml"])
+    for mixup in ("-0.1", "11"):
+        with pytest.raises(FmtlError, match=r"^--mixup must be between 0 \(off\) and 10"):
+            load_config(["--mixup", mixup])
 
 
 @pytest.mark.parametrize(

@@ -77,17 +77,18 @@ def test_training_runs_only_the_blocks_after_the_cached_ones(tmp_path, splits) -
     assert any(not torch.equal(late_before[k], v) for k, v in late.state_dict().items())
 
 
-def test_views_are_rebuilt_the_same_and_a_resumed_run_is_the_whole_run(tmp_path, splits, monkeypatch) -> None:
-    whole = _trainer(tmp_path / "whole", splits, epochs=2)
+@pytest.mark.parametrize("mixup", [0.0, 0.4])  # with --mixup, which pairs mix and by how much too
+def test_views_are_rebuilt_the_same_and_a_resumed_run_is_the_whole_run(tmp_path, splits, monkeypatch, mixup) -> None:
+    whole = _trainer(tmp_path / "whole", splits, epochs=2, mixup=mixup)
     whole.fit(1)
-    again = _trainer(tmp_path / "again", splits, epochs=2)
+    again = _trainer(tmp_path / "again", splits, epochs=2, mixup=mixup)
     assert torch.equal(again.cache_views(), whole.views)
     # the same run stopped after its first epoch, then resumed in a new Trainer
-    first = _trainer(tmp_path / "cut", splits, epochs=2, save_state=True)
+    first = _trainer(tmp_path / "cut", splits, epochs=2, save_state=True, mixup=mixup)
     monkeypatch.setattr(Trainer, "should_stop", lambda self, epoch: epoch == 1)
     first.fit(1)
     monkeypatch.undo()
-    resumed = _trainer(first.run_dir, splits, epochs=2, save_state=True)  # a new process, the same run
+    resumed = _trainer(first.run_dir, splits, epochs=2, save_state=True, mixup=mixup)  # a new process, the same run
     assert "views" in resumed.generators()  # which view each image shows is part of the saved state
     resumed.fit(resumed.resume())
     expected, got = whole.net.state_dict(), resumed.net.state_dict()
@@ -146,7 +147,7 @@ def test_what_frozen_views_cannot_work_with_is_a_one_line_error(tmp_path, splits
 def test_few_takes_more_views_the_fewer_the_images() -> None:
     assert [few_views(n) for n in (100, 500, 1000, 1999)] == [16, 8, 4, 4]
     few, line = apply_recipe(load_config([]), 1000)
-    assert few.unfreeze == "last:3" and few.frozen_views == 4 and "--frozen-views 4" in line
+    assert few.unfreeze == "last:5" and few.frozen_views == 4 and "--frozen-views 4" in line
     assert apply_recipe(load_config(["--frozen-views", "0"]), 1000)[0].frozen_views == 0  # the user's wins
 
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from fmtl.errors import FmtlError
@@ -110,6 +111,41 @@ def test_unfreeze_last_n_trains_only_those_blocks(tmp_path, splits) -> None:
     assert not _changed(early_before, early)  # weights and BatchNorm statistics untouched
     assert any(k.endswith("weight") for k in _changed(late_before, late))
     assert _changed(head_before, trainer.net.head)
+
+
+def test_mixup_blends_pairs_by_a_reproducible_share_and_weighs_both_labels(tmp_path, splits) -> None:
+    trainer = _trainer(tmp_path, splits, strategy="finetune", epochs=1, mixup=0.4)
+    x = torch.randn(16, 3, 8, 8)
+    mixed, pair, share = trainer.mix(x)
+    assert sorted(pair.tolist()) == list(range(16)) and pair.tolist() != list(range(16))
+    assert 0 < share < 1 and torch.allclose(mixed, share * x + (1 - share) * x[pair])
+    again = _trainer(tmp_path / "again", splits, strategy="finetune", epochs=1, mixup=0.4)
+    assert torch.equal(again.mix(x)[0], mixed)  # drawn from the run's own generator, seeded by --seed
+    assert "mixup" in trainer.generators()  # saved with the training state: a resumed run draws on
+    # the step's inputs are the mixture, and its loss weighs both labels by the share
+    seen: list[torch.Tensor] = []
+    trainer.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    trainer.model.eval()  # BatchNorm and dropout deterministic, so the loss can be recomputed
+    indices, state = torch.arange(8), trainer.mixup_generator.get_state()
+    expected, pair, share = trainer.mix(trainer.batch(trainer.train_images, indices, augment=True))
+    labels, smoothing = trainer.train_labels[indices], trainer.cfg.label_smoothing
+    with torch.no_grad():
+        logits = trainer.model(expected).float()
+    weighed = share * F.cross_entropy(logits, labels, label_smoothing=smoothing) + (1 - share) * F.cross_entropy(
+        logits, labels[pair], label_smoothing=smoothing
+    )
+    trainer.mixup_generator.set_state(state)
+    seen.clear()
+    loss = trainer.train_step(indices, use_cache=False)
+    assert torch.allclose(seen[0], expected) and labels[pair].ne(labels).any()
+    assert torch.isclose(loss.detach(), weighed, atol=1e-5)
+
+
+def test_without_mixup_the_inputs_are_the_batch(tmp_path, splits) -> None:
+    trainer = _trainer(tmp_path, splits, strategy="finetune", epochs=1)
+    x = torch.randn(4, 3, 8, 8)
+    mixed, pair, share = trainer.mix(x)
+    assert mixed is x and pair is None and share == 1.0 and "mixup" not in trainer.generators()
 
 
 def test_max_steps_ends_inside_the_last_epoch_with_the_schedule_complete(tmp_path, splits) -> None:

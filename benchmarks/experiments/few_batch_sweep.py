@@ -21,7 +21,6 @@ OUT = os.environ.get("OUT", "runs/few-batch")
 RUNS = os.environ.get("RUNS", "/tmp/runs")
 SEEDS = int(os.environ.get("SEEDS", "3"))
 SCALE = float(os.environ.get("EPOCH_SCALE", "1"))  # < 1 for a CPU dry run
-jobs = []
 VARIANTS_100 = {
     "base": [],
     "bs64": ["--batch-size", "64"],
@@ -34,10 +33,17 @@ VARIANTS_100 = {
     "wd0.05": ["--weight-decay", "0.05"],
 }
 VARIANTS_10 = {"base": [], "bs32": ["--batch-size", "32"], "bs64": ["--batch-size", "64"]}
-for seed in range(SEEDS):
-    for pc, epochs, variants in ((100, 21, VARIANTS_100), (10, 151, VARIANTS_10)):
-        for name, args in variants.items():
-            jobs.append((name, pc, seed, ["--epochs", str(max(2, int(epochs * SCALE))), *args]))
+
+
+def jobs_for(sizes: dict) -> list:
+    """(variant, per class, seed, options) for {per class: (epochs, {variant: options})}; an option NAME=value
+    is set in the run's environment instead (an experiment that is not an fmtl option)."""
+    return [
+        (name, pc, seed, ["--epochs", str(max(2, int(epochs * SCALE))), *args])
+        for seed in range(SEEDS)
+        for pc, (epochs, variants) in sizes.items()
+        for name, args in variants.items()
+    ]
 
 
 def best_val(out):
@@ -48,6 +54,8 @@ def best_val(out):
 def run(job):
     name, pc, seed, args = job
     out = f"{RUNS}/{name}-{pc}-s{seed}"
+    env = {**os.environ, **dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))}
+    args = [a for a in args if a.startswith("-") or "=" not in a]
     cmd = [
         sys.executable,
         "-m",
@@ -68,7 +76,7 @@ def run(job):
         *os.environ.get("EXTRA", "").split(),
     ]
     t = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     res = {"name": name, "per_class": pc, "seed": seed, "wall": round(time.time() - t, 1)}
     try:
         res["test"] = json.load(open(f"{out}/metrics.json"))["accuracy"]
@@ -79,11 +87,11 @@ def run(job):
     return res
 
 
-def main() -> None:
+def sweep(sizes: dict, out: str = OUT) -> None:
     with ThreadPoolExecutor(int(os.environ.get("PARALLEL", "8"))) as pool:
-        results = list(pool.map(run, jobs))
-    os.makedirs(OUT, exist_ok=True)
-    json.dump(results, open(f"{OUT}/sweep.json", "w"), indent=1)
+        results = list(pool.map(run, jobs_for(sizes)))
+    os.makedirs(out, exist_ok=True)
+    json.dump(results, open(f"{out}/sweep.json", "w"), indent=1)
     summary = {}
     for r in results:
         if "test" in r:
@@ -95,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sweep({100: (21, VARIANTS_100), 10: (151, VARIANTS_10)})

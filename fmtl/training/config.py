@@ -73,6 +73,9 @@ class TrainConfig:
     weight_decay: float = option(0.01, "decoupled weight decay (not on biases and norm weights)")
     warmup_fraction: float = option(0.05, "share of each phase's steps spent warming the learning rate up")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    mixup: float = option(
+        0.0, "train on mixtures of two examples and their labels, weights drawn from Beta(a, a) (0: off)"
+    )
     grad_clip: float = option(1.0, "clip gradient norm to this (0: off)")
     gradient_accumulation_steps: int = option(1, "optimizer step every N batches")
     patience: int = option(0, "stop after this many epochs without a better val accuracy (0: never)")
@@ -117,6 +120,8 @@ class TrainConfig:
             raise FmtlError("--augment-strength must be between 0 (flips only) and 3")
         if self.lr <= 0:
             raise FmtlError("--lr must be positive")
+        if not 0 <= self.mixup <= 10:
+            raise FmtlError("--mixup must be between 0 (off) and 10 (the Beta distribution's a)")
         if self.budget is not None:
             from fmtl.training.budget import parse_budget
 

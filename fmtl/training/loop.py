@@ -329,6 +329,7 @@ class Trainer:
         self.prefix_blocks = cached_view_blocks(cfg, self.net)
         self.views: torch.Tensor | None = None
         self.view_generator = torch.Generator().manual_seed(cfg.seed)  # which view each image shows, per epoch
+        self.mixup_generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # --mixup's pairs
         if self.prefix_blocks:
             self.check_views_fit()
 
@@ -366,6 +367,8 @@ class Trainer:
         mine = {"shuffle": self.shuffle_generator}
         if self.prefix_blocks:
             mine["views"] = self.view_generator
+        if self.cfg.mixup:
+            mine["mixup"] = self.mixup_generator
         return {**mine, "augment": self.augment.generator} if self.augment is not None else mine
 
     @property
@@ -531,14 +534,22 @@ class Trainer:
     def train_step(self, indices: torch.Tensor, use_cache: bool, use_views: bool = False) -> torch.Tensor:
         labels = self.train_labels[indices.to(self.train_labels.device)]
         if use_cache:
-            logits = self.model(self.cached["train"][indices.to(self.cached["train"].device)], from_features=True)
+            x, where = self.cached["train"][indices.to(self.cached["train"].device)], {"from_features": True}
         elif use_views:  # one of the cached views of each image, drawn afresh every time it comes up
             view = torch.randint(len(self.views), (len(indices),), generator=self.view_generator)
-            logits = self.model(self.views[view.to(self.views.device), indices.to(self.views.device)],
-                                from_block=self.prefix_blocks)  # fmt: skip
+            x, where = (
+                self.views[view.to(self.views.device), indices.to(self.views.device)],
+                {"from_block": self.prefix_blocks},
+            )
         else:
-            logits = self.model(self.batch(self.train_images, indices, augment=True))
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+            x, where = self.batch(self.train_images, indices, augment=True), {}
+        x, pair, share = self.mix(x)
+        logits = self.model(x, **where).float()
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        if pair is not None:
+            loss = share * loss + (1 - share) * F.cross_entropy(
+                logits, labels[pair.to(labels.device)], label_smoothing=self.cfg.label_smoothing
+            )
         self.accelerator.backward(loss)
         if self.cfg.grad_clip and self.accelerator.sync_gradients:
             self.accelerator.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
@@ -546,6 +557,19 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """--mixup a: ``x`` blended with a shuffled copy of itself, by a share drawn from Beta(a, a) (Zhang et
+        al., 2018); with cached views this mixes the frozen blocks' outputs (manifold mixup). Returns the
+        inputs, the partner of each example (None: no mixing) and the first example's share."""
+        if not self.cfg.mixup or len(x) < 2:
+            return x, None, 1.0
+        pair = torch.randperm(len(x), generator=self.mixup_generator)
+        seed = int(torch.randint(2**62, (), generator=self.mixup_generator))
+        with torch.random.fork_rng(devices=[]):  # Beta samples from the global generator: seed it from ours
+            torch.manual_seed(seed)
+            share = float(torch.distributions.Beta(self.cfg.mixup, self.cfg.mixup).sample())
+        return share * x + (1 - share) * x[pair.to(x.device)], pair, share
 
     def check_loss(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         """Divergence is an error, not a result: every process stops at the same step once any loss is
