@@ -2,8 +2,8 @@
 
     OUT=runs/few-regularize python benchmarks/experiments/few_regularize_sweep.py   # 39 runs, 8 at a time
 
-The EMA variants need ``benchmarks/experiments/ema.patch`` applied (``git apply``) (an experiment, not an fmtl option: ``FMTL_EXP_EMA=decay``
-averages the weights after every step and validates, saves and tests the average). Epochs as in
+The EMA variants need ``git apply benchmarks/experiments/ema.patch`` first (an experiment, not an fmtl option:
+``FMTL_EXP_EMA=decay`` averages the weights after every step and validates, saves and tests the average). Epochs as in
 ``few_batch_sweep.py`` (what the 2-core CPU's budget buys: 1 + 20 at 100/class, 1 + 150 at 10/class); val on
 1,000 images decides, test on all 10,000 is reported. Run on a lent H100 on 2026-11-26; results in
 ``results/few-regularize.md``.
