@@ -48,6 +48,7 @@ def test_linear_run_writes_every_file(linear_run):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # the loss falls
     assert all(int(r["val_images"]) == 3000 for r in rows)
+    assert "eval_batch_size: 64" in (linear_run / "config.yaml").read_text()  # 0 resolved for the CPU, recorded
 
 
 def test_metrics_are_consistent(linear_run):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from fmtl.errors import ConfigError
 from fmtl.spec import InputSpec
 from fmtl.training.augment import Preprocess, augment_for
+from fmtl.training.config import with_eval_batch
 from fmtl.training.models import cached_view_blocks
 
 UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
@@ -214,7 +215,7 @@ def measure_costs(
     # Passes without gradients (validation, test, feature and view caching) run in batches of --eval-batch-size,
     # and on a CPU their cost per image depends on it: timed at a training batch of 32 (few's), a 128 px
     # validation pass in batches of 256 took 1.2 to 2.3 times the estimate and pushed runs to or past their budget.
-    eval_probe = min(cfg.eval_batch_size, PROBE_BATCH)
+    eval_probe = min(with_eval_batch(cfg, device.type).eval_batch_size, PROBE_BATCH)
     images = torch.randint(0, 256, (max(probe, eval_probe), spec.channels, *spec.source_size), dtype=torch.uint8)
     images = images.to(device)
     labels = torch.randint(0, 2, (probe,), device=device)

@@ -35,7 +35,7 @@ from fmtl.training import budget, reports
 from fmtl.training.augment import Preprocess, augment_for
 from fmtl.training.budget import BudgetClock
 from fmtl.training.checkpoint import MODEL_WEIGHTS, load_training_state, save_model, save_training_state
-from fmtl.training.config import TrainConfig, load_config
+from fmtl.training.config import TrainConfig, load_config, with_eval_batch
 from fmtl.training.data import ImageSet, load_run_split, seeded_subset
 from fmtl.training.headfit import fit_linear_head
 from fmtl.training.metrics import topk_correct
@@ -299,7 +299,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(
             math.ceil(len(train_loader) / accelerator.num_processes) / cfg.gradient_accumulation_steps
         )
-        self.cfg = cfg = self.cut_short(cfg)
+        self.cfg = cfg = with_eval_batch(self.cut_short(cfg), accelerator.device.type)
         self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
         model = build_model(cfg, len(self.classes))
         self.spec = input_spec(model, self.train_set, cfg)
@@ -744,6 +744,7 @@ def run(cfg: TrainConfig) -> dict | None:
         torch.set_num_threads(cfg.threads)
     splits = load_splits(cfg)
     cfg, picked = apply_recipe(cfg, len(splits.train))
+    cfg = with_eval_batch(cfg, accelerator.device.type)  # before planning: the warm-up times passes at it
     accelerator.print(picked)
     plan = budget_clock = None
     if cfg.budget and not cfg.resume:  # a resumed run keeps the epochs its config.yaml was planned with
