@@ -303,7 +303,7 @@ def main() -> None:
         [
             header + f"; load at end {load()}",
             f"test images per run: {eval_images or 'all 10,000'}; fmtl's val images below all the data: "
-            f"{eval_images or args.val_images or 'all'}",
+            f"{args.val_images or eval_images or 'all'}",  # --max-val-samples, else --max-eval-samples (run_fmtl)
             "",
             table(results, sizes, budgets, keys),
             *(["", wall_table(results)] if args.wall else []),
