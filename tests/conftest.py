@@ -18,3 +18,15 @@ def pytest_configure(config):
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own fmtl cache folder (decoded-image caches must not leak between tests)."""
     monkeypatch.setenv("FMTL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def splits():
+    """Real Fashion-MNIST test images as a 256-image train split and a 64-image val (and test) split, for
+    Trainer tests; torch is imported here, so the runtime-only install never loads it."""
+    from fmtl.training.data import load_dataset, seeded_subset
+    from fmtl.training.loop import Splits
+
+    test = load_dataset("fashion-mnist", "test")
+    train, val = seeded_subset(test, 256, seed=1), seeded_subset(test, 64, seed=2)
+    return Splits(train, val, val, "val")

@@ -52,3 +52,4 @@ def test_user_mistakes_get_one_line_and_a_nonzero_exit(tmp_path, args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if "rror" in line]) == 1
+    assert not (tmp_path / "r").exists()  # a failed run leaves no folder behind

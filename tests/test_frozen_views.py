@@ -17,17 +17,9 @@ from fmtl.errors import ConfigError, ModelConfigError
 from fmtl.training import budget, loop
 from fmtl.training.budget import SAFETY, Costs, measure_costs, plan_epochs
 from fmtl.training.config import TrainConfig, load_config
-from fmtl.training.data import load_dataset, seeded_subset
 from fmtl.training.loop import Phase, Splits, Trainer, make_accelerator
 from fmtl.training.models import cached_view_blocks, create_model, feature_blocks
 from fmtl.training.recipe import apply_recipe, few_views
-
-
-@pytest.fixture(scope="module")
-def splits() -> Splits:
-    test = load_dataset("fashion-mnist", "test")
-    train, val = seeded_subset(test, 256, seed=1), seeded_subset(test, 64, seed=2)
-    return Splits(train, val, val, "val")
 
 
 def _config(**options) -> TrainConfig:
@@ -170,6 +162,21 @@ def test_a_re_plan_prices_the_validation_passes_to_come_at_the_measured_one(tmp_
     assert val_seconds >= 1.0  # the pass just timed, not the plan's 0.01 s
     assert validations_s(8) == val_seconds  # ending after epoch 2: its one pass
     assert validations_s(9) == 2 * val_seconds  # a third epoch validates too
+
+
+def test_before_its_first_validation_a_re_plan_rescales_the_planned_pass_by_the_measured_pace(
+    tmp_path, splits, monkeypatch
+) -> None:
+    calls: list = []
+    monkeypatch.setattr(budget, "replan_total", lambda done, pace, left, val_s: calls.append((pace, val_s)) or 8)
+    # a warm-up that timed a step at 10 s (a machine busy then) and priced a validation pass at 20 s
+    clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60, val_pass_s=20.0, planned_step_s=10.0)
+    cfg = _config(epochs=2, frozen_views=0, unfreeze="all", eval_every=2)  # epoch 1 does not validate
+    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, clock=clock)
+    trainer.fit(1)
+    pace, validations_s = calls[0]
+    assert 0 < pace < 10.0 and validations_s(8) == pytest.approx(20.0 * pace / 10.0)  # epoch 2's one pass
+    assert budget.BudgetClock(0.0, 60, val_pass_s=20.0).val_pass_at(0.5) == 20.0  # no yardstick: as planned
 
 
 def test_a_run_that_validates_only_at_its_end_re_plans_too(tmp_path, splits, monkeypatch) -> None:

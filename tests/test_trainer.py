@@ -4,6 +4,7 @@ and the schedule's arithmetic as fast unit tests."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 import yaml
 
 from fmtl.errors import FmtlError
+from fmtl.training import reports
 from fmtl.training.config import TrainConfig, load_config
-from fmtl.training.data import load_dataset, seeded_subset
 from fmtl.training.loop import Phase, Schedule, Splits, Trainer, lr_factors, make_accelerator, plan_phases
 from fmtl.training.models import feature_blocks
 
@@ -43,13 +44,6 @@ def test_lr_factors_warm_up_then_cosine_within_each_phase() -> None:
 
 
 # --- what options change, on a real small Trainer ------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def splits() -> Splits:
-    test = load_dataset("fashion-mnist", "test")
-    train, val = seeded_subset(test, 256, seed=1), seeded_subset(test, 64, seed=2)
-    return Splits(train, val, val, "val")
 
 
 def _config(**options) -> TrainConfig:
@@ -202,6 +196,32 @@ def test_a_resumed_run_continues_the_re_planned_schedule(tmp_path, splits, monke
     resumed = Trainer(saved, make_accelerator(saved, first.run_dir), first.run_dir, splits)
     assert resumed.resume() == 4 and resumed.total_steps == 9 and resumed.cfg.epochs == 3
     assert resumed.schedule.total_steps == 9 and resumed.phases[-1].last_epoch == 3
+
+
+def test_a_run_stopped_between_a_re_plan_and_its_state_save_resumes_with_the_saved_plan(tmp_path, splits) -> None:
+    cfg = dict(strategy="finetune", epochs=2, save_state=True)
+    whole = Trainer(_config(**cfg), *_parts(tmp_path / "whole", splits, **cfg))
+    whole.fit(1)
+    first = Trainer(_config(**cfg), *_parts(tmp_path / "cut", splits, **cfg))
+    train_one_epoch = first.train_one_epoch
+
+    def stopped_in_epoch_2(epoch, phase):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return train_one_epoch(epoch, phase)
+
+    first.train_one_epoch = stopped_in_epoch_2
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(1)
+    # as a re-plan after epoch 2 would have left it, had the process died before epoch 2's state was saved
+    reports.write_config(first.run_dir, replace(first.cfg, epochs=3, max_steps=9))
+    saved = load_config(["--resume", str(first.run_dir)])
+    resumed = Trainer(saved, make_accelerator(saved, first.run_dir), first.run_dir, splits)
+    assert resumed.resume() == 2 and resumed.total_steps == 8 and resumed.cfg.epochs == 2
+    assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["epochs"] == 2  # the file says so too
+    resumed.fit(2)
+    expected, got = whole.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)  # the run that would have happened
 
 
 # --- process-wide settings belong to the entry point ---------------------------------------------

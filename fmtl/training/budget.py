@@ -74,10 +74,18 @@ class BudgetClock:
     started: float  # time.perf_counter() when the budget's clock started
     budget_s: float
     val_pass_s: float = 0.0  # the plan's estimate of one validation pass, until the run has timed one
+    planned_step_s: float = 0.0  # the warm-up's fine-tuning step, that estimate's yardstick (0: none)
     finetune_s: float = 0.0  # wall seconds of the fine-tuning epochs since the last re-plan, validation excluded
     finetune_steps: int = 0  # and their steps
     replans: list = dataclasses.field(default_factory=list)  # one entry each time it re-planned
     shares_passed: int = 0  # how many of REPLAN_AT the fine-tuning has passed
+
+    def val_pass_at(self, pace: float) -> float:
+        """The plan's validation pass, rescaled as the measured fine-tuning ``pace`` rescaled the warm-up's
+        step: a warm-up slowed by another job prices both too high (a 100-per-class run here, its warm-up
+        beside a second process, timed a step at 0.80 s and ran them at 0.28 to 0.36 s; its one validation
+        pass, priced at 23 s, kept 14 s of its 180 unused)."""
+        return self.val_pass_s * pace / self.planned_step_s if self.planned_step_s else self.val_pass_s
 
 
 def replan_total(done_steps: int, seconds_per_step: float, left_s: float, validations_s=lambda total: 0.0) -> int:

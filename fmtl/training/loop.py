@@ -43,6 +43,7 @@ from fmtl.training.models import (
     FmtlModel,
     apply_freeze,
     cached_view_blocks,
+    check_model_name,
     create_model,
     parameter_groups,
     parameter_summary,
@@ -422,13 +423,14 @@ class Trainer:
         epoch after the first share, fit the rest to the pace measured since the last re-plan.
 
         The pace is of training alone (``train_s``: the epoch's steps and a checkpoint save); the validation
-        passes the rest would bring are priced at the last one's measured time (the plan's estimate until
-        fine-tuning has validated once), so the phase's last epoch, which always validates, has its pass,
+        passes the rest would bring are priced at the last one's measured time (until fine-tuning has
+        validated once, the plan's estimate, rescaled as the measured pace rescaled the warm-up's step), so the phase's last epoch, which always validates, has its pass,
         and a run that validates only at its end re-plans too (a 100-image run here had otherwise ended at
         88 s of 120). The schedule's end moves (its cosine stretches or shrinks from here on); config.yaml
-        gets the new end before the epoch's state is saved, so --resume continues it (a resumed run does
-        not re-plan again). A run's pace drifts: on the 2-core machine here its first fine-tuning epoch of
-        all the data took 171 s, its fourth 134 s."""
+        gets the new end before the epoch's state is saved, and the state records the plan it was saved
+        under, so --resume continues the plan its weights were trained under, even when the run stopped
+        between the two (a resumed run does not re-plan again). A run's pace drifts: on the 2-core machine
+        here its first fine-tuning epoch of all the data took 171 s, its fourth 134 s."""
         clock, spe = self.clock, self.steps_per_epoch
         if clock is None or phase.frozen or epoch >= self.cfg.epochs:
             return
@@ -442,7 +444,7 @@ class Trainer:
         pace = clock.finetune_s / clock.finetune_steps
         clock.finetune_s, clock.finetune_steps = 0.0, 0
         left = clock.budget_s * (1 - budget.SAFETY) - (time.perf_counter() - clock.started)
-        val_s = self.val_seconds or clock.val_pass_s
+        val_s = self.val_seconds or clock.val_pass_at(pace)
         total = budget.replan_total(epoch * spe, pace, left, lambda total: val_s * self.validations_after(epoch, total))
         total = broadcast_object_list([total])[0]  # every process takes the main's
         before = self.total_steps
@@ -705,7 +707,9 @@ class Trainer:
             save_training_state(
                 self.accelerator,
                 self.run_dir,
-                {"epoch": row.epoch, "history": history, "best": self.best},
+                # the plan in force: a re-plan writes config.yaml before this save, so a run stopped in
+                # between must resume with the plan its weights were trained under
+                {"epoch": row.epoch, "history": history, "best": self.best, "total_steps": self.total_steps},
                 self.generators(),
             )
 
@@ -723,6 +727,12 @@ class Trainer:
     def resume(self) -> int:
         state = load_training_state(self.accelerator, self.run_dir, self.generators())
         self.history, self.best = [EpochRow(**row) for row in state["history"]], state["best"]
+        planned = state.get("total_steps")  # absent from states saved before fmtl recorded it
+        if planned is not None and planned != self.total_steps:
+            self.set_total_steps(planned)
+            if self.accelerator.is_main_process:
+                reports.write_config(self.run_dir, self.cfg)
+            self.accelerator.print(f"the saved state's plan: {planned} steps, {self.cfg.epochs} epochs")
         self.accelerator.print(
             f"resuming {self.run_dir} after epoch {state['epoch']} (best val acc {self.best['val_acc']:.4f})"
         )
@@ -735,6 +745,7 @@ class Trainer:
 def run(cfg: TrainConfig) -> dict | None:
     """Train as configured; returns the test metrics (on the main process)."""
     clock = time.perf_counter()  # --budget counts from here
+    check_model_name(cfg.model)  # before anything is loaded or written
     run_dir = resolve_run_dir(cfg)
     if not cfg.resume and (run_dir / "model.json").exists():
         raise FmtlError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --output")
@@ -750,7 +761,7 @@ def run(cfg: TrainConfig) -> dict | None:
     if cfg.budget and not cfg.resume:  # a resumed run keeps the epochs its config.yaml was planned with
         cfg, plan = plan_budget(cfg, splits, accelerator, clock)
         val_pass = len(splits.val) * plan.costs["forward_image"] / accelerator.num_processes
-        budget_clock = budget.BudgetClock(clock, plan.budget_s, val_pass_s=val_pass)
+        budget_clock = budget.BudgetClock(clock, plan.budget_s, val_pass, plan.costs["finetune_step"])
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         reports.write_config(run_dir, cfg)

@@ -90,6 +90,15 @@ def available_models() -> list[str]:
     return sorted([*torchvision.models.list_models(module=torchvision.models), *LITES, SCRATCH_CNN])
 
 
+def check_model_name(name: str) -> None:
+    """Raises ModelConfigError, with the closest names, unless fmtl can build ``name``."""
+    if name in LITES or name == SCRATCH_CNN or name in torchvision.models.list_models(module=torchvision.models):
+        return
+    close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `fmtl models`"
+    raise ModelConfigError(f"unknown model {name!r}{hint}")
+
+
 def create_model(
     name: str, num_classes: int | None = None, weights: str | None = "DEFAULT", head: str = "linear"
 ) -> FmtlModel:
@@ -146,10 +155,7 @@ def _build_scratch(weights: str | None) -> tuple[nn.Module, InputDefaults]:
 
 
 def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, InputDefaults]:
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see `fmtl models`"
-        raise ModelConfigError(f"unknown model {name!r}{hint}")
+    check_model_name(name)
     enum = torchvision.models.get_model_weights(name)
     defaults = _defaults_from_weights(enum.DEFAULT)
     if weights is None:
