@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -84,6 +85,18 @@ def test_resume_continues_and_extends(tmp_path):
     after = read_results(run)
     assert [int(r["epoch"]) for r in after] == [1, 2, 3] and after[:2] == before
     assert json.loads((run / "state" / "trainer.json").read_text())["epoch"] == 3
+
+
+def test_resume_goes_on_with_the_plan_its_state_was_saved_under(tmp_path):
+    run = tmp_path / "replanned"
+    assert train("--epochs", "2", "--head-epochs", "1", "--max-eval-samples", "200", "--output", str(run)) == 0
+    before = read_results(run)
+    # a --budget re-plan writes config.yaml just before the epoch's state: as if the run had stopped in between
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "epochs": 3}))
+    assert train("--resume", str(run)) == 0
+    assert read_results(run) == before  # no third epoch: the state was saved under a 2-epoch plan
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
 
 
 def test_existing_run_folder_is_not_overwritten(linear_run, capsys):

@@ -35,7 +35,7 @@ from fmtl.training import budget, reports
 from fmtl.training.augment import Preprocess, augment_for
 from fmtl.training.budget import BudgetClock
 from fmtl.training.checkpoint import MODEL_WEIGHTS, load_training_state, save_model, save_training_state
-from fmtl.training.config import TrainConfig, load_config, with_eval_batch
+from fmtl.training.config import TrainConfig, load_config, read_yaml, with_eval_batch
 from fmtl.training.data import ImageSet, load_run_split, seeded_subset
 from fmtl.training.headfit import fit_linear_head
 from fmtl.training.metrics import topk_correct
@@ -724,11 +724,13 @@ class Trainer:
             data_options=data_options(cfg), metrics=metrics,
         )  # fmt: skip
 
-    def resume(self) -> int:
+    def resume(self, saved_plan: bool = True) -> int:
+        """Restore the last saved state; returns the epoch to go on from. ``saved_plan``: continue the plan the
+        state was saved under (False: the command line changed the epochs, and its plan wins)."""
         state = load_training_state(self.accelerator, self.run_dir, self.generators())
         self.history, self.best = [EpochRow(**row) for row in state["history"]], state["best"]
         planned = state.get("total_steps")  # absent from states saved before fmtl recorded it
-        if planned is not None and planned != self.total_steps:
+        if saved_plan and planned is not None and planned != self.total_steps:
             self.set_total_steps(planned)
             if self.accelerator.is_main_process:
                 reports.write_config(self.run_dir, self.cfg)
@@ -762,6 +764,7 @@ def run(cfg: TrainConfig) -> dict | None:
         cfg, plan = plan_budget(cfg, splits, accelerator, clock)
         val_pass = len(splits.val) * plan.costs["forward_image"] / accelerator.num_processes
         budget_clock = budget.BudgetClock(clock, plan.budget_s, val_pass, plan.costs["finetune_step"])
+    saved_plan = bool(cfg.resume) and not plan_changed_on_resume(cfg, run_dir)  # before config.yaml is rewritten
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         reports.write_config(run_dir, cfg)
@@ -773,7 +776,7 @@ def run(cfg: TrainConfig) -> dict | None:
                       f"{len(trainer.val_set)} val / {len(trainer.test_set)} test images, {len(trainer.classes)} classes, "
                       f"{trainer.spec.image_size}px, {cfg.strategy}; {parameter_summary(trainer.net)}; "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")  # fmt: skip
-    start = trainer.resume() if cfg.resume else 1
+    start = trainer.resume(saved_plan) if cfg.resume else 1
     started = time.perf_counter()
     trainer.fit(start)
     seconds = time.perf_counter() - started
@@ -796,6 +799,14 @@ def run(cfg: TrainConfig) -> dict | None:
             )
     accelerator.end_training()
     return metrics
+
+
+def plan_changed_on_resume(cfg: TrainConfig, run_dir: Path) -> bool:
+    """Whether the command line changes a resumed run's epochs (``--resume RUN --epochs 5`` extends it), judged
+    against its config.yaml. If not, the run goes on with the plan its state was saved under, which differs
+    from config.yaml's only when the run stopped between a re-plan's config.yaml and that epoch's state."""
+    saved = read_yaml(run_dir / "config.yaml")
+    return (saved.get("epochs"), saved.get("max_steps")) != (cfg.epochs, cfg.max_steps)
 
 
 def plan_budget(cfg: TrainConfig, splits: Splits, accelerator: Accelerator, clock: float):
