@@ -24,7 +24,7 @@ from fmtl.training.config import load_config
 from fmtl.training.export import export_onnx
 from fmtl.training.loop import main as train_main
 from fmtl.training.models import create_model
-from fmtl.training.recipe import apply_recipe
+from fmtl.training.recipe import LARGE, apply_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 # Random weights: BatchNorm must learn its statistics and the backbone trains at the head's rate.
@@ -329,7 +329,7 @@ def test_flip_tta_is_recorded_and_travels_into_the_export(tmp_path):
 
 
 def test_recipe_is_picked_by_training_images_and_what_the_user_sets_wins():
-    from fmtl.training.recipe import FEW, FEW_BELOW, LARGE, LARGE_FROM, apply_recipe
+    from fmtl.training.recipe import FEW, FEW_BELOW, LARGE_FROM
 
     small, line = apply_recipe(load_config([]), LARGE_FROM - 1)
     assert small.recipe == "small" and "recipe small" in line
@@ -362,7 +362,8 @@ def test_forced_recipe_is_applied_and_saved(tmp_path):
     args = ["--recipe", "large", "--strategy", "finetune", "--epochs", "1", *SMALL, "--max-train-samples", "300"]
     assert train_main([*args, "--image-size", "32", "--no-save-state", "--output", str(run)]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["recipe"] == "large" and saved["unfreeze"] == "last:5" and saved["augment_strength"] == 0.5
+    assert saved["recipe"] == "large" and saved["unfreeze"] == "last:5"
+    assert saved["augment_strength"] == LARGE["augment_strength"]
     assert saved["image_size"] == 32  # given on the command line: the recipe's 48 does not override it
     from safetensors.torch import load_file
 
