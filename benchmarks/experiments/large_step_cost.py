@@ -12,28 +12,17 @@ same variant timed 0.32 and 0.43 s a step in one run): ``large_budget_sweep.py``
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from fmtl.training.augment import augment_for
+from fmtl.training.budget import _timed  # the planner's own timing: median after untimed warm-up calls
 from fmtl.training.config import TrainConfig
 from fmtl.training.models import create_model
 
 BATCH = 128
 BLOCKS = 9
-
-
-def median_seconds(step, calls: int = 15, untimed: int = 5) -> float:
-    for _ in range(untimed):
-        step()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[calls // 2]
 
 
 def step_cost(size: int, trained: int) -> float:
@@ -54,7 +43,7 @@ def step_cost(size: int, trained: int) -> float:
         loss.backward()
         optimizer.step()
 
-    return median_seconds(step)
+    return _timed(step, steps=15, warmup=5)
 
 
 def main() -> None:
