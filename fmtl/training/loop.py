@@ -430,7 +430,8 @@ class Trainer:
         (its cosine stretches or shrinks from here on); config.yaml gets the new end before the epoch's state
         is saved, and the state records the plan it was saved under, so --resume continues the plan its
         weights were trained under, even when the run stopped between the two (a resumed run does not
-        re-plan again). A run's pace drifts: on the 2-core machine here its first fine-tuning epoch of all the data took 171 s, its fourth 134 s."""
+        re-plan again). A run's pace drifts: on the 2-core machine here its first fine-tuning epoch of all
+        the data took 171 s, its fourth 134 s."""
         clock, spe = self.clock, self.steps_per_epoch
         if clock is None or phase.frozen or epoch >= self.cfg.epochs:
             return
