@@ -20,7 +20,18 @@ RT_VENV := .venv-runtime
 RT_MODELS := .venv-runtime-models
 LINTED := fmtl tests benchmarks
 
-.PHONY: setup data test test-full test-fast test-runtime demo lint format bench clean
+# A real browser for the serve page test (Debian's chromium + chromedriver); skipped where it cannot install.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "browser: $$(chromium --version)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "browser: installing Debian's chromium and chromium-driver"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "browser: chromium not installed and apt-get unavailable: the page test will skip"; \
+	fi
+
+.PHONY: browser setup data test test-full test-fast test-runtime demo lint format bench clean
 
 # The full development install: training side, runtime side, test tools, linter.
 setup: $(STAMP)
@@ -48,7 +59,7 @@ data:
 # What CI runs: lint and format check, the full suite, then the runtime suite in a torch-free install.
 test: lint test-full test-runtime
 
-test-full: setup data
+test-full: setup data browser
 	$(PY) -m pytest -q
 
 # The quick subset: everything but the trainings and multi-process launches.
@@ -57,14 +68,14 @@ test-fast: setup data
 
 # A clean venv with only the runtime install (the README's `pip install .`): torch must not be
 # importable there, and tests/runtime must pass on models the full install writes.
-test-runtime: setup
+test-runtime: setup browser
 	rm -rf $(RT_VENV) $(RT_MODELS)
 	$(PYTHON) -m venv $(RT_VENV)
 	$(RT_VENV)/bin/python -m pip install --quiet . 2>&1 | $(QUIET_PIP)
 	@for m in torch torchvision accelerate onnx; do \
 		if $(RT_VENV)/bin/python -c "import $$m" 2>/dev/null; then echo "runtime install has $$m"; exit 1; fi; \
 	done; echo "runtime install: no torch, torchvision, accelerate or onnx"
-	$(RT_VENV)/bin/python -m pip install --quiet pytest httpx 2>&1 | $(QUIET_PIP)
+	$(RT_VENV)/bin/python -m pip install --quiet ".[test]" 2>&1 | $(QUIET_PIP)
 	$(PY) tests/runtime/onnx_fixtures.py $(RT_MODELS)
 	cd tests && FMTL_TEST_MODELS=$(CURDIR)/$(RT_MODELS) ../$(RT_VENV)/bin/python -m pytest -q -p no:cacheprovider runtime
 
