@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import math
 import os
 import sys
@@ -43,6 +42,7 @@ from starlette.routing import Route
 
 from fmtl import __version__
 from fmtl.errors import FmtlError
+from fmtl.runtime import kserve_v2
 from fmtl.runtime.classifier import Classifier, ModelError
 from fmtl.runtime.images import DecodeError, decode_bytes
 from fmtl.runtime.serve_batching import Batcher, BatchStats, QueueFull, QueueTimeout
@@ -291,39 +291,14 @@ async def _multipart_files(request: Request, body: bytes) -> list[tuple[str | No
         await form.close()
 
 
-def parse_v2(body: bytes, input_shape: tuple[int, int, int]) -> tuple[dict, np.ndarray]:
-    """The JSON document of an Open Inference Protocol request and its uint8 batch."""
+def parse_v2(body: bytes, header_length: str | None, encoding: str | None,
+             input_shape: tuple[int, int, int], limit_bytes: int) -> kserve_v2.V2Request:  # fmt: skip
+    """An Open Inference Protocol infer request (fmtl.runtime.kserve_v2), its errors as 4xx; runs in the pool."""
     try:
-        document = json.loads(body)
-    except ValueError as error:
-        raise ApiError(400, f"bad JSON: {error}", "bad_request") from None
-    return document, tensor_from_v2(document, input_shape)
-
-
-def tensor_from_v2(document: object, input_shape: tuple[int, int, int]) -> np.ndarray:
-    """The uint8 batch [N, C, H, W] of an Open Inference Protocol request body (JSON data only)."""
-    bad = lambda message: ApiError(400, message, "bad_request")  # noqa: E731
-    if not isinstance(document, dict) or not isinstance(document.get("inputs"), list) or len(document["inputs"]) != 1:
-        raise bad('expected {"inputs": [one tensor]}')
-    tensor = document["inputs"][0]
-    if not isinstance(tensor, dict) or tensor.get("datatype") != "UINT8":
-        raise bad(
-            f"input datatype must be UINT8, got {tensor.get('datatype') if isinstance(tensor, dict) else tensor!r}"
-        )
-    shape = tensor.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and d >= 0 for d in shape)) or (
-        tuple(shape[1:]) != input_shape
-    ):
-        raise bad(f"input shape must be [N, {', '.join(map(str, input_shape))}], got {shape}")
-    try:
-        data = np.asarray(tensor.get("data"))
-    except ValueError as error:  # ragged nested lists
-        raise bad(f"input data is not a regular array: {error}") from None
-    if data.size != math.prod(shape) or (data.size and data.dtype.kind not in "iu"):
-        raise bad(f"input data must be {math.prod(shape)} integers, got {data.size} of {data.dtype}")
-    if data.size and (data.min() < 0 or data.max() > 255):
-        raise bad("UINT8 data must lie in 0..255")
-    return data.astype(np.uint8).reshape(shape)
+        return kserve_v2.parse_request(body, input_shape, header_length, encoding, limit_bytes)
+    except kserve_v2.V2RequestError as error:
+        reason = {413: "body_too_large", 415: "unsupported_media_type"}.get(error.status, "bad_request")
+        raise ApiError(error.status, str(error), reason) from None
 
 
 # --- endpoints -------------------------------------------------------------------------------------
@@ -394,7 +369,7 @@ async def model_ready(request: Request) -> Response:
 
 
 async def server_metadata(request: Request) -> Response:
-    return JSONResponse({"name": "fmtl", "version": __version__, "extensions": []})
+    return JSONResponse({"name": "fmtl", "version": __version__, "extensions": list(kserve_v2.EXTENSIONS)})
 
 
 async def model_metadata(request: Request) -> Response:
@@ -416,24 +391,24 @@ async def model_metadata(request: Request) -> Response:
 
 
 async def model_infer(request: Request) -> Response:
-    """POST /v2/models/NAME/infer: a UINT8 [N, C, H, W] tensor in, FP32 probabilities [N, classes] out."""
+    """POST /v2/models/NAME/infer: a UINT8 [N, C, H, W] tensor in, FP32 probabilities [N, classes] out,
+    as JSON or as binary tensor data (the request says which; fmtl.runtime.kserve_v2)."""
     server = _server(request)
     server.check_name(request.path_params["name"])
     server.check_accepting()
     admission = server.admit()
     try:
-        body = await read_body(request, int(server.config.max_body_mb * 1e6))
+        limit = int(server.config.max_body_mb * 1e6)
+        body = await read_body(request, limit)
         # parsing megabytes of JSON numbers takes a while: in the decoding pool, not on the event loop
-        loop = asyncio.get_running_loop()
-        document, images = await loop.run_in_executor(server.decode_pool, parse_v2, body, server.classifier.input_shape)
-        probs = await server.infer(images, admission)
+        headers, loop = request.headers, asyncio.get_running_loop()
+        parsed = await loop.run_in_executor(server.decode_pool, parse_v2, body, headers.get(kserve_v2.HEADER_LENGTH),
+                                            headers.get("content-encoding"), server.classifier.input_shape, limit)  # fmt: skip
+        probs = await server.infer(parsed.images, admission)
     finally:
         admission.release()
-    output = {"name": "probs", "datatype": "FP32", "shape": list(probs.shape), "data": probs.ravel().tolist()}
-    answer = {"model_name": server.name, "model_version": "1", "outputs": [output]}
-    if isinstance(document.get("id"), str):
-        answer["id"] = document["id"]
-    return JSONResponse(answer)
+    content, answer_headers = kserve_v2.encode_response(probs, server.name, parsed)
+    return Response(content, headers=answer_headers)
 
 
 async def metrics(request: Request) -> Response:
