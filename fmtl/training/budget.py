@@ -19,7 +19,6 @@ import dataclasses
 import io
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 
@@ -29,11 +28,10 @@ import torch.nn.functional as F
 from fmtl.errors import ConfigError
 from fmtl.spec import InputSpec
 from fmtl.training.augment import Preprocess, augment_for
-from fmtl.training.config import with_eval_batch
+from fmtl.training.config import parse_budget, with_eval_batch
+from fmtl.training.headfit import CHOICE_ROWS, MAX_ITERATIONS, WEIGHT_DECAYS
 from fmtl.training.models import cached_view_blocks
 
-UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
-BUDGET_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([hms]?)")
 # Share of the budget kept free: throughput on a shared machine drifts between one re-plan and the next.
 SAFETY = 0.06
 FIXED_SECONDS = 4.0  # run folder, plots and the summary at the end, measured at ~2-3 s
@@ -96,18 +94,6 @@ def replan_total(done_steps: int, seconds_per_step: float, left_s: float, valida
     while more > 1 and more * seconds_per_step + validations_s(done_steps + more) > left_s:
         more -= 1
     return done_steps + more
-
-
-def parse_budget(text: str) -> float:
-    """``"90s"``, ``"10m"``, ``"1h"``, ``"1h30m"`` or plain seconds ``"600"`` -> seconds."""
-    cleaned = str(text).strip().lower().replace(" ", "")
-    parts = BUDGET_PATTERN.findall(cleaned)
-    if not cleaned or "".join(n + u for n, u in parts) != cleaned:
-        raise ConfigError(f"--budget {text!r} is not a duration: use e.g. 90s, 10m, 1h or 1h30m")
-    seconds = sum(float(number) * UNITS[unit or "s"] for number, unit in parts)
-    if seconds <= 0:
-        raise ConfigError("--budget must be longer than zero")
-    return seconds
 
 
 @dataclass
@@ -287,8 +273,6 @@ def measure_costs(
 
 def _lbfgs_cost(n: int, num_features: int, classes: int) -> float:
     """Upper estimate of fmtl.training.headfit: its loss evaluations times one measured evaluation."""
-    from fmtl.training.headfit import CHOICE_ROWS, MAX_ITERATIONS, WEIGHT_DECAYS
-
     x = torch.randn(n, num_features)
     weight = torch.zeros(num_features, classes, requires_grad=True)
     labels = torch.randint(0, classes, (n,))

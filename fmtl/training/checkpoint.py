@@ -20,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
 
 from fmtl import __version__
 from fmtl.atomic import atomic_write_text, publish, temp_path_beside, write_errors
 from fmtl.errors import FmtlError, StateError
 from fmtl.spec import RunInfo
+from fmtl.training.models import create_model
 
 MODEL_WEIGHTS, MODEL_INFO, STATE_DIR, TRAINER_STATE = "model.safetensors", "model.json", "state", "trainer.json"
 RNG_STATE = "rng.json"
@@ -40,8 +43,6 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def save_model(run_dir: str | os.PathLike, model, info: RunInfo) -> RunInfo:
     """Write the weights and model.json atomically; returns model.json's content (sha256 and version added)."""
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     target = run_dir / MODEL_WEIGHTS
     tmp = temp_path_beside(target)
@@ -79,10 +80,6 @@ def read_model_info(run_dir: str | os.PathLike) -> RunInfo:
 
 def load_model(run_dir: str | os.PathLike):
     """The trained model of a run folder (eval mode, CPU), its model.json and its InputSpec."""
-    from safetensors.torch import load_file
-
-    from fmtl.training.models import create_model
-
     info = read_model_info(run_dir)
     model = create_model(info.architecture, info.num_classes, weights=None, head=info.head)
     model.load_state_dict(load_file(str(Path(run_dir) / MODEL_WEIGHTS)))
@@ -101,8 +98,6 @@ def save_training_state(
     history and a sha256 of every file. All of it goes to state.tmp, then is swapped in by renames,
     so an interrupted or failed save (a full disk) leaves the previous state whole.
     """
-    from accelerate.utils import gather_object
-
     run_dir = Path(run_dir)
     final, tmp, old = run_dir / STATE_DIR, run_dir / f"{STATE_DIR}.tmp", run_dir / f"{STATE_DIR}.old"
     if accelerator.is_main_process:

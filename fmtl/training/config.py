@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,23 @@ from fmtl.errors import ConfigError, FmtlError
 STRATEGIES = ("linear", "finetune", "hybrid")
 PRECISIONS = ("no", "fp16", "bf16")
 HEADS = ("linear", "mlp")
+
+
+UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+BUDGET_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([hms]?)")
+
+
+def parse_budget(text: str) -> float:
+    """``"90s"``, ``"10m"``, ``"1h"``, ``"1h30m"`` or plain seconds ``"600"`` -> seconds."""
+    cleaned = str(text).strip().lower().replace(" ", "")
+    parts = BUDGET_PATTERN.findall(cleaned)
+    if not cleaned or "".join(n + u for n, u in parts) != cleaned:
+        raise ConfigError(f"--budget {text!r} is not a duration: use e.g. 90s, 10m, 1h or 1h30m")
+    seconds = sum(float(number) * UNITS[unit or "s"] for number, unit in parts)
+    if seconds <= 0:
+        raise ConfigError("--budget must be longer than zero")
+    return seconds
+
 
 
 def option(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
@@ -127,8 +145,6 @@ class TrainConfig:
         if not 0 <= self.mixup <= 10:
             raise FmtlError("--mixup must be between 0 (off) and 10 (the Beta distribution's a)")
         if self.budget is not None:
-            from fmtl.training.budget import parse_budget
-
             parse_budget(self.budget)
         # With --budget the planner sets --epochs; only the head epochs must make sense.
         if self.strategy == "hybrid" and not 0 < self.head_epochs < (self.epochs if self.budget is None else math.inf):

