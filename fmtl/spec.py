@@ -12,6 +12,7 @@ types, so nothing downstream rebuilds a dict with defaults of its own.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 # Keys of the ONNX file's metadata_props (all values are strings; JSON where structured).
@@ -25,9 +26,10 @@ META_OPSET = "opset"
 META_DATA_OPTIONS = "data_options"  # JSON DataOptions, so evaluation can reload the run's splits
 META_QUANTIZATION = "quantization"  # "int8" in the quantized variant; absent in the fp32 file
 META_QUANTIZATION_CHECK = "quantization_check"  # JSON: fp32 vs int8 accuracy measured when it was made
+META_TEMPERATURE = "temperature"  # the graph divides its logits by this before the softmax; absent: 1
 
 ONNX_INPUT = "images"  # uint8 [N, channels, H, W] at source_size
-ONNX_OUTPUT = "probs"  # float32 [N, num_classes], softmax probabilities
+ONNX_OUTPUT = "probs"  # float32 [N, num_classes], softmax probabilities (of logits / temperature)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class RunInfo:
     data: str = ""  # the training data's description
     best_epoch: int = 0
     flip_tta: bool = False  # its logits average each image's and its mirror image's (in the ONNX graph too)
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature), fitted on val (1: uncalibrated)
     data_options: DataOptions | None = None  # None: not recorded (evaluation then needs --data)
     metrics: dict = field(default_factory=dict)  # {"val": {...}, "test": {...}}
     fmtl_version: str = ""
@@ -120,6 +123,7 @@ class RunInfo:
         values["input_spec"] = InputSpec.from_dict(d["input_spec"])
         if d.get("data_options"):
             values["data_options"] = DataOptions.from_dict(d["data_options"])
+        values["temperature"] = checked_temperature(d.get("temperature", 1.0))
         return cls(**values)
 
     def to_metadata(self, opset: int) -> dict[str, str]:
@@ -132,6 +136,7 @@ class RunInfo:
             META_METRICS: json.dumps(self.metrics, sort_keys=True),
             META_WEIGHTS_SHA256: self.weights_sha256,
             META_OPSET: str(opset),
+            META_TEMPERATURE: repr(float(self.temperature)),
         }
         if self.data_options is not None:
             props[META_DATA_OPTIONS] = json.dumps(asdict(self.data_options), sort_keys=True)
@@ -149,4 +154,19 @@ class RunInfo:
             metrics=json.loads(props.get(META_METRICS) or "{}"),
             fmtl_version=props.get(META_FMTL_VERSION, ""),
             weights_sha256=props.get(META_WEIGHTS_SHA256, ""),
+            temperature=checked_temperature(props.get(META_TEMPERATURE, "1")),
         )
+
+
+def checked_temperature(value) -> float:
+    """A temperature read from model.json or metadata: a finite number above 0 (absent means 1).
+
+    Raises:
+        ValueError: it is not one (bool, string, zero, negative, NaN or infinite).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"temperature must be a number, got {value!r}")
+    temperature = float(value)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number above 0, got {value!r}")
+    return temperature

@@ -3,8 +3,10 @@
     fmtl evaluate export/NAME.onnx            # its own data's test split, through onnxruntime
     fmtl evaluate runs/NAME --split val       # the run's validation split, through PyTorch
 
-Both paths compute the same thing (Preprocess + model + softmax), so for one model they
-report the same accuracy. The data defaults to the model's own (``data_options`` in
+Both paths compute the same thing (Preprocess + model + softmax of logits / temperature), so for
+one model they report the same accuracy and calibration (ECE, NLL, Brier). A run folder's report
+gives them before (temperature 1) and after its temperature; an ONNX file's, those of the
+probabilities the file gives (its temperature is in the graph). The data defaults to the model's own (``data_options`` in
 model.json, and in the ONNX file's metadata); images and classes must match the model.
 """
 
@@ -20,8 +22,9 @@ import numpy as np
 
 from fmtl.errors import FmtlError
 from fmtl.spec import DataOptions, InputSpec, RunInfo
+from fmtl.training.calibrate import apply_temperature
 from fmtl.training.data import ImageSet, load_dataset, load_run_split
-from fmtl.training.metrics import classification_report, format_report
+from fmtl.training.metrics import calibration_report, classification_report, format_calibration, format_report
 
 Echo = Callable[[str], object]
 Predict = Callable[[np.ndarray, int], np.ndarray]  # (uint8 batch, batch size) -> probs [N, num_classes]
@@ -36,6 +39,8 @@ class LoadedModel:
     spec: InputSpec
     data_options: DataOptions | None  # how the run made its splits (None: not recorded)
     kind: str  # "onnxruntime" or "pytorch"
+    temperature: float = 1.0  # the model's: softmax(logits / temperature)
+    raw: bool = False  # True: ``predict`` gives the probabilities at temperature 1 (evaluation applies it)
 
 
 def evaluate(
@@ -56,7 +61,8 @@ def evaluate(
 
     Returns:
         ``classification_report`` (accuracy, top-k, macro F1, per-class figures, confusion
-        matrix) plus ``model``, ``split``, ``data`` and ``runtime``.
+        matrix) plus ``calibration`` (ECE, NLL, Brier, the temperature; a run folder's also
+        ``before``, at temperature 1), ``model``, ``split``, ``data`` and ``runtime``.
 
     Raises:
         FmtlError: the model or the data cannot be read, or the data does not fit the model.
@@ -66,13 +72,22 @@ def evaluate(
     loaded = load_for_evaluation(model_path)
     dataset = data if isinstance(data, ImageSet) else load_split(loaded, data, split)
     check_fit(dataset, loaded)
-    probs = loaded.predict(dataset.images.numpy(), batch_size)
-    report = classification_report(probs, dataset.labels.numpy(), loaded.classes)
+    probs, labels = loaded.predict(dataset.images.numpy(), batch_size), dataset.labels.numpy()
+    raw, probs = (probs, apply_temperature(probs, loaded.temperature)) if loaded.raw else (None, probs)
+    report = classification_report(probs, labels, loaded.classes)
+    calibration = {"temperature": loaded.temperature, **calibration_report(probs, labels)}
     where = dataset.source or "the given images"
     echo(f"{model_path} ({loaded.kind}) on {where}, {split} split, {len(dataset)} images")
     echo(format_report(report, loaded.classes))
+    if raw is not None:
+        calibration["before"] = calibration_report(raw, labels)
+        echo(f"calibration: {format_calibration(calibration['before'], calibration, loaded.temperature)}")
+    else:
+        echo(f"calibration: ECE {100 * calibration['ece']:.2f} %, NLL {calibration['nll']:.4f}, Brier "
+             f"{calibration['brier']:.4f} (temperature {loaded.temperature:.3f}, in the graph)")  # fmt: skip
     return {
         **report,
+        "calibration": calibration,
         "model": str(model_path),
         "split": split,
         "data": dataset.source,
@@ -102,7 +117,8 @@ def _load_onnx(path: Path) -> LoadedModel:
         info = RunInfo.from_metadata(classifier.metadata)
     except (KeyError, ValueError, TypeError) as error:
         raise FmtlError(f"{path}: fmtl metadata is damaged: {type(error).__name__}: {error}") from None
-    return LoadedModel(classifier.predict_proba, classifier.classes, classifier.spec, info.data_options, "onnxruntime")
+    return LoadedModel(classifier.predict_proba, classifier.classes, classifier.spec, info.data_options, "onnxruntime",
+                       info.temperature)  # fmt: skip
 
 
 def _load_run(path: Path) -> LoadedModel:
@@ -110,8 +126,8 @@ def _load_run(path: Path) -> LoadedModel:
     from fmtl.training.export import Probabilities, load_run, torch_probs
 
     model, info, spec = load_run(path)
-    predict = functools.partial(torch_probs, Probabilities(Preprocess(spec), model).eval())
-    return LoadedModel(predict, info.classes, spec, info.data_options, "pytorch")
+    predict = functools.partial(torch_probs, Probabilities(Preprocess(spec), model).eval())  # temperature 1
+    return LoadedModel(predict, info.classes, spec, info.data_options, "pytorch", info.temperature, raw=True)
 
 
 def load_split(loaded: LoadedModel, data: str | None, split: str) -> ImageSet:

@@ -10,7 +10,10 @@ options as metadata_props (keys in fmtl/spec.py), so nothing downstream guesses.
 
 Nothing is published until every check passes: ``onnx.checker`` (full check), the runtime's
 own contract check (``fmtl.runtime.classifier.Classifier`` opens it), and parity with PyTorch on real
-validation images (top-1 agreement 100 %, max |Δprob| ≤ 1e-4). The file is written to a
+validation images (top-1 agreement 100 %, max |Δprob| ≤ 1e-4). The run's temperature (model.json) is
+baked into the graph, logits / T before the softmax, and recorded in the metadata, so every runtime
+gets calibrated probabilities; the parity gate compares the calibrated probabilities, and the int8
+twin keeps the same division (its head stays float). The file is written to a
 temporary path beside the target and moved into place atomically; on failure no file is left.
 """
 
@@ -37,6 +40,7 @@ from fmtl.spec import (
     META_CLASSES,
     META_QUANTIZATION,
     META_QUANTIZATION_CHECK,
+    META_TEMPERATURE,
     ONNX_INPUT,
     ONNX_OUTPUT,
     InputSpec,
@@ -60,15 +64,23 @@ class ExportError(FmtlError):
 
 
 class Probabilities(nn.Module):
-    """uint8 images at the source size -> class probabilities: exactly what the ONNX graph computes."""
+    """uint8 images at the source size -> class probabilities: exactly what the ONNX graph computes.
 
-    def __init__(self, preprocess: nn.Module, model: nn.Module):
+    The logits are divided by ``temperature`` (model.json's, fitted on val) before the softmax; at 1
+    the graph has no division at all, as exports made before calibration existed.
+    """
+
+    def __init__(self, preprocess: nn.Module, model: nn.Module, temperature: float = 1.0):
         super().__init__()
         self.preprocess = preprocess
         self.model = model
+        self.temperature = float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(self.preprocess(images)).float(), dim=1)
+        logits = self.model(self.preprocess(images)).float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=1)
 
 
 @dataclass(frozen=True)
@@ -167,7 +179,7 @@ def export_onnx(
     _check_options(opset, parity_images, quantize)
     started = time.perf_counter()
     model, info, spec = load_run(run_dir)
-    reference = Probabilities(Preprocess(spec), model).eval()
+    reference = Probabilities(Preprocess(spec), model, info.temperature).eval()
     output = Path(output) if output else default_output(run_dir)
     metadata = export_metadata(run_dir, info, opset)
     images = reference_images(info, "val", parity_images).images.numpy()
@@ -184,7 +196,7 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     seconds, megabytes = time.perf_counter() - started, output.stat().st_size / 1e6
-    echo(f"wrote {output} ({megabytes:.1f} MB, opset {opset}) in {seconds:.1f} s")
+    echo(f"wrote {output} ({megabytes:.1f} MB, opset {opset}, temperature {info.temperature:.4g}) in {seconds:.1f} s")
     if quantize == "int8":
         quantize_int8(output, info, max_accuracy_drop, calibration_images, accuracy_images, echo)
     return output
@@ -233,7 +245,8 @@ def describe(info: RunInfo) -> str:
         f"fmtl {info.architecture} classifier, {classes} classes. Input '{ONNX_INPUT}': uint8 "
         f"[N, {spec.channels}, {height}, {width}], 0..255, no preprocessing needed (resize to "
         f"{spec.image_size} and normalisation are in the graph). Output '{ONNX_OUTPUT}': float32 "
-        f"[N, {classes}] softmax probabilities, class names in metadata '{META_CLASSES}'."
+        f"[N, {classes}] softmax probabilities of the logits divided by {info.temperature:.6g} (metadata "
+        f"'{META_TEMPERATURE}'), class names in metadata '{META_CLASSES}'."
     )
 
 

@@ -4,6 +4,7 @@
 - ``plot_confusion_matrix``: true x predicted, coloured by row share, counts in the cells.
 - ``plot_predictions``: images titled with prediction and truth, top-k bars for the first few.
 - ``plot_augmentations``: an image beside its augmented versions.
+- ``plot_reliability``: accuracy against confidence (reliability diagram), before and after calibration.
 
 Built on matplotlib's object-oriented ``Figure`` API (no pyplot): no display needed, no
 global figure registry, nothing left open. A figure is written through ``fmtl.atomic``,
@@ -29,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from fmtl.atomic import atomic_open
+from fmtl.training.metrics import CALIBRATION_BINS, expected_calibration_error, reliability_bins
 
 DPI = 100  # pixels per inch of every saved PNG
 GRID_COLUMNS = 8  # images per row in image grids
@@ -376,3 +378,64 @@ def plot_augmentations(original: Any, augmented: Any, path: str | os.PathLike) -
         _show(ax, image)
         ax.set_title(title, fontsize=9, fontweight="bold" if title == "original" else "normal")
     _save(fig, path)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def plot_reliability(
+    labels: Any, panels: Mapping[str, Any], path: str | os.PathLike, bins: int = CALIBRATION_BINS
+) -> None:
+    """Reliability diagrams side by side: one column per set of probabilities for the same images.
+
+    Args:
+        labels: [N] true class indices.
+        panels: title -> [N, K] probabilities (e.g. ``{"before (T = 1)": raw, "after (T = 0.72)": calibrated}``).
+        path: where to write the PNG.
+        bins: equal-width bins of top-1 confidence.
+
+    Each column: on top, the share of images per confidence bin; below, each bin's accuracy (bars)
+    against its mean confidence (the gap shaded red), with the diagonal where a perfectly calibrated
+    model's bars would end. The title gives the ECE.
+    """
+    labels = _as_array(labels)
+    if not panels:
+        raise ValueError("no probabilities to plot")
+    fig = Figure(figsize=(5 * len(panels), 6), layout="constrained")
+    axes = fig.subplots(2, len(panels), squeeze=False, sharex=True, height_ratios=[1, 3])
+    width = 1.0 / bins
+    lefts = np.arange(bins) * width
+    for column, (title, probs) in enumerate(panels.items()):
+        probs = _as_array(probs)
+        if probs.ndim != 2 or len(probs) != len(labels):
+            raise ValueError(f"{title}: probabilities {probs.shape} do not match {len(labels)} labels")
+        table = reliability_bins(probs, labels, bins)
+        _draw_bin_shares(axes[0, column], lefts, width, table["count"])
+        _draw_reliability(axes[1, column], lefts, width, table)
+        ece = expected_calibration_error(probs, labels, bins)
+        axes[0, column].set_title(f"{title}: ECE {100 * ece:.2f} %", fontsize=11)
+    _save(fig, path)
+
+
+def _draw_bin_shares(ax: Axes, lefts: np.ndarray, width: float, count: np.ndarray) -> None:
+    share = count / max(count.sum(), 1)
+    ax.bar(lefts, share, width=width, align="edge", color=NEUTRAL, edgecolor="0.4", linewidth=0.5)
+    ax.yaxis.set_major_formatter(PercentFormatter(1))
+    ax.set_ylabel("images")
+    ax.grid(alpha=0.3)
+
+
+def _draw_reliability(ax: Axes, lefts: np.ndarray, width: float, table: Mapping[str, np.ndarray]) -> None:
+    filled = table["count"] > 0
+    accuracy, confidence = table["accuracy"][filled], table["confidence"][filled]
+    ax.bar(lefts[filled], accuracy, width=width, align="edge", color="tab:blue", edgecolor="black",
+           linewidth=0.5, label="accuracy")  # fmt: skip
+    gap_bottom = np.minimum(accuracy, confidence)
+    ax.bar(lefts[filled], np.abs(confidence - accuracy), bottom=gap_bottom, width=width, align="edge",
+           color=WRONG, alpha=0.35, hatch="//", edgecolor=WRONG, linewidth=0.5, label="gap to confidence")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "--", color="0.3", linewidth=1, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 probability (confidence)", ylabel="accuracy")
+    ax.xaxis.set_major_formatter(PercentFormatter(1))
+    ax.yaxis.set_major_formatter(PercentFormatter(1))
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(alpha=0.3)
