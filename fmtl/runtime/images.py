@@ -4,11 +4,14 @@ One function, ``decode_image``, turns a path, a PIL image or a numpy array into 
 what an fmtl model is fed: uint8, ``channels`` planes (1 grey, 3 RGB), resized to the
 source size. How it gets there, for every input:
 
-1. Files: empty, missing, non-regular and unidentifiable files, and images above
-   ``max_pixels`` (default 64 megapixels), are rejected with a ``DecodeError`` *before*
-   any pixel is decoded (PIL reads only the header in ``Image.open``), so a decompression
-   bomb costs nothing. PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS, about 179 M)
-   still applies above that and is reported the same way.
+1. Files: empty, missing, non-regular and unidentifiable files, files in any format but
+   ``ALLOWED_FORMATS`` (PNG, JPEG, WebP, BMP, GIF, TIFF: never EPS/PS, whose plugin runs
+   Ghostscript), and images above ``max_pixels`` (default 64 megapixels) are rejected with
+   a ``DecodeError`` *before* any pixel is decoded (PIL reads only the header in
+   ``Image.open``), so a decompression bomb costs nothing. 16- and 32-bit images count 2
+   and 4 pixels per pixel against the limit, as their decoded buffers are that much
+   bigger. PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS, about 179 M) still applies
+   above that and is reported the same way.
    JPEGs much bigger than needed are decoded at a reduced DCT scale (``draft``, to at
    least twice the target size), several times faster on photos for a fraction of a grey
    level of difference.
@@ -37,7 +40,7 @@ import stat
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,8 @@ from fmtl.errors import FmtlError
 # lower case, without the dot (compare with path.suffix.lower().lstrip(".")); any case matches
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({"png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp"})
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 megapixels: bigger than any phone photo, far below a bomb's size
+# The formats Image.open may identify (PIL's format names); anything else is "not an image".
+ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 Source = str | os.PathLike | bytes | Image.Image | np.ndarray  # bytes: an encoded file held in memory
 
@@ -133,10 +138,10 @@ def _decode_file(
                 raise DecodeError("empty file")
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(path, formats=ALLOWED_FORMATS)
         with image:
-            _check_pixels(image.size, max_pixels)
-            if size is not None and image.format == "JPEG":
+            _check_pixels(image.size, max_pixels, image.mode)
+            if size is not None and image.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with extra frames
                 image.draft(None, _draft_size(image, size))
             image.load()  # decode now, so truncation surfaces here and not inside getexif or convert
             return _finish(image, channels, size, background)
@@ -145,7 +150,7 @@ def _decode_file(
     except Image.DecompressionBombError as error:
         raise DecodeError(f"image too large: {_bomb_pixels(error)}") from None
     except UnidentifiedImageError:
-        raise DecodeError("not an image (cannot identify)") from None
+        raise DecodeError("not an image (cannot identify)") from None  # or a format outside ALLOWED_FORMATS
     except FileNotFoundError:
         raise DecodeError("file not found") from None
     except PermissionError:
@@ -158,12 +163,24 @@ def _decode_file(
         raise DecodeError(f"corrupt image ({type(error).__name__}: {_first_line(error)})") from None
 
 
-def _check_pixels(wh: tuple[int, int], max_pixels: int) -> None:
+def _check_pixels(wh: tuple[int, int], max_pixels: int, mode: str = "L") -> None:
+    """Refuse images over ``max_pixels``, a 16-bit pixel counting 2 and a 32-bit one 4 (their cost)."""
     width, height = wh
-    if width * height > max_pixels:
-        raise DecodeError(f"image too large: {width}x{height} = {width * height} pixels (limit {max_pixels})")
+    weight = _bytes_per_sample(mode)
+    if width * height * weight > max_pixels:
+        counted = f" counted x{weight} for {8 * weight}-bit {mode}" if weight > 1 else ""
+        raise DecodeError(
+            f"image too large: {width}x{height} = {width * height} pixels{counted} (limit {max_pixels} pixels)"
+        )
     if width * height == 0:
         raise DecodeError("empty image (0 pixels)")
+
+
+def _bytes_per_sample(mode: str) -> int:
+    """1 for 8-bit modes, 2 for I;16*, 4 for I and F."""
+    if mode.startswith("I;16"):
+        return 2
+    return 4 if mode in ("I", "F") else 1
 
 
 def _bomb_pixels(error: Exception) -> str:
@@ -223,7 +240,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     if mode in ("La", "RGBa", "PA"):
         return image.convert("LA" if mode == "La" else "RGBA")
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(to_uint8(np.asarray(image)), "L")
+        return Image.fromarray(_image_to_uint8(image), "L")
     return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
 
 
@@ -248,22 +265,76 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
       within 0..255 are kept (rounded); anything else (negative values, or above 255 as
       12-bit sensors and depth maps give) is min-max scaled to 0..255, because clipping
       would turn most of such an image white. NaN and infinities count as 0.
+
+    The work goes a block of rows at a time, so a large image costs its uint8 result and a
+    few MB, never a float64 copy of the whole.
     """
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
-    if array.dtype == np.uint16:
-        return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise DecodeError(f"unsupported array dtype {array.dtype}")
-    values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if np.issubdtype(array.dtype, np.floating) and low >= 0.0 and high <= 1.0:
-        values = values * 255.0
+    step = max(1, _BLOCK_ELEMENTS // max(1, array[:1].size))  # rows per block
+
+    def blocks() -> Iterator[np.ndarray]:
+        return (array[i : i + step] for i in range(0, len(array), step))  # views, no copy
+
+    out = np.empty(array.shape, dtype=np.uint8)
+    for i, block in zip(range(0, len(array), step), _blocks_to_uint8(blocks, array.dtype), strict=True):
+        out[i : i + step] = block
+    return out
+
+
+_BLOCK_ELEMENTS = 1 << 20  # values converted at a time: float64 temporaries of 8 MB whatever the image size
+
+
+def _image_to_uint8(image: Image.Image) -> np.ndarray:
+    """A 16/32-bit or float PIL image (I;16*, I, F) -> uint8 [H, W] by ``to_uint8``'s rules, reading the
+    image a strip of rows at a time (``np.asarray`` of the whole would copy all of it first)."""
+    width, height = image.size
+    step = max(1, _BLOCK_ELEMENTS // width)
+
+    def strips() -> Iterator[np.ndarray]:
+        return (np.asarray(image.crop((0, y, width, min(height, y + step)))) for y in range(0, height, step))
+
+    dtype = np.asarray(image.crop((0, 0, 1, 1))).dtype
+    out = np.empty((height, width), dtype=np.uint8)
+    for y, strip in zip(range(0, height, step), _blocks_to_uint8(strips, dtype), strict=True):
+        out[y : y + step] = strip
+    return out
+
+
+def _blocks_to_uint8(blocks: Callable[[], Iterator[np.ndarray]], dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Each block of an image, as uint8 by ``to_uint8``'s rules. ``blocks()`` yields the image's blocks in
+    order; it is called twice for integers and floats: once for the value range, once to convert."""
+    if dtype.kind == "u" and dtype.itemsize == 2:
+        for block in blocks():
+            yield ((block.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        return
+    if dtype.kind not in "iuf":
+        raise DecodeError(f"unsupported array dtype {dtype}")
+    low, high = np.inf, -np.inf
+    for block in blocks():
+        values = _finite(block)
+        if values.size:
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    if low > high:  # no values at all
+        low = high = 0.0
+    if dtype.kind == "f" and low >= 0.0 and high <= 1.0:
+        scale, offset = 255.0, 0.0
     elif low < 0.0 or high > 255.0:
-        values = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        scale, offset = (255.0 / (high - low) if high > low else 0.0), low
+    else:
+        scale, offset = 1.0, 0.0
+    for block in blocks():
+        values = _finite(block)
+        values -= offset
+        values *= scale
+        yield np.clip(np.rint(values, out=values), 0, 255, out=values).astype(np.uint8)
+
+
+def _finite(block: np.ndarray) -> np.ndarray:
+    """A float64 copy of one block with NaN and infinities as 0."""
+    return np.nan_to_num(block.astype(np.float64), copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _array_to_pil(array: np.ndarray, max_pixels: int) -> Image.Image:
@@ -294,11 +365,17 @@ def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _decode_or_error(
-    source: Source, channels: int, size: tuple[int, int] | None, background: int
+def decode_or_error(
+    source: Source,
+    channels: int,
+    size: tuple[int, int] | None,
+    background: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray | DecodeError:
+    """``decode_image``, with a failure returned instead of raised: for batches where one bad image
+    must not stop the others."""
     try:
-        return decode_image(source, channels, size, background)
+        return decode_image(source, channels, size, background, max_pixels)
     except DecodeError as error:
         return error
 
@@ -309,10 +386,12 @@ def decode_many(
     size: tuple[int, int] | None,
     background: int = 0,
     threads: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[np.ndarray | DecodeError]:
     """Decode every source in a thread pool; results in input order, a DecodeError in place of a failure."""
     results: list[np.ndarray | DecodeError] = []
-    for batch in iter_decoded(paths, channels, size, background, batch_size=max(1, len(paths)), threads=threads):
+    batches = iter_decoded(paths, channels, size, background, max(1, len(paths)), threads, max_pixels)
+    for batch in batches:
         results.extend(batch)
     return results
 
@@ -324,6 +403,7 @@ def iter_decoded(
     background: int = 0,
     batch_size: int = 64,
     threads: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[list[np.ndarray | DecodeError]]:
     """Yield decoded batches of ``batch_size`` in input order, decoding the next batch while
     the caller works on the current one. Only two batches are in memory at a time, so
@@ -339,7 +419,8 @@ def iter_decoded(
             start = next(start_iter, None)
             if start is not None:
                 chunk = paths[start : start + batch_size]
-                pending.append([pool.submit(_decode_or_error, p, channels, size, background) for p in chunk])
+                args = (channels, size, background, max_pixels)
+                pending.append([pool.submit(decode_or_error, path, *args) for path in chunk])
 
         submit_next()
         submit_next()  # one batch ahead

@@ -15,6 +15,7 @@ from PIL import Image
 from fmtl.runtime.images import (
     DecodeError,
     collect_image_paths,
+    decode_bytes,
     decode_image,
     decode_many,
     is_image_path,
@@ -337,3 +338,90 @@ def test_same_file_twice_is_listed_once(tree: Path) -> None:
 def test_is_image_path_any_case() -> None:
     assert is_image_path("x.JPEG") and is_image_path("a/b.TiF") and is_image_path("c.webp")
     assert not is_image_path("d.txt") and not is_image_path("png")
+
+
+# --- bounded work per image: format allowlist, high-bit-depth cost ------------------------------------
+
+_MEASURE = """
+import json, resource, sys, time
+from fmtl.runtime.images import DecodeError, decode_bytes
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+try:
+    shape, error = list(decode_bytes(data, 1, (28, 28)).shape), None
+except DecodeError as exc:
+    shape, error = None, str(exc)
+seconds = time.perf_counter() - start
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({"shape": shape, "error": error, "seconds": seconds, "mib": grown}))
+"""
+
+
+def _decode_in_subprocess(path: Path) -> dict:
+    """Decode ``path`` with decode_bytes in a fresh interpreter; its peak-RSS growth (MiB) and time."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_huge_float_tiff_is_refused_cheaply(tmp_path: Path) -> None:
+    """An 8000x8000 32-bit float TIFF (a few hundred KB compressed, 256 MB decoded) costs nothing to refuse."""
+    path = tmp_path / "float.tif"
+    Image.new("F", (8000, 8000), 0.5).save(path, compression="tiff_adobe_deflate")
+    assert path.stat().st_size < 1_000_000
+    result = _decode_in_subprocess(path)
+    assert result["error"] == (
+        "image too large: 8000x8000 = 64000000 pixels counted x4 for 32-bit F (limit 64000000 pixels)"
+    )
+    assert result["mib"] <= 256 and result["seconds"] <= 1.0, result
+
+
+def test_float_tiff_converts_without_whole_float64_copies(tmp_path: Path) -> None:
+    """A 4000x4000 float TIFF (64 MB decoded) costs about its decoded buffer plus its uint8 copy, not the
+    float64 copies (128 MB each) of converting the whole image at once."""
+    rng = np.random.default_rng(0)
+    values = rng.random((4000, 4000), dtype=np.float32) * 1000 - 3  # min-max scaled
+    values[0, 0] = np.nan
+    path = tmp_path / "float.tif"
+    Image.fromarray(values, "F").save(path, compression="tiff_adobe_deflate")
+    result = _decode_in_subprocess(path)
+    assert result["shape"] == [1, 28, 28], result
+    assert result["mib"] <= 128, result
+
+
+def test_block_conversion_matches_whole_array_rules() -> None:
+    """Converting in blocks keeps the rules that need the whole image's range (min-max, NaN as 0)."""
+    big = np.linspace(-10, 500, 3000 * 700, dtype=np.float32).reshape(3000, 700)
+    big[1, 1] = np.nan
+    expected = np.clip(np.rint((np.nan_to_num(big.astype(np.float64)) + 10) * (255 / 510)), 0, 255)
+    assert np.array_equal(to_uint8(big), expected.astype(np.uint8))
+    image = Image.fromarray(big, "F")
+    assert np.array_equal(decode_image(image, 1, None)[0], expected.astype(np.uint8))
+
+
+def test_big_endian_16_bit_is_divided_not_stretched() -> None:
+    assert to_uint8(np.array([257 * 10, 257 * 20], dtype=">u2")).tolist() == [10, 20]
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("eps.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"),
+        ("ppm.png", b"P5 4 4 255\n" + bytes(range(16))),
+    ],
+)
+def test_formats_outside_the_allowlist_are_refused(tmp_path: Path, name: str, data: bytes) -> None:
+    """PIL identifies these (EPS would run Ghostscript to load); fmtl refuses them as not images."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    with Image.open(path) as image:
+        assert image.format in ("EPS", "PPM")
+    with pytest.raises(DecodeError, match=r"not an image \(cannot identify\)"):
+        decode_image(path, 1, (28, 28))
+    with pytest.raises(DecodeError, match=r"not an image \(cannot identify\)"):
+        decode_bytes(data, 1, (28, 28))
