@@ -166,7 +166,15 @@ def load_training_state(
 
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:
-    """Every file trainer.json lists is there with the sha256 it was saved with, before any is loaded."""
+    """The folder holds exactly the files trainer.json lists, each with the sha256 it was saved with, before
+    any is loaded: a file slipped in beside them (a pickle Accelerate would read) is refused too."""
+    unlisted = sorted(
+        str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != TRAINER_STATE
+    )
+    unlisted = [name for name in unlisted if name not in files]
+    if unlisted:
+        raise StateError(f"{folder / unlisted[0]} is not in the state's sha256 manifest (trainer.json): "
+                         "refusing to resume")  # fmt: skip
     for name, digest in files.items():
         path = folder / name
         if not path.is_file():

@@ -94,15 +94,16 @@ def test_sigkill_anywhere_then_resume_is_the_same_run(reference, tmp_path, seed)
     assert not (run / "state.tmp").exists() and not (run / "state.old").exists()
 
 
-def test_a_hostile_accelerate_rng_pickle_is_not_run_and_resume_stays_exact(after_epoch_2, reference, tmp_path):
-    """The issue's second row: Accelerate's random_states_0.pkl replaced by a hostile pickle."""
+def test_a_hostile_accelerate_rng_pickle_is_not_run_and_resume_refuses_it(after_epoch_2, tmp_path):
+    """Accelerate's random_states_0.pkl slipped into state/ as a hostile pickle: not in the sha256
+    manifest, so resume refuses it in one line before Accelerate could read it."""
     run = copy_of(after_epoch_2, tmp_path)
     marker = tmp_path / "pwned"
     (run / "state" / "random_states_0.pkl").write_bytes(pickle.dumps(Hostile(marker)))
     result = run_train("--resume", str(run))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]
+    assert "random_states_0.pkl is not in the state's sha256 manifest" in one_error_line(result.stderr)
     assert not marker.exists()
-    assert_same_run(run, reference)  # the random state came from rng.json: exactness kept
 
 
 class Hostile:
