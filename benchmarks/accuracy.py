@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Transfer against training from scratch, at equal wall-clock budgets, on one machine.
 
-    .venv/bin/python benchmarks/accuracy.py --quick        # ~10 minutes: 10 and 100 per class, 1 seed, 4 contenders
-    .venv/bin/python benchmarks/accuracy.py                # everything below (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/accuracy.py --quick --report   # ~10 minutes: 10 and 100 per class, 1 seed, 4 contenders
+    .venv/bin/python benchmarks/accuracy.py --report           # everything below (hours on 2 CPU cores)
     .venv/bin/python benchmarks/accuracy.py --sizes 6000 --seeds 1 --contenders default,scratch
 
 Two measurements, printed and written to OUT (default runs/accuracy) as accuracy.md and accuracy.png:
@@ -14,7 +14,10 @@ Two measurements, printed and written to OUT (default runs/accuracy) as accuracy
    its validation passes; every contender's test pass comes after it). The peer gets the epochs that
    fmtl's scratch baseline measured would fit, and its own wall time is reported;
 2. test accuracy against wall time (1, 5, 15 minutes) on all the data, fmtl's default against the
-   scratch baseline.
+   scratch baseline (``--wall``).
+
+``--report`` also writes the table and plot to benchmarks/results/accuracy.md and .png (``--quick``:
+accuracy-quick), with the machine, the date and this command.
 
 Every run gets one torch thread (``--threads``, default 1): on a 2-core machine that other jobs
 share, two OpenMP threads per process measured 5-100x slower per step than one.
@@ -22,7 +25,7 @@ share, two OpenMP threads per process measured 5-100x slower per step than one.
 Protocol: every fmtl run makes its choices (best epoch) on its validation split, a seeded 10 % of the
 training data that is not counted as labelled images; the test split is touched once per trained
 model, by the run itself at its end. Results are kept in OUT/results.json as they come, so an
-interrupted benchmark continues where it stopped.
+interrupted benchmark continues where it stopped, and a finished OUT only re-writes its tables.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results_file import write_results
 
 from fmtl.training.budget import SAFETY
 
@@ -261,7 +266,11 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run, every contender alike")
     parser.add_argument("--out", default="runs/accuracy")
-    parser.add_argument("--report", action="store_true", help="only write the table and plot of OUT's results so far")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="also write the table and plot under benchmarks/results/ (with provenance)",
+    )
     args = parser.parse_args()
     mode = QUICK if args.quick else FULL
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else mode["sizes"]
@@ -288,7 +297,7 @@ def main() -> None:
         jobs += [(k, ALL, 0, b) for b in WALL_BUDGETS for k in ("default", "scratch")]
     for key, size, seed, budget in jobs:
         name = f"{key}|{size}|{seed}|{budget}"
-        if args.report or (name in results and "accuracy" in results[name]):
+        if name in results and "accuracy" in results[name]:
             continue
         if key == "peer":
             row = run_peer(size, budget, out, results, args.threads)
@@ -299,19 +308,25 @@ def main() -> None:
         shown = f"{100 * row['accuracy']:.2f}%" if "accuracy" in row else f"failed: {row['error']}"
         print(f"{CONTENDERS[key][0]:<26} {label(size):>11}/class seed {seed} budget {budget:>4}s: {shown} "
               f"(wall {row.get('wall_s', 0):.0f}s, epochs {row.get('epochs', '-')}, load {row.get('load')})", flush=True)  # fmt: skip
-    text = "\n".join(
-        [
-            header + f"; load at end {load()}",
-            f"test images per run: {eval_images or 'all 10,000'}; fmtl's val images below all the data: "
-            f"{args.val_images or eval_images or 'all'}",  # --max-val-samples, else --max-eval-samples (run_fmtl)
-            "",
-            table(results, sizes, budgets, keys),
-            *(["", wall_table(results)] if args.wall else []),
-        ]
+    images = (
+        f"test images per run: {eval_images or 'all 10,000'}; fmtl's val images below all the data: "
+        f"{args.val_images or eval_images or 'all'}"  # --max-val-samples, else --max-eval-samples (run_fmtl)
     )
+    tables = "\n\n".join([table(results, sizes, budgets, keys), *([wall_table(results)] if args.wall else [])])
+    text = f"{header}; load at end {load()}\n{images}\n\n{tables}"
     (out / "accuracy.md").write_text(text + "\n")
     plot(results, sizes, budgets, keys, out / "accuracy.png")
     print("\n" + text + f"\n\nwrote {out / 'accuracy.md'} and {out / 'accuracy.png'}")
+    if args.report:
+        name = "accuracy-quick" if args.quick else "accuracy"
+        path = write_results(
+            name,
+            "Transfer against training from scratch at equal wall-clock budgets",
+            f"{tables}\n\n![accuracy against labelled images]({name}.png)",
+            versions=f"{args.threads} torch thread(s) per run, load {load()}",
+            note=f"{images}. Budgets: " + ", ".join(f"{label(s)}/class {budgets[s]} s" for s in sizes) + ".",
+        )
+        plot(results, sizes, budgets, keys, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
