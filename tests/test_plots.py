@@ -202,3 +202,24 @@ def test_accepts_torch_tensors(tmp_path: Path, fashion) -> None:
     path = tmp_path / "predictions.png"
     plots.plot_predictions(torch.tensor(images[:4]), torch.tensor(labels[:4]), probs, CLASSES, path)
     assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_reliability_before_and_after(tmp_path: Path, fashion) -> None:
+    _, labels = fashion
+    probs = fake_probs(labels)
+    sharper = probs**3 / (probs**3).sum(axis=1, keepdims=True)
+    path = tmp_path / "calibration.png"
+    plots.plot_reliability(labels, {"before (temperature 1)": probs, "after (temperature 0.333)": sharper}, path)
+    assert_png(path)
+    assert matplotlib.image.imread(path).shape[1] > matplotlib.image.imread(path).shape[0]  # two columns side by side
+
+
+def test_reliability_refuses_mismatched_probabilities(tmp_path: Path, fashion) -> None:
+    _, labels = fashion
+    path = tmp_path / "calibration.png"
+    path.write_bytes(b"old")
+    with pytest.raises(ValueError, match="do not match"):
+        plots.plot_reliability(labels, {"before": fake_probs(labels[:5])}, path)
+    with pytest.raises(ValueError, match="no probabilities"):
+        plots.plot_reliability(labels, {}, path)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [path.name]
