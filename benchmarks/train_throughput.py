@@ -1,7 +1,16 @@
-"""Training throughput: fmtl against the lesson-style peer loop, in one process and one run.
+"""Training throughput: fmtl against a peer loop measured in the same run.
 
     .venv/bin/python benchmarks/train_throughput.py            # full run, about 3-4 minutes on 2 quiet cores
     .venv/bin/python benchmarks/train_throughput.py --quick    # smoke run, about 1 minute
+    python benchmarks/train_throughput.py --device cuda --report   # fine-tuning on a GPU against its ceiling
+    .venv/bin/python benchmarks/train_throughput.py --device cpu   # the same, small, on the CPU
+
+With ``--device cuda|cpu`` it measures fine-tuning instead (the last part of this file): fmtl's own
+Trainer and epoch loop on EfficientNet-Lite0 (224 px, batches of 128, 256 and 512, fp32/bf16/fp16,
+with and without torch.compile on a GPU; 64 px, batches of 8 and 16 on a CPU) against a minimal
+plain-PyTorch AdamW loop on the same model and data (the ceiling), printing images/s, peak GPU memory
+and each rate over the ceiling's; ``--report`` writes the table to
+``benchmarks/results/train_throughput_<device>.md``. Without ``--device``, the CPU race below:
 
 1. The peer (``benchmarks/peers/lesson_loop.py``, a copy of the shared peer, run through its own ``main()``): per-sample
    torchvision transforms on PIL images, a frozen ResNet-18 (random weights) at 224 px with
@@ -36,12 +45,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import datetime
+import gc
 import importlib.util
 import io
+import math
 import os
 import platform
 import re
 import resource
+import shlex
 import statistics
 import sys
 import tempfile
@@ -50,6 +63,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.fx.experimental.optimization import fuse
@@ -491,5 +505,343 @@ def summary(rates: dict, kept: dict, cache: dict, tag: str, args: argparse.Names
     print("* proposed for fmtl, not shipped; 'kept memory': glibc keeps freed memory, as fmtl's run() now sets")
 
 
+# ================================================================ --device: fmtl's step against a plain-PyTorch ceiling
+
+CEILING = "plain PyTorch loop (ceiling)"
+PRECISION_NAMES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # the table's name -> Accelerate's
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICE_DEFAULTS = {  # what a run measures on each device when not told otherwise
+    "cuda": {"image_size": 224, "batch_sizes": "128,256,512", "precisions": "fp32,bf16,fp16",
+             "compile_precisions": "bf16", "images": 10240, "ceiling": "bf16"},
+    "cpu": {"image_size": 64, "batch_sizes": "8,16", "precisions": "fp32", "compile_precisions": "",
+            "images": 48, "ceiling": "fp32"},
+}  # fmt: skip
+TABLE_HEADER = (
+    "| contender | precision | compile | batch | images/s | ms/step | peak memory (MiB) | vs ceiling |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def parse_device_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train_throughput.py --device",
+        description="fmtl's training step (EfficientNet-Lite0, fine-tuning all layers) against a minimal "
+        "plain-PyTorch AdamW loop on the same model and data, in one process; ratios to that ceiling.",
+    )
+    add = parser.add_argument
+    add("--device", choices=("cuda", "cpu"), required=True, help="where to train")
+    add("--data-dir", help="folder of the Fashion-MNIST IDX .gz files (else fmtl's own search)")
+    add("--image-size", type=int, help="side the model sees [cuda 224, cpu 64]")
+    add("--batch-sizes", help="comma-separated batch sizes [cuda 128,256,512; cpu 8,16]")
+    add("--precisions", help="fmtl's precisions, of fp32,bf16,fp16 [cuda all three; cpu fp32, + bf16 if native]")
+    add("--compile-precisions", help="precisions also timed with torch.compile ('' for none) [cuda bf16; cpu none]")
+    add("--compile-backend", default="inductor", help="torch.compile backend, through Accelerate [inductor]")
+    add("--ceiling-precision", choices=("fp32", "bf16"), help="the plain loop's precision [cuda bf16, cpu fp32]")
+    add("--images", type=int, help="images per timed epoch, after a warm-up epoch as long [cuda 10240, cpu 48]")
+    add("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    add("--report", action="store_true", help="write the table to RESULTS_DIR/train_throughput_<device>.md")
+    add("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    defaults = DEVICE_DEFAULTS[args.device]
+    if args.device == "cpu" and args.precisions is None and cpu_bf16_native():
+        defaults = {**defaults, "precisions": "fp32,bf16"}
+    for key, value in defaults.items():
+        name = "ceiling_precision" if key == "ceiling" else key
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    args.precisions = _precision_list(parser, args.precisions)
+    args.compile_precisions = _precision_list(parser, args.compile_precisions)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(
+            1, "train_throughput.py: --device cuda, but torch sees no GPU (torch.cuda.is_available() is False)\n"
+        )
+    if not args.batch_sizes or min(args.batch_sizes) < 1 or args.images < max(args.batch_sizes):
+        parser.error("--batch-sizes must be positive and --images at least the largest batch")
+    return args
+
+
+def _precision_list(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in AUTOCAST]
+    if unknown:
+        parser.error(f"unknown precision {unknown[0]!r}: choose from fp32, bf16, fp16")
+    return names
+
+
+def cpu_bf16_native() -> bool:
+    """Whether fmtl would accept bf16 on this CPU (its own test: AVX512-BF16 or AMX)."""
+    from fmtl.training import loop
+
+    return loop.cpu_has_native_bf16()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def start_memory(device: torch.device) -> None:
+    """Forget what earlier contenders held, so each row's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------- the ceiling: a minimal plain loop
+
+
+def plain_loop_rate(images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int, args) -> dict:
+    """A minimal plain-PyTorch fine-tuning loop on the same model and data: what the device allows.
+
+    The same EfficientNet-Lite0 (fmtl's ``create_model``) and the same uint8 images on the device;
+    per step a random batch is indexed, scaled, resized and normalised, then forward and backward
+    under autocast, channels_last, and AdamW (fused on CUDA). Nothing else: no augmentation, no
+    schedule, no clipping, no loss read back. Warm-up steps first, as many as the timed ones.
+    """
+    from fmtl.training.models import create_model
+
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # shapes never change here: let cuDNN pick its fastest kernels
+    start_memory(device)
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 10, weights="none").to(device, memory_format=torch.channels_last)
+    model.train()
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (model.input_defaults.mean,
+                                                                           model.input_defaults.std))  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    size, dtype = args.image_size, AUTOCAST[args.ceiling_precision]
+    images, labels = images.to(device), labels.to(device)
+
+    def step() -> None:
+        index = torch.randint(len(images), (batch_size,), device=device, generator=generator)
+        x = F.interpolate(images[index].float() / 255, size=(size, size), mode="bilinear", align_corners=False)
+        x = ((x.expand(-1, 3, -1, -1) - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), labels[index], label_smoothing=0.1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"rate": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps, "peak": peak_mib(device)}
+
+
+# ---------------------------------------------------------------- fmtl: its own Trainer and epoch loop
+
+
+def fmtl_epoch_rate(splits, batch_size: int, precision: str, compiled: bool, args, tmp: str) -> dict:
+    """fmtl's Trainer, built as ``fmtl train`` builds it, running its own epoch loop: one warm-up epoch,
+    then one timed epoch (steps, per-step loss checks and progress bookkeeping included).
+
+    torch.compile goes through Accelerate's dynamo plugin, which is what ``accelerate launch
+    --dynamo_backend`` sets; fmtl has no flag of its own for it.
+    """
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = False  # fmtl's own setting decides (it may set it when it builds)
+    start_memory(device)
+    cfg = TrainConfig(
+        model="efficientnet_lite0", weights="none", strategy="finetune", image_size=args.image_size,
+        batch_size=batch_size, epochs=2, mixed_precision=PRECISION_NAMES[precision], quiet=True,
+        save_state=False, output=str(Path(tmp) / f"fmtl-{precision}-{batch_size}"), data_dir=args.data_dir,
+        threads=args.threads,
+    )  # fmt: skip
+    accelerator = fresh_accelerator(cfg, args.compile_backend if compiled else None)
+    set_seed(cfg.seed)
+    trainer = Trainer(cfg, accelerator, Path(cfg.output), splits)
+    phase = trainer.phases[0]
+    run_epoch(trainer, 1, phase)  # warm-up: cuDNN's and the compiler's choices, the allocator's pools
+    synchronize(device)
+    started = time.perf_counter()
+    seen = run_epoch(trainer, 2, phase)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    steps = math.ceil(seen / batch_size)
+    result = {"rate": seen / seconds, "step_ms": 1000 * seconds / steps, "peak": peak_mib(device)}
+    del trainer
+    accelerator.free_memory()
+    if compiled:
+        torch._dynamo.reset()
+    return result
+
+
+def fresh_accelerator(cfg: TrainConfig, compile_backend: str | None) -> Accelerator:
+    """fmtl's own ``make_accelerator`` for this precision. Accelerate keeps one process-wide state, made by
+    the first Accelerator: it is cleared first, so each precision gets the Accelerator a fresh run gets."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    key = "ACCELERATE_DYNAMO_BACKEND"
+    saved = os.environ.pop(key, None)
+    if compile_backend:
+        os.environ[key] = compile_backend.upper()
+    try:
+        return make_accelerator(cfg, Path(cfg.output))
+    finally:
+        os.environ.pop(key, None)
+        if saved is not None:
+            os.environ[key] = saved
+
+
+def run_epoch(trainer: Trainer, epoch: int, phase) -> int:
+    """Images one epoch of fmtl's own loop trained on (its ``train_one_epoch``, wherever it lives now)."""
+    epoch_fn = getattr(trainer, "train_one_epoch", None)
+    if epoch_fn is None:  # the Trainer is being split into smaller parts: look for the function beside it
+        from fmtl.training import loop
+
+        epoch_fn = getattr(loop, "train_one_epoch", None)
+        if epoch_fn is None:
+            sys.exit("fmtl's epoch loop moved: neither Trainer.train_one_epoch nor loop.train_one_epoch exists")
+        return epoch_fn(trainer, epoch, phase)[1]
+    return epoch_fn(epoch, phase)[1]
+
+
+# ---------------------------------------------------------------- the run and its table
+
+
+def device_machine(device: str) -> str:
+    """CPU, cores, GPU and versions: the provenance line of the table."""
+    import accelerate
+
+    gpu = ""
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"; GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible"
+        gpu += f"; CUDA {torch.version.cuda}"
+    return f"{machine()}{gpu}; accelerate {accelerate.__version__}"
+
+
+def device_rows(args: argparse.Namespace, on_row: Callable[[list[dict]], None]) -> list[dict]:
+    """Every contender at every batch size, in the order they are measured: per batch size the ceiling, fmtl
+    in each precision, then the compiled runs (slowest to start) last. ``on_row`` sees the table so far."""
+    from fmtl.training.data import load_dataset, seeded_subset
+    from fmtl.training.loop import Splits
+
+    data_dir = find_fashion_mnist(args.data_dir)
+    if data_dir is None:
+        sys.exit(
+            "Fashion-MNIST not found: give --data-dir, set FMTL_DATA_DIR, or apt-get install dataset-fashion-mnist"
+        )
+    args.data_dir = str(data_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train = seeded_subset(load_dataset("fashion-mnist", "train", data_dir=args.data_dir), args.images, seed=0)
+    val = seeded_subset(load_dataset("fashion-mnist", "val", data_dir=args.data_dir), 100, seed=0)
+    splits = Splits(train, val, val, "val")
+    plan = [(CEILING, args.ceiling_precision, False, b) for b in args.batch_sizes]
+    plan += [("fmtl", p, False, b) for b in args.batch_sizes for p in args.precisions]
+    plan += [("fmtl", p, True, b) for p in args.compile_precisions for b in args.batch_sizes]
+    plan.sort(key=lambda row: (row[2], args.batch_sizes.index(row[3]), row[0] != CEILING))
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="fmtl-throughput-") as tmp:
+        for name, precision, compiled, batch_size in plan:
+            row = {"contender": name, "precision": precision, "compile": compiled, "batch": batch_size}
+            started = time.perf_counter()
+            try:
+                if name == CEILING:
+                    steps = args.images // batch_size
+                    row |= plain_loop_rate(train.images, train.labels, batch_size, steps, args)
+                else:
+                    row |= fmtl_epoch_rate(splits, batch_size, precision, compiled, args, tmp)
+            except Exception as error:  # noqa: BLE001 - one contender failing (out of memory, no compiler): say so, go on
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                start_memory(torch.device(args.device))
+            row["wall_s"] = time.perf_counter() - started
+            rows.append(row)
+            print(format_row(row, rows), f"  ({row['wall_s']:.0f} s)", flush=True)
+            on_row(rows)
+    return rows
+
+
+def ceiling_of(row: dict, rows: list[dict]) -> float | None:
+    """The ceiling's images/s at this row's batch size (None where it was not measured)."""
+    for other in rows:
+        if other["contender"] == CEILING and other["batch"] == row["batch"] and "rate" in other:
+            return other["rate"]
+    return None
+
+
+def format_row(row: dict, rows: list[dict]) -> str:
+    compiled = "yes" if row["compile"] else "no"
+    head = f"| {row['contender']} | {row['precision']} | {compiled} | {row['batch']} |"
+    if "rate" not in row:
+        return f"{head} failed: {row['error']} | | | |"
+    ceiling = ceiling_of(row, rows)
+    versus = f"{row['rate'] / ceiling:.2f}" if ceiling else "n/a"
+    peak = f"{row['peak']:,.0f}" if row["peak"] is not None else "n/a"
+    return f"{head} {row['rate']:.1f} | {row['step_ms']:.1f} | {peak} | {versus} |"
+
+
+def device_table(rows: list[dict]) -> str:
+    return "\n".join([TABLE_HEADER, *(format_row(row, rows) for row in rows)])
+
+
+def write_device_report(args: argparse.Namespace, rows: list[dict], argv: list[str]) -> Path:
+    """benchmarks/results/train_throughput_<device>.md: provenance, workload, the table (rewritten per row)."""
+    from fmtl.atomic import atomic_write_text
+
+    path = args.results_dir / f"train_throughput_{args.device}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "benchmarks/train_throughput.py", *argv])
+    workload = (
+        f"EfficientNet-Lite0 (random initialisation), {args.image_size} px from Fashion-MNIST's 28 px uint8 images "
+        f"kept on the device, every layer trained with AdamW; {args.images:,} images a timed epoch after a warm-up "
+        f"epoch as long. fmtl: its own Trainer and epoch loop as `fmtl train --strategy finetune` runs them "
+        f"(augmentation on the device, schedule, clipping, loss checks); compile: torch.compile "
+        f"({args.compile_backend}) through Accelerate's dynamo plugin. Ceiling: a minimal plain-PyTorch loop on "
+        f"the same model and images ({ceiling_how(args)}, no augmentation); 'vs ceiling' is images/s over the "
+        f"ceiling's at the same batch size. Peak memory: the most torch's allocator held on the GPU."
+    )
+    text = (
+        "# Training throughput: fmtl's step against a plain-PyTorch ceiling\n\n"
+        f"- machine: {device_machine(args.device)}\n"
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} (UTC)\n"
+        f"- command: `{command}`\n\n"
+        f"{workload}\n\n{device_table(rows)}\n"
+    )
+    atomic_write_text(path, text)
+    return path
+
+
+def ceiling_how(args: argparse.Namespace) -> str:
+    precision = "fp32" if args.ceiling_precision == "fp32" else f"{args.ceiling_precision} autocast"
+    if args.device == "cuda":
+        return f"{precision}, channels_last, fused AdamW, cuDNN autotuning"
+    return f"{precision}, channels_last, AdamW"
+
+
+def device_main(argv: list[str]) -> None:
+    args = parse_device_args(argv)
+    print(f"machine: {device_machine(args.device)}\n{TABLE_HEADER}", flush=True)
+    written: list[Path] = []
+
+    def on_row(rows: list[dict]) -> None:  # rewritten after every row: a run stopped early keeps what it measured
+        if args.report:
+            written[:] = [write_device_report(args, rows, argv)]
+
+    rows = device_rows(args, on_row)
+    if written:
+        print(f"wrote {written[0]}")
+    if any("error" in row for row in rows):
+        sys.exit(f"{sum('error' in row for row in rows)} contender(s) failed (see the table)")
+
+
 if __name__ == "__main__":
-    main()
+    if any(arg == "--device" or arg.startswith("--device=") for arg in sys.argv[1:]):
+        device_main(sys.argv[1:])
+    else:
+        main()
