@@ -158,8 +158,18 @@ def infer(paths, model, k, batch_size, fmt, output, recursive, quiet, engine, ou
 @click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds to answer accepted requests after SIGTERM.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime threads [the CPUs this process may use].")
+@click.option("--max-pixels", type=click.IntRange(1),
+              help="Images with more pixels are refused before decoding [1,024x the model's input, 16-64 MP].")  # fmt: skip
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
+              help="Seconds for a whole request (headers and body) to arrive; slower ones get 408.")  # fmt: skip
+@click.option("--limit-concurrency", type=click.IntRange(1), default=512, show_default=True,
+              help="Open connections at most; more get 503 at once.")  # fmt: skip
+@click.option("--keep-alive-timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
+              help="Seconds an idle keep-alive connection stays open.")  # fmt: skip
+@click.option("--allowed-hosts", metavar="NAME,...",
+              help="Host headers to answer, '*' for any [loopback names on loopback; any on 0.0.0.0].")  # fmt: skip
 @user_errors
-def serve(model, **options) -> None:
+def serve(model, allowed_hosts, **options) -> None:
     """Serve an exported model over HTTP (newest in export/ by default): /v1/classify, KServe v2, /metrics."""
     from pathlib import Path
 
@@ -167,7 +177,9 @@ def serve(model, **options) -> None:
     from fmtl.runtime.serve import ServeConfig
     from fmtl.runtime.serve import serve as run_server
 
-    sys.exit(run_server(ServeConfig(Path(model) if model else find_newest_model(), **options)))
+    hosts = tuple(name.strip() for name in allowed_hosts.split(",") if name.strip()) if allowed_hosts else None
+    config = ServeConfig(Path(model) if model else find_newest_model(), allowed_hosts=hosts, **options)
+    sys.exit(run_server(config))
 
 
 @main.command()

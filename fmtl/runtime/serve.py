@@ -21,8 +21,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import html
+import ipaddress
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -46,10 +49,22 @@ from fmtl.runtime import kserve_v2
 from fmtl.runtime.classifier import Classifier, ModelError
 from fmtl.runtime.images import DecodeError, decode_bytes
 from fmtl.runtime.serve_batching import Batcher, BatchStats, QueueFull, QueueTimeout
+from fmtl.runtime.serve_http import DeadlineH11Protocol, close_connections, close_listeners, open_connections
 from fmtl.runtime.serve_metrics import Metrics, MetricsMiddleware
+from fmtl.runtime.serve_requests import (
+    MULTIPART,
+    ApiError,
+    classify_answer,
+    default_max_pixels,
+    image_payloads,
+    media_type,
+    no_readable_image,
+    parse_k,
+    parse_min_probability,
+)
 
-RAW_TYPES = ("application/octet-stream", "")  # plus image/*; no Content-Type at all is what `curl -T` sends
-MULTIPART = "multipart/form-data"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+DISCARD_BYTES = 65536  # an unread body up to this size is dropped so that a refusal keeps its connection  # the Host names a loopback-only server answers by default
 
 
 class ServeError(FmtlError):
@@ -71,6 +86,11 @@ class ServeConfig:
     max_images: int = 64  # images in one request at most (413 above)
     drain_timeout: float = 30.0  # seconds to answer accepted requests after SIGTERM
     threads: int | None = None  # onnxruntime intra-op threads [the CPUs this process may use]
+    max_pixels: int | None = None  # images with more pixels are refused before decoding [sized to the model]
+    request_timeout: float = 10.0  # a whole request (headers and body) must arrive within this many seconds
+    limit_concurrency: int = 512  # open connections at most; more get 503 at once (uvicorn's setting)
+    keep_alive_timeout: float = 5.0  # an idle keep-alive connection is closed after this many seconds
+    allowed_hosts: tuple[str, ...] | None = None  # Host headers answered ("*": any) [loopback names, or any]
 
     def check(self) -> None:
         """Raise ServeError for option combinations that cannot work."""
@@ -81,6 +101,27 @@ class ServeConfig:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_body_mb <= 0 or self.queue_timeout_ms <= 0:
             raise ServeError("--max-body-mb and --queue-timeout-ms must be positive")
+        if self.request_timeout <= 0 or self.keep_alive_timeout <= 0 or self.limit_concurrency < 1:
+            raise ServeError("--request-timeout, --keep-alive-timeout and --limit-concurrency must be positive")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ServeError("--max-pixels must be at least 1")
+
+    def trusted_hosts(self) -> tuple[list[str], str | None]:
+        """The Host names to answer, and a warning line when that is any name at all.
+
+        Given names are used as given. Otherwise a server bound to loopback answers only the loopback
+        names (a web page on another origin cannot reach it through DNS rebinding); one bound to every
+        interface cannot know its public names, so it answers any, with a warning."""
+        if self.allowed_hosts:
+            return list(self.allowed_hosts), None
+        if self.host in ("", "0.0.0.0", "::"):
+            return ["*"], (f"warning: bound to {self.host or 'every interface'} and answering any Host header: "
+                           "pass --allowed-hosts NAME,... to refuse DNS rebinding")  # fmt: skip
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name
+            loopback = self.host == "localhost"
+        return [*LOOPBACK_NAMES] if loopback else [self.host, *LOOPBACK_NAMES], None
 
 
 def usable_cpus() -> int:
@@ -91,26 +132,26 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-class ApiError(Exception):
-    """An answer other than 200: status, one-line message, extra headers; ``reason`` labels the metric."""
-
-    def __init__(self, status: int, message: str, reason: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.reason, self.headers = status, message, reason, headers or {}
-
-
 class Admission:
-    """One request's place from its arrival until its images reach the queue."""
+    """One request's claim on the queue, from when its body has been read (``hold``) until its images
+    are queued (``release``). A request still being read claims nothing: a client that stalls its
+    upload holds a connection (bounded by --limit-concurrency and --request-timeout), never the queue."""
 
     def __init__(self, server: ModelServer):
         self.server = server
+        self.arrived = time.perf_counter()  # the queue timeout counts from here (reset by hold)
+        self.images = 0  # images claimed while being decoded
+
+    def hold(self, images: int) -> None:
+        """The body is read: claim room for its images while they are decoded."""
+        self.release()
         self.arrived = time.perf_counter()
-        self.held = True
+        self.images = images
+        self.server.pending += images
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.server.admitting -= 1
+        self.server.pending -= self.images
+        self.images = 0
 
 
 class ModelServer:
@@ -127,7 +168,7 @@ class ModelServer:
         self.load_error: str | None = None
         self.warmup_seconds = 0.0
         self._served = (0, 0.0)  # images and model seconds so far, for Retry-After
-        self.admitting = 0  # requests admitted and being read or decoded, not yet queued
+        self.pending = 0  # images read and being decoded, not yet queued
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(usable_cpus(), thread_name_prefix="fmtl-decode")
 
     async def load(self) -> None:
@@ -185,15 +226,21 @@ class ModelServer:
             raise ApiError(503, "the model is not loaded yet", "not_ready", {"Retry-After": "1"})
 
     def admit(self) -> Admission:
-        """A place for one new request, or 503 before anything is read or decoded when the queue,
-        counting the requests still being read and decoded, is full: under overload refusing
-        costs least this way, and no backlog builds up in front of the queue either."""
-        waiting = self.batcher.queued_images + self.admitting
+        """A claim for one new request, or 503 before its body is read or decoded when the queue,
+        counting the images being decoded, is already full: refused this way a request costs
+        least, and no backlog of decoding work builds up in front of the queue."""
+        waiting = self.batcher.queued_images + self.pending
         if waiting >= self.config.max_queue:
-            raise ApiError(503, f"overloaded: queue full ({waiting} requests or images waiting)", "queue_full",
+            raise ApiError(503, f"overloaded: queue full ({waiting} images waiting)", "queue_full",
                            {"Retry-After": self._retry_after()})  # fmt: skip
-        self.admitting += 1
         return Admission(self)
+
+    @property
+    def max_pixels(self) -> int:
+        """--max-pixels, or the default sized to the model's input."""
+        if self.config.max_pixels is not None:
+            return self.config.max_pixels
+        return default_max_pixels(math.prod(self.classifier.spec.source_size))
 
     def check_name(self, name: str) -> None:
         if name != self.name:
@@ -223,19 +270,25 @@ class ModelServer:
     async def decode(self, payloads: list[bytes]) -> list[np.ndarray | DecodeError]:
         """Decode uploads in the thread pool (never on the event loop); a DecodeError in place of a failure."""
         loop = asyncio.get_running_loop()
-        spec = self.classifier.spec
+        spec, max_pixels = self.classifier.spec, self.max_pixels
         futures = [
             loop.run_in_executor(
-                self.decode_pool, _decode_or_error, data, spec.channels, spec.source_size, spec.background
+                self.decode_pool, _decode_or_error, data, spec.channels, spec.source_size, spec.background, max_pixels
             )  # fmt: skip
             for data in payloads
         ]
         return list(await asyncio.gather(*futures))
 
+    async def off_loop(self, function: Callable, *args):
+        """``function(*args)`` in the decoding pool: CPU work (parsing) never runs on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, function, *args)
 
-def _decode_or_error(data: bytes, channels: int, size: tuple[int, int], background: int) -> np.ndarray | DecodeError:
+
+def _decode_or_error(
+    data: bytes, channels: int, size: tuple[int, int], background: int, max_pixels: int
+) -> np.ndarray | DecodeError:
     try:
-        return decode_bytes(data, channels, size, background)
+        return decode_bytes(data, channels, size, background, max_pixels=max_pixels)
     except DecodeError as error:
         return error
 
@@ -244,11 +297,23 @@ def _decode_or_error(data: bytes, channels: int, size: tuple[int, int], backgrou
 
 
 async def read_body(request: Request, limit_bytes: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes the limit (whatever Content-Length claims)."""
+    """The whole body: 413 as soon as it passes the limit (whatever Content-Length claims), 408 when it
+    has not all arrived within --request-timeout (a stalled upload cannot hold its connection for ever)."""
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, f"request body over the limit of {limit_bytes / 1e6:g} MB", "body_too_large")
-    if declared.isdigit() and int(declared) > limit_bytes:
+    if declared.isdigit() and (len(declared) > 15 or int(declared) > limit_bytes):
         raise too_big
+    timeout = _server(request).config.request_timeout
+    try:
+        body = await asyncio.wait_for(_read_stream(request, limit_bytes, too_big), timeout)
+    except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--request-timeout)",
+                       "request_timeout") from None  # fmt: skip
+    request.state.body_read = True
+    return body
+
+
+async def _read_stream(request: Request, limit_bytes: int, too_big: ApiError) -> bytes:
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -258,37 +323,17 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-async def image_payloads(request: Request, config: ServeConfig) -> tuple[list[bytes], list[str | None]]:
-    """The encoded images of a classify request and their names (multipart file names, else None)."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (media_type.startswith("image/") or media_type in RAW_TYPES or media_type == MULTIPART):
-        raise ApiError(415, f"unsupported content type {media_type!r}: send the image as image/* or "
-                       "application/octet-stream, or several as multipart/form-data", "unsupported_media_type")  # fmt: skip
-    body = await read_body(request, int(config.max_body_mb * 1e6))
-    if media_type != MULTIPART:
-        return [body], [None]
-    files = await _multipart_files(request, body)
-    if len(files) > config.max_images:
-        raise ApiError(413, f"{len(files)} images in one request (limit {config.max_images})", "too_many_images")
-    if not files:
-        raise ApiError(400, "no file in the multipart body (send each image as a file part)", "bad_request")
-    return [data for _, data in files], [name for name, _ in files]
-
-
-async def _multipart_files(request: Request, body: bytes) -> list[tuple[str | None, bytes]]:
-    """(file name, bytes) of every file part of an already-read multipart body, in order."""
-
-    async def once() -> AsyncIterator[bytes]:
-        yield body
-
+async def _discard_small_body(request: Request) -> bool:
+    """Read and drop a small unread body (True when done), so an error answer can keep the connection:
+    cheaper for both sides than a new connection per refused request. A large or slow one is not read."""
+    declared = request.headers.get("content-length", "")
+    if not (declared.isdigit() and len(declared) <= 6 and int(declared) <= DISCARD_BYTES):
+        return False
     try:
-        form = await MultiPartParser(request.headers, once(), max_files=math.inf, max_fields=1000).parse()
-    except MultiPartException as error:
-        raise ApiError(400, f"bad multipart body: {error.message}", "bad_request") from None
-    try:
-        return [(item.filename, await item.read()) for _, item in form.multi_items() if isinstance(item, UploadFile)]
-    finally:
-        await form.close()
+        await asyncio.wait_for(_read_stream(request, DISCARD_BYTES, ApiError(413, "", "")), 0.5)
+    except (asyncio.TimeoutError, ApiError, ClientDisconnect, RuntimeError):  # RuntimeError: already consumed
+        return False
+    return True
 
 
 def parse_v2(body: bytes, header_length: str | None, encoding: str | None,
@@ -308,48 +353,43 @@ def _server(request: Request) -> ModelServer:
     return request.app.state.model_server
 
 
-def _parse_k(request: Request) -> int:
-    text = request.query_params.get("k", "5")
-    if not text.isdigit() or int(text) < 1:
-        raise ApiError(400, f"k must be a whole number of at least 1, got {text!r}", "bad_request")
-    return int(text)
-
-
 async def classify(request: Request) -> Response:
-    """POST|PUT /v1/classify?k=5: top-k labels per image, in the order sent."""
+    """POST|PUT /v1/classify?k=5&min_probability=P: top-k labels per image, in the order sent."""
     server = _server(request)
     server.check_accepting()
-    k = _parse_k(request)
+    k = parse_k(request.query_params.get("k"))
+    min_probability = parse_min_probability(request.query_params.get("min_probability"))
+    content_type = request.headers.get("content-type", "")
+    multipart = media_type(content_type) == MULTIPART  # 415 before anything is read
     admission = server.admit()
     try:
-        payloads, names = await image_payloads(request, server.config)
+        body = await read_body(request, int(server.config.max_body_mb * 1e6))
+        admission.hold(1)
+        if multipart:  # parsing 64 parts, or refusing 100,000, is CPU work: off the event loop
+            payloads, names = await server.off_loop(image_payloads, body, content_type, server.config.max_images)
+            admission.hold(len(payloads))
+        else:
+            payloads, names = [body], [None]
         decoded = await server.decode(payloads)
-        good = [i for i, item in enumerate(decoded) if not isinstance(item, DecodeError)]
-        if not good and len(decoded) == 1:
-            raise ApiError(400, f"not a readable image: {decoded[0]}", "bad_image")
-        if not good:
-            reasons = "; ".join(f"{name}: {item}" for name, item in zip(names, decoded, strict=True))
-            raise ApiError(400, f"no readable image ({reasons})", "bad_image")
-        probs = await server.infer(np.stack([decoded[i] for i in good]), admission)
+        error = no_readable_image(names, decoded)
+        if error is not None:
+            raise error
+        probs = await server.infer(np.stack([item for item in decoded if isinstance(item, np.ndarray)]), admission)
     finally:
         admission.release()
-    tops = dict(zip(good, server.classifier.top_k(probs, k), strict=True))
-    predictions = []
-    for i, (name, item) in enumerate(zip(names, decoded, strict=True)):
-        entry = {"file": name} if name is not None else {}
-        if i in tops:
-            entry["top_k"] = [{"label": p.label, "index": p.index, "probability": round(p.probability, 6)}
-                              for p in tops[i]]  # fmt: skip
-        else:
-            entry["error"] = str(item)
-        predictions.append(entry)
-    return JSONResponse({"model": server.name, "predictions": predictions})
+    top_k = server.classifier.top_k
+    return JSONResponse(classify_answer(server.name, names, decoded, top_k, probs, k, min_probability))
 
 
 async def page(request: Request) -> Response:
-    """GET /: drop an image, see its labels."""
-    html = resources.files("fmtl.runtime").joinpath("serve_page.html").read_text(encoding="utf-8")
-    return HTMLResponse(html.replace("{{MODEL}}", _server(request).name))
+    """GET /: drop an image, see its labels. The model's name is HTML-escaped, the script sets every
+    text with textContent, and a Content-Security-Policy lets only the page's own script run."""
+    template = resources.files("fmtl.runtime").joinpath("serve_page.html").read_text(encoding="utf-8")
+    nonce = secrets.token_urlsafe(16)
+    text = template.replace("{{MODEL}}", html.escape(_server(request).name)).replace("{{NONCE}}", nonce)
+    policy = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src blob:; "
+              "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
+    return HTMLResponse(text, headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"})
 
 
 async def live(request: Request) -> Response:
@@ -419,13 +459,21 @@ async def metrics(request: Request) -> Response:
 
 
 async def api_error(request: Request, error: Exception) -> Response:
-    """ApiError, Starlette's HTTPException (404, 405) and a client gone mid-body: {"error": ...}."""
-    if isinstance(error, ApiError):
-        _server(request).metrics.rejected.labels(error.reason).inc()
-        return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
+    """ApiError, Starlette's HTTPException (404, 405) and a client gone mid-body: {"error": ...}.
+
+    An answer given before the request's body was read (a refusal) closes the connection unless the
+    body is small enough to drop at once: the next request on it could not be read otherwise."""
     if isinstance(error, ClientDisconnect):
         return Response(status_code=400)  # nobody is listening; the status only feeds the metrics
-    return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
+    if isinstance(error, ApiError):
+        _server(request).metrics.rejected.labels(error.reason).inc()
+        status, message, headers = error.status, error.message, dict(error.headers)
+    else:
+        status, message, headers = error.status_code, error.detail, dict(error.headers or {})
+    unread = request.method in ("POST", "PUT", "PATCH") and not getattr(request.state, "body_read", False)
+    if unread and not await _discard_small_body(request):
+        headers["Connection"] = "close"
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def create_app(config: ServeConfig, load: bool = True) -> MetricsMiddleware:
@@ -453,7 +501,10 @@ def create_app(config: ServeConfig, load: bool = True) -> MetricsMiddleware:
         Route("/metrics", metrics),
     ]
     handlers = {ApiError: api_error, HTTPException: api_error, ClientDisconnect: api_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=contextlib.asynccontextmanager(lifespan))
+    hosts, _ = config.trusted_hosts()  # a Host header not in the list gets 400 (DNS rebinding)
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)]
+    app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware,
+                    lifespan=contextlib.asynccontextmanager(lifespan))  # fmt: skip
     app.state.model_server = server
     wrapped = MetricsMiddleware(app, server.metrics, closing=lambda: server.draining)
     wrapped.model_server = server
@@ -484,7 +535,9 @@ class _Server(uvicorn.Server):
         self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            host, port = self.config.host, self.config.port
+            with contextlib.suppress(AttributeError, IndexError, TypeError):  # uvicorn's listeners, if it says
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
             self.echo(f"fmtl serve: {self.app.model_server.config.model} on http://{host}:{port} (loading)")
 
     def handle_exit(self, sig, frame) -> None:
@@ -516,18 +569,16 @@ class _Server(uvicorn.Server):
         are still read and answered; then exit when those have left too (or after another grace)."""
         grace = min(DRAIN_GRACE_S, self.drain_timeout)
         idle = self.app.in_flight == 0
-        if idle and self.listening_closed_at is None and (not self.server_state.connections or draining >= grace):
-            for listener in self.servers:
-                listener.close()  # new connections are refused from here on
+        if idle and self.listening_closed_at is None and (not open_connections(self) or draining >= grace):
+            close_listeners(self)  # new connections are refused from here on
             self.listening_closed_at = draining
         elif idle and self.listening_closed_at is not None:
-            if not self.server_state.connections or draining - self.listening_closed_at >= grace:
+            if not open_connections(self) or draining - self.listening_closed_at >= grace:
                 self.should_exit = True
         elif not idle and draining > self.drain_timeout:
             self.failure = f"drain timeout: {self.app.in_flight} requests were still in flight after {draining:.0f} s"
             # closing the sockets ends requests still reading a body (as a disconnect) without tracebacks
-            for connection in list(self.server_state.connections):
-                connection.transport.close()
+            close_connections(self)
             self.should_exit = True
 
 
@@ -539,8 +590,23 @@ def serve(config: ServeConfig, echo: Callable[[str], object] = print) -> int:
     """
     config.check()
     app = create_app(config)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
-                               lifespan="on", timeout_graceful_shutdown=5)  # fmt: skip
+    _, warning = config.trusted_hosts()
+    if warning:
+        print(warning, file=sys.stderr)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        http=DeadlineH11Protocol.with_deadline(config.request_timeout),  # h11, with a deadline per request
+        limit_concurrency=config.limit_concurrency,  # more open connections than this: 503 at once
+        timeout_keep_alive=config.keep_alive_timeout,  # idle keep-alive connections closed after this
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most (h11's default)
+        backlog=min(2048, config.limit_concurrency * 2),
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
     server = _Server(uv_config, app, config.drain_timeout, lambda line: echo(line) or sys.stdout.flush())
     server.run()
     if server.failure:

@@ -145,20 +145,26 @@ class Batcher:
             jobs = self._take_batch()
             if not jobs:
                 continue
-            started = time.perf_counter()
-            batch = jobs[0].images if len(jobs) == 1 else np.concatenate([job.images for job in jobs])
             try:
-                rows = await loop.run_in_executor(self._thread, self._predict, batch)
-            except Exception as error:  # a failing model fails its requests, never the worker
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(error)
-                continue
-            self._deliver(jobs, rows)
-            waits = [started - job.enqueued for job in jobs]
-            self._on_batch(BatchStats(len(batch), waits, time.perf_counter() - started))
-            if self._queue:
-                self._wakeup.set()  # requests arrived while this batch ran
+                await self._run_batch(loop, jobs)
+            finally:
+                if self._queue:
+                    self._wakeup.set()  # requests queued behind this batch, whether it succeeded or failed
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
+        """One model call for ``jobs``; its rows (or its exception) go to their futures."""
+        started = time.perf_counter()
+        batch = jobs[0].images if len(jobs) == 1 else np.concatenate([job.images for job in jobs])
+        try:
+            rows = await loop.run_in_executor(self._thread, self._predict, batch)
+        except Exception as error:  # a failing model fails its requests, never the worker
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        self._deliver(jobs, rows)
+        waits = [started - job.enqueued for job in jobs]
+        self._on_batch(BatchStats(len(batch), waits, time.perf_counter() - started))
 
     async def _wait_for_more(self) -> None:
         """Wait until a full batch is queued or batch_wait_s has passed since the oldest request came."""

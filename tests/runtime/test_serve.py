@@ -61,7 +61,7 @@ def run_app(config: ServeConfig, scenario, load: bool = True):
             await server.load()
         transport = httpx.ASGITransport(app=app)
         try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as client:
                 return await scenario(client, server)
         finally:
             await server.close()
@@ -273,9 +273,22 @@ def test_page(grey):
     async def scenario(client, server):
         answer = await client.get("/")
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
-        assert "<h1>grey</h1>" in answer.text and "v1/classify" in answer.text
+        assert '<h1 id="model">grey</h1>' in answer.text and "v1/classify" in answer.text
+        assert "script-src 'nonce-" in answer.headers["content-security-policy"]
+        assert "innerHTML" not in answer.text  # every text is set with textContent
 
     run_app(ServeConfig(grey), scenario)
+
+
+def test_page_escapes_a_hostile_model_name(tmp_path):
+    hostile = "<img src=x onerror=alert(1)>"
+    model = grey_model(tmp_path).rename(tmp_path / f"{hostile}.onnx")
+
+    async def scenario(client, server):
+        text = (await client.get("/")).text
+        assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+
+    run_app(ServeConfig(model), scenario)
 
 
 # --- the real server -------------------------------------------------------------------------------
@@ -419,7 +432,7 @@ def test_drain_timeout_ends_a_stuck_drain_with_one_line(tmp_path):
     stuck = socket.create_connection((host, int(port)), timeout=30)
     try:
         stuck.sendall(
-            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+            b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
         )
         deadline = time.monotonic() + 10
         while metric(httpx.get(f"{server.url}/metrics").text, "fmtl_in_flight_requests") < 2:
