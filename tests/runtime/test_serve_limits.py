@@ -1,0 +1,250 @@
+"""`fmtl serve` against impolite clients: stalled uploads, too many connections, hostile parameters,
+bodies and Host headers. Real servers on free loopback ports and real sockets where the behaviour
+lives in the connection layer; the ASGI app through httpx where it lives in the request handling."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from onnx_fixtures import grey_model
+from test_serve import ServerProcess, bomb_png, grey_images, metric, png, run_app
+
+from fmtl.runtime.classifier import Classifier
+from fmtl.runtime.serve import ServeConfig
+
+
+@pytest.fixture()
+def grey(tmp_path):
+    return grey_model(tmp_path)
+
+
+def address(server: ServerProcess) -> tuple[str, int]:
+    host, port = server.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def stalled_upload(host: str, port: int, length: int = 1_000_000) -> socket.socket:
+    """A connection that sends the headers of a ``length``-byte upload and one byte of it, then waits."""
+    upload = socket.create_connection((host, port), timeout=30)
+    upload.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+                   f"Content-Length: {length}\r\n\r\nx".encode())  # fmt: skip
+    return upload
+
+
+def wait_in_flight(server: ServerProcess, count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(httpx.get(f"{server.url}/metrics").text, "fmtl_in_flight_requests") < count + 1:  # + the scrape
+        assert time.monotonic() < deadline, f"fewer than {count} requests in flight"
+        time.sleep(0.05)
+
+
+def read_all(connection: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (or ``timeout`` passes)."""
+    connection.settimeout(timeout)
+    chunks = []
+    try:
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return b"".join(chunks)
+
+
+# --- slow and stalled clients (the real server) ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_200_stalled_uploads_do_not_lock_out_a_normal_client(grey, tmp_path):
+    """200 connections send headers and 1 byte of a 1 MB body and wait (more than --max-queue 128):
+    they hold connections, not queue room, so a normal client is still served."""
+    server = ServerProcess([str(grey)], tmp_path).start()
+    uploads = []
+    try:
+        uploads = [stalled_upload(*address(server)) for _ in range(200)]
+        wait_in_flight(server, 200)
+        body = png(grey_images(1)[0])
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            codes = [client.post("/v1/classify", content=body, headers={"Content-Type": "image/png"}).status_code
+                     for _ in range(100)]  # fmt: skip
+        assert codes.count(200) >= 99, codes
+        assert metric(httpx.get(f"{server.url}/metrics").text, "fmtl_in_flight_requests") >= 200  # still stalled
+    finally:
+        for upload in uploads:
+            upload.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_request_that_does_not_arrive_in_time_gets_408_and_is_closed(grey, tmp_path):
+    server = ServerProcess([str(grey), "--request-timeout", "1"], tmp_path).start()
+    host, port = address(server)
+    try:
+        half_headers = socket.create_connection((host, port), timeout=30)
+        half_headers.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+        body_stalled = stalled_upload(host, port, 1000)
+        silent = socket.create_connection((host, port), timeout=30)  # connects and sends nothing
+        started = time.monotonic()
+        answers = [read_all(connection, 10) for connection in (half_headers, body_stalled, silent)]
+        assert time.monotonic() - started < 8  # closed by the server, not by the read timeout
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"connection: close" in answer.lower() and b"--request-timeout" in answer
+        assert metric(httpx.get(f"{server.url}/metrics").text, "fmtl_rejected_requests_total",
+                      reason="request_timeout") == 1  # fmt: skip
+        assert httpx.post(f"{server.url}/v1/classify", content=png(grey_images(1)[0])).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_limit_concurrency_refuses_the_excess_at_once(grey, tmp_path):
+    server = ServerProcess([str(grey), "--limit-concurrency", "8"], tmp_path).start()
+    body = png(grey_images(1)[0])
+    uploads = [stalled_upload(*address(server)) for _ in range(8)]
+    try:
+        time.sleep(0.5)
+        refused = httpx.post(f"{server.url}/v1/classify", content=body, timeout=5)
+        assert refused.status_code == 503
+        for upload in uploads:
+            upload.close()
+        deadline = time.monotonic() + 10
+        while httpx.post(f"{server.url}/v1/classify", content=body, timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "still refused after the stalled uploads left"
+            time.sleep(0.1)
+    finally:
+        for upload in uploads:
+            upload.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_100000_multipart_parts_are_refused_without_stalling_the_server(grey, tmp_path):
+    server = ServerProcess([str(grey)], tmp_path).start()
+    part = b"--b\r\nContent-Disposition: form-data; name=f; filename=a.png\r\n\r\n\r\n"
+    body = part * 100_000 + b"--b--\r\n"
+    answers: list[httpx.Response] = []
+
+    def send() -> None:
+        headers = {"Content-Type": "multipart/form-data; boundary=b"}
+        answers.append(httpx.post(f"{server.url}/v1/classify", content=body, headers=headers, timeout=60))
+
+    try:
+        sender = threading.Thread(target=send)
+        sender.start()
+        lives = []
+        while sender.is_alive():
+            lives.append(httpx.get(f"{server.url}/v2/health/live", timeout=2).status_code)
+            time.sleep(0.01)
+        sender.join()
+        assert lives.count(200) == len(lives)
+        assert answers[0].status_code == 413 and "more than 64 images" in answers[0].json()["error"]
+    finally:
+        server.stop()
+
+
+# --- hostile parameters, bodies and hosts (the app) ---------------------------------------------------
+
+
+def test_any_k_and_min_probability_is_an_answer_or_a_400(grey):
+    image = png(grey_images(1)[0])
+
+    async def scenario(client, server):
+        for k in ("%C2%B2", "9" * 5000, "-1", "0", "1.5", "", "%00", "1000001", "%EF%BC%93"):
+            answer = await client.post(f"/v1/classify?k={k}", content=image)
+            assert answer.status_code == 400 and "k must be" in answer.json()["error"], k
+        for p in ("nan", "inf", "-0.1", "1.5", "", "%C2%BD", "1e-3", "."):
+            answer = await client.post(f"/v1/classify?min_probability={p}", content=image)
+            assert answer.status_code == 400 and "min_probability must be" in answer.json()["error"], p
+        assert (await client.post("/v1/classify?k=1000000&min_probability=1", content=image)).status_code == 200
+
+    run_app(ServeConfig(grey), scenario)
+
+
+def test_min_probability_marks_exactly_the_predictions_below_it(grey):
+    images = grey_images(8, seed=7)
+    top1 = np.sort(Classifier(grey).predict_proba(np.stack([im[None] for im in images])).max(axis=1))
+    files = [("f", (f"{i}.png", png(image))) for i, image in enumerate(images)]
+
+    async def scenario(client, server):
+        plain = (await client.post("/v1/classify?k=2", files=files)).json()["predictions"]
+        assert all("unsure" not in entry for entry in plain)
+        for threshold in [(a + b) / 2 for a, b in zip(top1, top1[1:], strict=False)]:
+            answer = await client.post(f"/v1/classify?k=2&min_probability={threshold:.9f}", files=files)
+            entries = answer.json()["predictions"]
+            unsure = [entry["unsure"] for entry in entries]
+            assert unsure == [entry["top_k"][0]["probability"] < threshold for entry in entries]
+            assert sum(unsure) == int(np.sum(top1 < threshold)) and all(len(e["top_k"]) == 2 for e in entries)
+
+    run_app(ServeConfig(grey), scenario)
+
+
+def test_pixel_limit_defaults_to_the_models_size_and_follows_max_pixels(grey):
+    async def scenario(client, server):
+        assert server.max_pixels == 16_000_000  # a 28x28 model: the 16 MP floor
+        big = await client.post("/v1/classify", content=bomb_png(5000, 5000))  # 25 MP, no pixel data
+        assert big.status_code == 400 and "limit 16000000" in big.json()["error"]
+
+    run_app(ServeConfig(grey), scenario)
+
+    async def small_limit(client, server):
+        small = await client.post("/v1/classify", content=png(np.zeros((40, 40), np.uint8)))
+        assert small.status_code == 400 and "limit 1000" in small.json()["error"]
+        assert (await client.post("/v1/classify", content=png(np.zeros((28, 28), np.uint8)))).status_code == 200
+
+    run_app(ServeConfig(grey, max_pixels=1000), small_limit)
+
+
+def test_bad_multipart_bodies_are_400_or_413(grey):
+    async def scenario(client, server):
+        async def post(body: bytes, content_type: str):
+            answer = await client.post("/v1/classify", content=body, headers={"Content-Type": content_type})
+            return answer.status_code, answer.json()["error"]
+
+        assert (await post(b"anything", "multipart/form-data"))[0] == 400  # no boundary
+        assert (await post(b"--b\r\nnot a header line\r\n\r\n", "multipart/form-data; boundary=b"))[0] == 400
+        fields = b"".join(b"--b\r\nContent-Disposition: form-data; name=x\r\n\r\nv\r\n" for _ in range(100))
+        assert (await post(fields + b"--b--\r\n", "multipart/form-data; boundary=b"))[0] == 413
+        code, error = await post(b"--b--\r\n", "multipart/form-data; boundary=b")
+        assert code == 400 and "no file" in error
+
+    run_app(ServeConfig(grey), scenario)
+
+
+def test_hosts_other_than_the_allowed_ones_get_400(grey):
+    image = png(grey_images(1)[0])
+
+    async def scenario(client, server):
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+            answer = await client.get("/v2/models/grey", headers={"Host": host})
+            assert answer.status_code == 400, host
+        for host in ("127.0.0.1:8000", "localhost", "localhost:1234"):
+            assert (await client.post("/v1/classify", content=image, headers={"Host": host})).status_code == 200
+
+    run_app(ServeConfig(grey), scenario)
+    assert ServeConfig(grey, host="0.0.0.0").trusted_hosts()[0] == ["*"]
+    assert "warning" in ServeConfig(grey, host="0.0.0.0").trusted_hosts()[1]
+    assert ServeConfig(grey, host="0.0.0.0", allowed_hosts=("models.example",)).trusted_hosts() == (
+        ["models.example"], None)  # fmt: skip
+
+    async def named(client, server):
+        assert (await client.get("/v2/health/live", headers={"Host": "models.example"})).status_code == 200
+        assert (await client.get("/v2/health/live", headers={"Host": "localhost"})).status_code == 400
+
+    run_app(ServeConfig(grey, allowed_hosts=("models.example",)), named)
+
+
+def test_a_refusal_before_the_body_is_read_keeps_or_closes_the_connection(grey):
+    """A small unread body is dropped so the connection can be reused; a large one closes it."""
+
+    async def scenario(client, server):
+        small = await client.post("/v1/classify?k=x", content=b"\0" * 1000)
+        large = await client.post("/v1/classify?k=x", content=b"\0" * 1_000_000)
+        assert small.status_code == large.status_code == 400
+        assert "connection" not in small.headers and large.headers["connection"] == "close"
+
+    run_app(ServeConfig(grey), scenario)
