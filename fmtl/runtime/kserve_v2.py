@@ -76,6 +76,8 @@ def parse_request(
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise V2RequestError(f"id must be a string, got {_kind(request_id)}")
+    if request_id is not None and not _is_unicode(request_id):
+        raise V2RequestError("id must be Unicode text (it has an unpaired surrogate, which no client could read back)")
     images = _input_tensor(document.get("inputs"), input_shape, body[json_length:], header_length is not None)
     return V2Request(images, request_id, _binary_output(document))
 
@@ -125,7 +127,7 @@ def _json_length(header: str | None, body_length: int) -> int:
     if header is None:
         return body_length
     text = header.strip()
-    if not (text.isascii() and text.isdigit()) or int(text) == 0 or len(text) > 20:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18 or int(text) == 0:
         raise V2RequestError(f"{HEADER_LENGTH} must be a positive whole number, got {header[:40]!r}")
     if int(text) > body_length:
         raise V2RequestError(f"{HEADER_LENGTH} is {text} but the body has only {body_length} bytes")
@@ -237,6 +239,15 @@ def _flag(parameters: dict, name: str, default: bool = False) -> bool:
     if type(value) is not bool:
         raise V2RequestError(f"{name} must be true or false, got {_short(value)}")
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (JSON's escapes can smuggle in a lone surrogate, which does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _kind(value: object) -> str:

@@ -169,16 +169,20 @@ def test_hostile_v2_bodies_get_a_4xx_with_one_line(served):
     batch = decoded_batch(paths[:1])
     header = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": list(batch.shape),
                                      "parameters": {"binary_data_size": batch.size}}]}).encode()  # fmt: skip
+    json_tensor = {"name": "images", "datatype": "UINT8", "shape": list(batch.shape), "data": batch.ravel().tolist()}
+    lone_surrogate_id = json.dumps({"id": "\ud800", "inputs": [json_tensor]}).encode()  # fine for JSON, not for UTF-8
     cases = [  # (body, headers, status, words in the error)
         (_deep(100_000), {}, 400, "nested too deeply"),
         (header + batch.tobytes(), {}, 400, HEADER_LENGTH),  # what tritonclient sends, without the header
         (header + batch.tobytes(), {HEADER_LENGTH: b"\xb2"}, 400, "positive whole number"),  # a superscript 2 (latin-1)
         (header + batch.tobytes(), {HEADER_LENGTH: str(len(header) + 3)}, 400, "bad JSON"),
+        (header + batch.tobytes(), {HEADER_LENGTH: "9" * 5000}, 400, "positive whole number"),
         (header + batch.tobytes()[:-1], {HEADER_LENGTH: str(len(header))}, 400, "binary_data_size says"),
         (b'{"inputs": [' + b"7" * 5000 + b"]}", {}, 400, "digits"),
         (b'{"inputs": [{"datatype": "UINT8", "shape": [1e400, 3, 20, 30], "data": []}]}', {}, 400, "input shape"),
         (gzip.compress(b" " * 5_000_000), {"Content-Encoding": "gzip"}, 413, "expands past"),
         (b"{}", {"Content-Encoding": "br"}, 415, "Content-Encoding"),
+        (lone_surrogate_id, {}, 400, "Unicode"),
     ]
     with httpx.Client(base_url=f"http://{server.url}", timeout=30) as client:
         for body, headers, status, words in cases:
@@ -252,7 +256,7 @@ def test_deep_nesting_is_a_v2_request_error(depth, opener):
 @given(
     document=requests,
     binary=st.binary(max_size=2000),
-    header_length=st.none() | st.integers(-5, 3000).map(str) | st.text(max_size=6),
+    header_length=st.none() | st.integers(-5, 3000).map(str) | st.text(max_size=6) | st.just("9" * 5000),
     encoding=st.none() | st.sampled_from(["gzip", "deflate", "identity", "br", ""]),
 )
 def test_any_binary_body_and_header_parses_or_is_a_v2_request_error(document, binary, header_length, encoding):
@@ -271,12 +275,13 @@ def test_random_bytes_parse_or_are_a_v2_request_error(body, header_length):
     binary_in=st.booleans(),
     binary_out=st.sampled_from([None, False, True]),
     compressed=st.booleans(),
+    request_id=st.text(max_size=8),
 )
-def test_well_formed_requests_round_trip(images, binary_in, binary_out, compressed):
+def test_well_formed_requests_round_trip(images, binary_in, binary_out, compressed, request_id):
     """A batch sent either way parses back exactly; the answer reads back through tritonclient's own parser."""
     batch = np.frombuffer(images, np.uint8).reshape(-1, *INPUT_SHAPE)
     tensor = {"name": "images", "datatype": "UINT8", "shape": list(batch.shape)}
-    document = {"id": "r", "inputs": [tensor]}
+    document = {"id": request_id, "inputs": [tensor]}
     if binary_out is not None:
         document["outputs"] = [{"name": "probs", "parameters": {"binary_data": binary_out}}]
     if binary_in:
@@ -288,14 +293,14 @@ def test_well_formed_requests_round_trip(images, binary_in, binary_out, compress
         body, header_length = json.dumps(document).encode(), None
     parsed = _outcome(gzip.compress(body) if compressed else body, header_length, "gzip" if compressed else None)
     np.testing.assert_array_equal(parsed.images, batch)
-    assert parsed.id == "r" and parsed.binary_output == bool(binary_out)
+    assert parsed.id == request_id and parsed.binary_output == bool(binary_out)
 
     probs = np.random.default_rng(len(batch)).dirichlet(np.ones(4), len(batch)).astype(np.float32)
     content, headers = encode_response(probs, "rgb", parsed)
     assert headers["Content-Type"] == ("application/octet-stream" if binary_out else "application/json")
     result = tritonclient_http.InferResult.from_response_body(content, header_length=headers.get(HEADER_LENGTH))
     np.testing.assert_array_equal(result.as_numpy("probs"), probs)
-    assert result.get_response()["id"] == "r"
+    assert json.loads(content[: int(headers.get(HEADER_LENGTH, len(content)))])["id"] == request_id
 
 
 def test_binary_without_the_header_says_what_is_missing():
@@ -308,6 +313,13 @@ def test_binary_without_the_header_says_what_is_missing():
             parse_request(header + pixels.tobytes(), INPUT_SHAPE)
     with pytest.raises(V2RequestError, match=f"no {HEADER_LENGTH} header"):
         parse_request(header, INPUT_SHAPE)
+
+
+def test_an_id_no_client_could_read_back_is_refused():
+    """JSON's escapes can carry a lone surrogate; echoed back, tritonclient's parser would fail on the answer."""
+    tensor = {"name": "images", "datatype": "UINT8", "shape": [1, *INPUT_SHAPE], "data": [0] * 1800}
+    with pytest.raises(V2RequestError, match="id must be Unicode text"):
+        parse_request(json.dumps({"id": "a\ud800", "inputs": [tensor]}).encode(), INPUT_SHAPE)
 
 
 def test_png_bytes_are_not_a_tensor():
