@@ -23,7 +23,8 @@ from fmtl.errors import FmtlError
 from fmtl.spec import InputSpec
 from fmtl.training import export
 from fmtl.training.augment import Preprocess
-from fmtl.training.checkpoint import load_model, sha256_file
+from fmtl.training.calibrate import apply_temperature
+from fmtl.training.checkpoint import load_model, read_model_info, sha256_file, write_model_info
 from fmtl.training.data import ImageSet, find_fashion_mnist, load_dataset
 from fmtl.training.evaluate import evaluate
 from fmtl.training.export import ExportError, Probabilities, check_parity, export_onnx, int8_path, quantize_int8
@@ -262,3 +263,70 @@ def test_evaluate_refuses_data_that_does_not_fit(exported) -> None:
         evaluate(exported["path"], data=big, echo=lambda _: None)
     with pytest.raises(FmtlError, match="not found"):
         evaluate(Path(exported["folder"]) / "missing.onnx", echo=lambda _: None)
+
+
+# --- calibration -----------------------------------------------------------------------------------
+
+CALIBRATED_T = 0.5
+
+
+@pytest.fixture(scope="module")
+def calibrated(run_dir, exported, tmp_path_factory) -> dict:
+    """A copy of the run whose model.json says temperature 0.5, exported with its int8 twin."""
+    folder = tmp_path_factory.mktemp("calibrated")
+    copy = Path(shutil.copytree(run_dir, folder / "run"))
+    info = read_model_info(copy)
+    original_t, info.temperature = info.temperature, CALIBRATED_T
+    write_model_info(copy, info)
+    lines: list[str] = []
+    path = export_onnx(copy, folder / "cal.onnx", parity_images=64, quantize="int8", max_accuracy_drop=100,
+                       calibration_images=128, accuracy_images=256, echo=lines.append)  # fmt: skip
+    return {"run": copy, "path": path, "log": lines, "original_t": original_t}
+
+
+def test_export_bakes_the_temperature_into_fp32_and_int8(exported, calibrated) -> None:
+    assert next(line for line in calibrated["log"] if line.startswith("parity")).endswith("passed")
+    images = _val_images(64)
+    rescale = CALIBRATED_T / calibrated["original_t"]  # from the first export's temperature to 0.5
+    for original, made in ((exported["path"], calibrated["path"]), (int8_path(exported["path"]),
+                                                                     int8_path(calibrated["path"]))):  # fmt: skip
+        props = {p.key: p.value for p in onnx.load(str(made)).metadata_props}
+        assert float(props["temperature"]) == CALIBRATED_T
+        before = _session(original).run(["probs"], {"images": images})[0]
+        after = _session(made).run(["probs"], {"images": images})[0]
+        np.testing.assert_array_equal(after.argmax(1), before.argmax(1))  # argmax unchanged
+        np.testing.assert_allclose(after, apply_temperature(before, rescale), atol=1e-4)
+
+
+def test_parity_gate_compares_calibrated_probabilities(calibrated, tmp_path) -> None:
+    """A graph that leaves the temperature out fails the gate against the calibrated model."""
+    model, info, spec = load_model(calibrated["run"])
+    uncalibrated = tmp_path / "no_temperature.onnx"
+    export.write_graph(Probabilities(Preprocess(spec), model, 1.0), spec, uncalibrated, 18, {})
+    reference = Probabilities(Preprocess(spec), model, info.temperature)
+    assert not check_parity(uncalibrated, reference, _val_images(64)).passed
+    assert check_parity(calibrated["path"], reference, _val_images(64)).passed
+
+
+def test_evaluate_reports_calibration_for_run_folder_and_onnx(calibrated) -> None:
+    lines: list[str] = []
+    by_torch = evaluate(calibrated["run"], echo=lines.append)
+    by_onnx = evaluate(calibrated["path"], echo=lambda _: None)
+    run, graph = by_torch["calibration"], by_onnx["calibration"]
+    assert run["temperature"] == graph["temperature"] == CALIBRATED_T
+    assert set(run["before"]) == {"ece", "nll", "brier", "mean_confidence"} and "before" not in graph
+    assert graph["ece"] == pytest.approx(run["ece"], abs=2e-3) and graph["nll"] == pytest.approx(run["nll"], abs=1e-3)
+    assert run["mean_confidence"] > run["before"]["mean_confidence"]  # T < 1 sharpens
+    assert lines[-1].startswith("calibration: ECE") and "temperature 0.500" in lines[-1]
+
+
+def test_export_without_temperature_metadata_still_loads_and_evaluates(exported, tmp_path) -> None:
+    """A file exported before calibration existed: no temperature key, read as 1."""
+    model = onnx.load(str(exported["path"]))
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != "temperature"]
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, dict(kept))
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    report = evaluate(old, echo=lambda _: None)
+    assert report["calibration"]["temperature"] == 1.0 and 0 <= report["calibration"]["ece"] <= 1
