@@ -189,7 +189,8 @@ def serve(model, allowed_hosts, **options) -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @user_errors
 def evaluate(model, data, split, batch_size) -> None:
-    """Accuracy, top-5, per-class report and confusion matrix of an ONNX file or a run folder."""
+    """Accuracy, top-5, per-class report, confusion matrix and calibration (ECE, NLL, Brier) of an ONNX file or a
+    run folder (a run folder's calibration before and after its temperature)."""
     from fmtl.training.evaluate import evaluate as run_evaluation
 
     run_evaluation(model, data=data, split=split, batch_size=batch_size, echo=click.echo)
