@@ -38,29 +38,33 @@ INT8_LIMIT = 3.0
 META_KEYS = set("classes input_spec architecture fmtl_version metrics weights_sha256 opset data_options".split())
 
 
-def _write_csv(path: Path, split: str, count: int) -> Path:
+def _write_csv(path: Path, split: str, count: int, start: int = 0) -> Path:
     data = load_dataset("fashion-mnist", split)
-    rows = np.column_stack([data.labels[:count].numpy(), data.images[:count].reshape(count, -1).numpy()])
+    images, labels = data.images[start : start + count], data.labels[start : start + count]
+    rows = np.column_stack([labels.numpy(), images.reshape(count, -1).numpy()])
     header = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
     np.savetxt(path, rows, fmt="%d", delimiter=",", header=header, comments="")
     return path
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("runs")
-    train_csv = _write_csv(folder / "train.csv", "train", 2000)
-    test_csv = _write_csv(folder / "test.csv", "test", 1000)
-    args = ["--data", str(train_csv), "--test-data", str(test_csv), "--val-fraction", "0.3",
+def _train(folder: Path, name: str, test_csv: Path, *extra: str) -> Path:
+    """The tiny run on folder/train.csv, tested on ``test_csv``; returns its run folder."""
+    args = ["--data", str(folder / "train.csv"), "--test-data", str(test_csv), "--val-fraction", "0.3",
             "--max-train-samples", "1000", "--image-size", "32", "--epochs", "2", "--strategy", "linear",
             "--no-augment", "--lr", "0.01", "--no-save-state", "--quiet",
             # the export is tested on an AdamW head: a solved (L-BFGS) head of this tiny model loses 3.3 pp
             # in int8 on an AVX2 CPU, over INT8_LIMIT (the gate then refuses it, as test_int8_refused_* checks)
             # and in batches of 128: the recipe's batches of 32 train a head that loses 3.5 pp in int8 here
-            "--head-fit", "none", "--batch-size", "128"]  # fmt: skip
-    args += ["--output", str(folder / "tiny")]
+            "--head-fit", "none", "--batch-size", "128", *extra, "--output", str(folder / name)]  # fmt: skip
     assert train_main(args) == 0
-    return folder / "tiny"
+    return folder / name
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("runs")
+    _write_csv(folder / "train.csv", "train", 2000)
+    return _train(folder, "tiny", _write_csv(folder / "test.csv", "test", 1000))
 
 
 @pytest.fixture(scope="module")
