@@ -30,6 +30,11 @@ EXTENSIONS = ("binary_tensor_data",)  # what GET /v2 lists
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"  # Triton's content type for a JSON header followed by binary tensors
 _ZLIB_WINDOW = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # Content-Encoding -> zlib wbits
+# JSON bytes other than whitespace a request may spend per pixel value ("255," is 4), plus room for the rest of
+# the document: JSON past this for --max-images images is refused before it is parsed, since parsing holds the
+# GIL (about 0.05 s per MB of numbers here) and so stalls every other request meanwhile
+JSON_BYTES_PER_VALUE = 8
+JSON_SLACK_BYTES = 65_536
 
 
 class V2RequestError(FmtlError):
@@ -55,6 +60,7 @@ def parse_request(
     header_length: str | None = None,
     content_encoding: str | None = None,
     max_bytes: int = 16_000_000,
+    max_images: int | None = None,
 ) -> V2Request:
     """Read an infer request body.
 
@@ -64,13 +70,17 @@ def parse_request(
         header_length: the Inference-Header-Content-Length header, if sent (binary tensor data follows the JSON).
         content_encoding: the Content-Encoding header, if sent (gzip and deflate are read, up to ``max_bytes``).
         max_bytes: the most bytes a compressed body may expand to.
+        max_images: the most images a request may hold; bounds the JSON part's size (JSON_BYTES_PER_VALUE).
 
     Raises:
         V2RequestError: anything that is not a well-formed request for this model.
     """
     body = _decompress(body, content_encoding, max_bytes)
     json_length = _json_length(header_length, len(body))
-    document = _load_json(body[:json_length], binary_follows=header_length is not None)
+    json_part = body[:json_length]
+    if max_images is not None:
+        _check_json_size(json_part, max_images, input_shape)
+    document = _load_json(json_part, binary_follows=header_length is not None)
     if not isinstance(document, dict):
         raise V2RequestError(f'expected a JSON object {{"inputs": [...]}}, got {_kind(document)}')
     request_id = document.get("id")
@@ -132,6 +142,20 @@ def _json_length(header: str | None, body_length: int) -> int:
     if int(text) > body_length:
         raise V2RequestError(f"{HEADER_LENGTH} is {text} but the body has only {body_length} bytes")
     return int(text)
+
+
+def _check_json_size(text: bytes, max_images: int, input_shape: tuple[int, int, int]) -> None:
+    """Refuse (413) JSON longer than ``max_images`` images could need, before spending CPU and the GIL on it.
+    Whitespace does not count (pretty-printed requests are fine; skipping it costs the parser little)."""
+    limit = max_images * math.prod(input_shape) * JSON_BYTES_PER_VALUE + JSON_SLACK_BYTES
+    if len(text) <= limit:
+        return
+    dense = len(text) - sum(text.count(space) for space in (b" ", b"\n", b"\r", b"\t"))
+    if dense > limit:
+        raise V2RequestError(
+            f"{dense / 1e6:.1f} MB of JSON is more than {max_images} images of {list(input_shape)} need "
+            f"(limit {limit / 1e6:.1f} MB): send fewer images, or the tensor as binary data", status=413
+        )  # fmt: skip
 
 
 def _load_json(data: bytes, binary_follows: bool) -> object:

@@ -336,11 +336,12 @@ async def _discard_small_body(request: Request) -> bool:
     return True
 
 
-def parse_v2(body: bytes, header_length: str | None, encoding: str | None,
-             input_shape: tuple[int, int, int], limit_bytes: int) -> kserve_v2.V2Request:  # fmt: skip
+def parse_v2(body: bytes, header_length: str | None, encoding: str | None, input_shape: tuple[int, int, int],
+             config: ServeConfig) -> kserve_v2.V2Request:  # fmt: skip
     """An Open Inference Protocol infer request (fmtl.runtime.kserve_v2), its errors as 4xx; runs in the pool."""
     try:
-        return kserve_v2.parse_request(body, input_shape, header_length, encoding, limit_bytes)
+        return kserve_v2.parse_request(body, input_shape, header_length, encoding, int(config.max_body_mb * 1e6),
+                                       config.max_images)  # fmt: skip
     except kserve_v2.V2RequestError as error:
         reason = {413: "body_too_large", 415: "unsupported_media_type"}.get(error.status, "bad_request")
         raise ApiError(error.status, str(error), reason) from None
@@ -438,12 +439,12 @@ async def model_infer(request: Request) -> Response:
     server.check_accepting()
     admission = server.admit()
     try:
-        limit = int(server.config.max_body_mb * 1e6)
-        body = await read_body(request, limit)
-        # parsing megabytes of JSON numbers takes a while: in the decoding pool, not on the event loop
+        body = await read_body(request, int(server.config.max_body_mb * 1e6))
+        # parsing JSON numbers takes a while: in the decoding pool, not on the event loop
         headers, loop = request.headers, asyncio.get_running_loop()
         parsed = await loop.run_in_executor(server.decode_pool, parse_v2, body, headers.get(kserve_v2.HEADER_LENGTH),
-                                            headers.get("content-encoding"), server.classifier.input_shape, limit)  # fmt: skip
+                                            headers.get("content-encoding"), server.classifier.input_shape,
+                                            server.config)  # fmt: skip
         probs = await server.infer(parsed.images, admission)
     finally:
         admission.release()

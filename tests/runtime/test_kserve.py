@@ -199,7 +199,7 @@ def test_hostile_v2_bodies_get_a_4xx_with_one_line(served):
 def _outcome(body: bytes, header_length: str | None = None, encoding: str | None = None) -> V2Request | None:
     """parse_request's result, or None for a V2RequestError; anything else raised fails the test."""
     try:
-        parsed = parse_request(body, INPUT_SHAPE, header_length, encoding, max_bytes=1_000_000)
+        parsed = parse_request(body, INPUT_SHAPE, header_length, encoding, max_bytes=1_000_000, max_images=3)
     except V2RequestError as error:
         assert str(error) and "\n" not in str(error) and error.status in (400, 413, 415)
         return None
@@ -313,6 +313,19 @@ def test_binary_without_the_header_says_what_is_missing():
             parse_request(header + pixels.tobytes(), INPUT_SHAPE)
     with pytest.raises(V2RequestError, match=f"no {HEADER_LENGTH} header"):
         parse_request(header, INPUT_SHAPE)
+
+
+def test_json_longer_than_max_images_could_need_is_refused_unparsed():
+    """Parsing JSON holds the GIL, so JSON too long for --max-images images is a 413 before it is parsed."""
+    batch = np.full((8, *INPUT_SHAPE), 255, np.uint8)
+    tensor = {"name": "images", "datatype": "UINT8", "shape": list(batch.shape), "data": batch.tolist()}
+    pretty = json.dumps({"inputs": [tensor]}, indent=4).encode()  # each number on a line of its own
+    assert len(pretty) > 2 * (batch.size * 8 + 65_536)  # twice the limit, but mostly whitespace
+    assert parse_request(pretty, INPUT_SHAPE, max_images=8).images.shape == batch.shape
+    long = json.dumps({"inputs": [tensor], "parameters": {"note": "x" * 200_000}}).encode()  # dense, and too long
+    with pytest.raises(V2RequestError, match=r"more than 8 images of \[3, 20, 30\] need .* binary data") as caught:
+        parse_request(long, INPUT_SHAPE, max_images=8)
+    assert caught.value.status == 413
 
 
 def test_an_id_no_client_could_read_back_is_refused():
