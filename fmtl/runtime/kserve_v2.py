@@ -32,7 +32,7 @@ BINARY_TYPE = "application/octet-stream"  # Triton's content type for a JSON hea
 _ZLIB_WINDOW = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # Content-Encoding -> zlib wbits
 # JSON bytes other than whitespace a request may spend per pixel value ("255," is 4), plus room for the rest of
 # the document: JSON past this for --max-images images is refused before it is parsed, since parsing holds the
-# GIL (about 0.05 s per MB of numbers here) and so stalls every other request meanwhile
+# GIL and so stalls every other request meanwhile (binary tensor data costs next to nothing to read)
 JSON_BYTES_PER_VALUE = 8
 JSON_SLACK_BYTES = 65_536
 
