@@ -10,7 +10,7 @@ uint8 in, softmax out; the model's size does not change what is measured) in a f
 - ``fmtl infer DIR --format jsonl -o FILE`` (streamed to a temporary file renamed at the end);
 - ``fmtl infer DIR --format csv`` to stdout (streamed, piped to /dev/null);
 - the peer, in the same run: the same rows kept in a list and formatted at the end
-  (``classify_paths`` + ``format_rows``, what ``fmtl infer`` did before it streamed).
+  (every row of ``iter_rows`` in a list, then ``format_stream``: what ``fmtl infer`` did before it streamed).
 
 Peak RSS is the child's ru_maxrss (getrusage of a small parent that only runs it). The last lines print each
 variant's peak at the largest size against its peak at the smallest (1.00x is flat).
@@ -37,11 +37,12 @@ PEER = """
 import sys
 from fmtl.runtime.classifier import Classifier
 from fmtl.runtime.images import collect_image_paths
-from fmtl.runtime.infer import classify_paths, format_rows
+from fmtl.runtime.infer import format_stream, iter_rows
 classifier = Classifier(sys.argv[1])
 paths, _ = collect_image_paths([sys.argv[2]])
-rows = classify_paths(classifier, paths, 5, 64)
-sys.stdout.write(format_rows(rows, "csv", classifier, 5))
+rows = list(iter_rows(classifier, paths, 5, 64))
+width = max((len(row.path) for row in rows), default=0)
+sys.stdout.write("".join(format_stream(rows, "csv", classifier, 5, width)))
 """
 
 

@@ -2,8 +2,8 @@
 
     from fmtl.runtime.classifier import Classifier
     clf = Classifier("export/model.onnx")
-    for top in clf.predict(["shoe.png", "shirt.jpg"], k=3):
-        print(top[0].label, top[0].probability)
+    for top in clf.predict(["shoe.png", "shirt.jpg"], k=3, min_probability=0.6):
+        print(top[0].label, top[0].probability, "(unsure)" if top.unsure else "")
 
 The ONNX file carries everything needed (see fmtl/spec.py): it takes uint8 images at the
 source size, does its own resizing and normalisation, ends in a softmax, and names its
@@ -41,6 +41,24 @@ class Prediction(NamedTuple):
     label: str  # class name
     index: int  # class index, as in Classifier.classes
     probability: float  # softmax probability, 0..1
+
+
+class TopK(list[Prediction]):
+    """One image's top-k Predictions, most probable first (a plain list of them), and ``unsure``: True when
+    the top-1 probability is below the ``min_probability`` asked for (False when none was asked for)."""
+
+    def __init__(self, predictions: Sequence[Prediction] = (), unsure: bool = False) -> None:
+        super().__init__(predictions)
+        self.unsure = unsure
+
+    def __repr__(self) -> str:
+        return f"TopK({list.__repr__(self)}, unsure={self.unsure})"
+
+
+def check_min_probability(min_probability: float | None) -> None:
+    """Raise ValueError unless ``min_probability`` is None or a number within 0..1."""
+    if min_probability is not None and not 0.0 <= min_probability <= 1.0:
+        raise ValueError(f"min_probability must be within 0..1, got {min_probability}")
 
 
 def default_providers() -> list[str]:
@@ -96,8 +114,12 @@ class Classifier:
         return run_in_batches(self.session, batch, batch_size)
 
     def predict(
-        self, inputs: np.ndarray | Sequence[Source] | Source, k: int = 5, batch_size: int = 64
-    ) -> list[list[Prediction]]:
+        self,
+        inputs: np.ndarray | Sequence[Source] | Source,
+        k: int = 5,
+        batch_size: int = 64,
+        min_probability: float | None = None,
+    ) -> list[TopK]:
         """Top-k predictions per image, most probable first.
 
         Args:
@@ -106,12 +128,14 @@ class Classifier:
                 PIL image.
             k: how many classes per image; clamped to 1..num_classes.
             batch_size: images per onnxruntime call.
+            min_probability: mark an image ``unsure`` when its top-1 probability is below this.
 
         Raises:
             DecodeError: an input could not be decoded (the message names it).
         """
+        check_min_probability(min_probability)
         batch = inputs if isinstance(inputs, np.ndarray) else self.decode(inputs)
-        return self.top_k(self.predict_proba(batch, batch_size), k)
+        return self.top_k(self.predict_proba(batch, batch_size), k, min_probability)
 
     def decode(self, inputs: Sequence[Source] | Source) -> np.ndarray:
         """Decode paths / PIL images / arrays (in a thread pool) into one uint8 batch for this model."""
@@ -125,12 +149,15 @@ class Classifier:
             return np.zeros((0, *self.input_shape), dtype=np.uint8)
         return np.stack(decoded)
 
-    def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[Prediction]]:
-        """The k best Predictions per row of probabilities [N, num_classes], k clamped to 1..num_classes."""
+    def top_k(self, probs: np.ndarray, k: int = 5, min_probability: float | None = None) -> list[TopK]:
+        """The k best Predictions per row of probabilities [N, num_classes], k clamped to 1..num_classes;
+        a row whose top-1 probability is below ``min_probability`` is marked ``unsure``."""
+        check_min_probability(min_probability)
         k = max(1, min(int(k), self.num_classes))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # stable: ties go to the lower index
+        floor = -1.0 if min_probability is None else min_probability
         return [
-            [Prediction(self.classes[i], int(i), float(row[i])) for i in indices]
+            TopK([Prediction(self.classes[i], int(i), float(row[i])) for i in indices], float(row[indices[0]]) < floor)
             for row, indices in zip(probs, order, strict=True)
         ]
 

@@ -8,6 +8,13 @@ reason it could not be read (also said on stderr); one unreadable file never sto
 others. Rows stream out a batch at a time (to stdout, or to a temporary file renamed over
 ``-o`` at the end), so memory does not grow with the number of images. The exit code is 0
 when at least one image was classified, else 1.
+
+Names are untrusted text (fmtl.runtime.text): bytes of a file name that are not UTF-8 are
+written as backslash escapes in every format; the table (and stderr) also shows control
+characters and terminal escapes escaped; CSV cells a spreadsheet would run as a formula
+start with ``'``. With ``min_probability``, a row whose top-1 probability is below it is
+marked unsure (JSON ``"unsure": true``, a CSV column, ``unsure:`` in the table), its top-k
+still listed.
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ import io
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from fmtl.atomic import atomic_open
 from fmtl.errors import FmtlError
-from fmtl.runtime.classifier import Classifier, ModelError, Prediction
-from fmtl.runtime.images import DecodeError, collect_image_paths, iter_decoded
+from fmtl.runtime.classifier import Classifier, ModelError, check_min_probability
+from fmtl.runtime.images import collect_image_paths, iter_decoded
+from fmtl.runtime.results import Row, classify_decoded
+from fmtl.runtime.text import csv_cell, shown_name, terminal_text
+
+__all__ = ["FORMATS", "InferError", "Row", "find_newest_model", "format_stream", "iter_rows", "load_classifier", "run"]
 
 FORMATS = ("table", "csv", "json", "jsonl")
 DEFAULT_MODEL_FOLDER = "export"
@@ -36,19 +45,6 @@ Echo = Callable[[str], object]
 
 class InferError(FmtlError):
     """A user error (bad model, bad option): the CLI prints the message on one line and exits non-zero."""
-
-
-@dataclass
-class Row:
-    """One image's result: its top-k predictions, or the reason it could not be read."""
-
-    path: str
-    predictions: list[Prediction] = field(default_factory=list)
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        top = [{"label": p.label, "index": p.index, "probability": round(p.probability, 6)} for p in self.predictions]
-        return {"path": self.path, "top_k": top, "error": self.error}
 
 
 def _print_err(message: str) -> None:
@@ -81,6 +77,7 @@ def run(
     progress: bool = True,
     echo: Echo = print,
     echo_err: Echo = _print_err,
+    min_probability: float | None = None,
 ) -> int:
     """Classify every image in ``inputs`` and write one row per image; return the exit code.
 
@@ -94,6 +91,7 @@ def run(
         recursive: walk folders to any depth instead of their direct children.
         progress: show a progress bar on stderr (only when stderr is a terminal).
         echo, echo_err: where results and messages go (print to stdout / stderr by default).
+        min_probability: mark images whose top-1 probability is below it as unsure (None: no marking).
 
     Returns:
         0 when at least one image was classified, 1 when none was.
@@ -101,22 +99,23 @@ def run(
     Raises:
         InferError: bad options, or no usable model.
     """
-    _check_options(k, batch_size, fmt)
+    _check_options(k, batch_size, fmt, min_probability)
     classifier = load_classifier(model, echo_err)
     paths, problems = collect_image_paths(inputs, recursive)
     for item, reason in problems:
-        echo_err(f"warning: {item}: {reason}")
+        echo_err(f"warning: {terminal_text(item)}: {reason}")
     tally = Tally()
-    rows = tally.count(iter_rows(classifier, paths, k, batch_size, progress, echo_err))
-    width = max((len(str(p)) for p in paths), default=0)
+    rows = tally.count(iter_rows(classifier, paths, k, batch_size, progress, echo_err, min_probability))
+    width = max((len(terminal_text(str(p))) for p in paths), default=0)
+    chunks = format_stream(rows, fmt, classifier, k, width, min_probability)
     if output:
         # Rows go to a temporary file as they come; it replaces ``output`` only once complete.
         with atomic_open(output, "w", encoding="utf-8", newline="") as handle:
-            for chunk in format_stream(rows, fmt, classifier, k, width):
+            for chunk in chunks:
                 handle.write(chunk)
-        echo_err(f"wrote {tally.rows} rows to {output}")
+        echo_err(f"wrote {tally.rows} rows to {terminal_text(str(output))}")
     else:
-        for chunk in format_stream(rows, fmt, classifier, k, width):
+        for chunk in chunks:
             echo(chunk.removesuffix("\n"))
     return _summarise(tally, echo_err)
 
@@ -135,7 +134,9 @@ class Tally:
             yield row
 
 
-def _check_options(k: int, batch_size: int, fmt: str) -> None:
+def _check_options(k: int, batch_size: int, fmt: str, min_probability: float | None) -> None:
+    if min_probability is not None and not 0.0 <= min_probability <= 1.0:
+        raise InferError(f"--min-probability must be within 0..1, got {min_probability}")
     if k < 1:
         raise InferError(f"-k must be at least 1, got {k}")
     if batch_size < 1:
@@ -157,18 +158,6 @@ def load_classifier(model: str | None, echo_err: Echo = _print_err) -> Classifie
     return classifier
 
 
-def classify_paths(
-    classifier: Classifier,
-    paths: Sequence[Path],
-    k: int,
-    batch_size: int,
-    progress: bool = False,
-    echo_err: Echo = _print_err,
-) -> list[Row]:
-    """All of ``iter_rows`` as a list: one Row per path, in order."""
-    return list(iter_rows(classifier, paths, k, batch_size, progress, echo_err))
-
-
 def iter_rows(
     classifier: Classifier,
     paths: Sequence[Path],
@@ -176,24 +165,21 @@ def iter_rows(
     batch_size: int,
     progress: bool = False,
     echo_err: Echo = _print_err,
+    min_probability: float | None = None,
 ) -> Iterator[Row]:
     """Decode (in a thread pool, one batch ahead) and classify ``paths``, yielding one Row per path in
-    order, a batch at a time: memory holds one batch of images and rows, however many paths."""
+    order, a batch at a time: memory holds one batch of images and rows, however many paths.
+    Each unreadable file is also said on stderr (``echo_err``)."""
+    check_min_probability(min_probability)
     spec = classifier.spec
     batches = iter_decoded(paths, spec.channels, spec.source_size, spec.background, batch_size=batch_size)
     with _progress_bar(len(paths), progress, echo_err) as (update, say):
         for start, decoded in zip(range(0, len(paths), batch_size), batches, strict=True):
             names = [str(p) for p in paths[start : start + batch_size]]
-            good = [i for i, item in enumerate(decoded) if not isinstance(item, DecodeError)]
-            if good:
-                probs = classifier.predict_proba(np.stack([decoded[i] for i in good]), batch_size)
-                by_index = dict(zip(good, classifier.top_k(probs, k), strict=True))
-            for i, (name, item) in enumerate(zip(names, decoded, strict=True)):
-                if isinstance(item, DecodeError):
-                    say(f"error: {name}: {item}")
-                    yield Row(name, error=str(item))
-                else:
-                    yield Row(name, by_index[i])
+            for row in classify_decoded(classifier, names, decoded, k, min_probability, batch_size):
+                if row.error is not None:
+                    say(f"error: {terminal_text(row.path)}: {row.error}")
+                yield row
             update(len(decoded))
 
 
@@ -233,33 +219,32 @@ def _summarise(tally: Tally, echo_err: Echo) -> int:
 # --- output formats --------------------------------------------------------------------------------
 
 
-def format_rows(rows: Sequence[Row], fmt: str, classifier: Classifier, k: int) -> str:
-    """Rows as text in ``fmt`` (table, csv, json, jsonl), ending in a newline unless empty."""
-    width = max((len(row.path) for row in rows), default=0)
-    return "".join(format_stream(rows, fmt, classifier, k, width))
-
-
-def format_stream(rows: Iterable[Row], fmt: str, classifier: Classifier, k: int, width: int) -> Iterator[str]:
+def format_stream(
+    rows: Iterable[Row], fmt: str, classifier: Classifier, k: int, width: int, min_probability: float | None = None
+) -> Iterator[str]:
     """Rows as text in ``fmt``, one chunk per row (plus a header or an envelope), each ending in a newline.
 
-    ``width`` pads the table's path column (the longest path, known before the rows are).
+    ``width`` pads the table's path column (the longest path as ``terminal_text`` shows it, known before
+    the rows are). ``min_probability`` adds the CSV ``unsure`` column and the JSON envelope's field.
     """
     k = max(1, min(k, classifier.num_classes))
     if fmt == "table":
         return (_table_line(row, width) for row in rows)
     if fmt == "csv":
-        return _csv(rows, k)
+        return _csv(rows, k, min_probability is not None)
     if fmt == "json":
-        return _json(rows, classifier, k)
+        return _json(rows, classifier, k, min_probability)
     if fmt == "jsonl":
         return (json.dumps(row.to_dict()) + "\n" for row in rows)
     raise InferError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
-def _json(rows: Iterable[Row], classifier: Classifier, k: int) -> Iterator[str]:
+def _json(rows: Iterable[Row], classifier: Classifier, k: int, min_probability: float | None) -> Iterator[str]:
     """One JSON document, written as it goes: the envelope, then the predictions one by one."""
-    envelope = {"model": str(classifier.path), "architecture": classifier.architecture,
-                "classes": classifier.classes, "k": k}  # fmt: skip
+    envelope = {"model": shown_name(str(classifier.path)), "architecture": shown_name(classifier.architecture),
+                "classes": [shown_name(c) for c in classifier.classes], "k": k}  # fmt: skip
+    if min_probability is not None:
+        envelope["min_probability"] = min_probability
     head = json.dumps(envelope, indent=2)[:-2]  # without the closing "\n}"
     yield head + ',\n  "predictions": [\n'
     previous = None  # held back one row: only the last has no comma after it
@@ -271,13 +256,20 @@ def _json(rows: Iterable[Row], classifier: Classifier, k: int) -> Iterator[str]:
 
 
 def _table_line(row: Row, width: int) -> str:
-    """path, padded, then "label 97.1%, label 2.0%" (or "error: reason")."""
-    text = f"error: {row.error}" if row.error else ", ".join(f"{p.label} {p.probability:.1%}" for p in row.predictions)
-    return f"{row.path:<{width}}  {text}\n"
+    """path, padded, then "label 97.1%, label 2.0%" (or "error: reason"), "unsure: " before an unsure
+    row's labels; names with control characters and terminal escapes escaped."""
+    if row.error is not None:
+        text = f"error: {terminal_text(row.error)}"
+    else:
+        text = ("unsure: " if row.unsure else "") + ", ".join(
+            f"{terminal_text(p.label)} {p.probability:.1%}" for p in row.predictions
+        )
+    return f"{terminal_text(row.path):<{width}}  {text}\n"
 
 
-def _csv(rows: Iterable[Row], k: int) -> Iterator[str]:
-    """Header path,rank1_label,rank1_prob,...,rankK_label,rankK_prob,error; blank cells where n/a."""
+def _csv(rows: Iterable[Row], k: int, with_unsure: bool) -> Iterator[str]:
+    """Header path,rank1_label,rank1_prob,...,rankK_label,rankK_prob[,unsure],error; blank cells where n/a.
+    Text cells go through ``csv_cell`` (undecodable bytes escaped, formulas made text)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
 
@@ -287,7 +279,9 @@ def _csv(rows: Iterable[Row], k: int) -> Iterator[str]:
         writer.writerow(cells)
         return buffer.getvalue()
 
-    yield line(["path", *[f"rank{r}_{what}" for r in range(1, k + 1) for what in ("label", "prob")], "error"])
+    ranks = [f"rank{r}_{what}" for r in range(1, k + 1) for what in ("label", "prob")]
+    yield line(["path", *ranks, *(["unsure"] if with_unsure else []), "error"])
     for row in rows:
-        cells = [cell for p in row.predictions for cell in (p.label, f"{p.probability:.6f}")]
-        yield line([row.path, *cells, *[""] * (2 * k - len(cells)), row.error or ""])
+        cells = [cell for p in row.predictions for cell in (csv_cell(p.label), f"{p.probability:.6f}")]
+        unsure = ["" if row.unsure is None else str(row.unsure).lower()] if with_unsure else []
+        yield line([csv_cell(row.path), *cells, *[""] * (2 * k - len(cells)), *unsure, csv_cell(row.error or "")])

@@ -5,14 +5,20 @@ raises an InferError that says so, and nothing else in fmtl imports ray.
 
 The pipeline is Ray Data's batch-inference pattern, built on fmtl's own runtime:
 
-    read_binary_files(files, include_paths=True)      read tasks: bytes + path per file
+    local files: from_items(paths)                    the paths, as bytes (any file name)
+    URIs: read_binary_files(files, include_paths=True)   read tasks: bytes + path per file
       -> map_batches(Predictor, ActorPoolStrategy)    actors: one Classifier each, model loaded once
       -> iter_batches in the driver                   part files written atomically into --out
 
-- ``Predictor`` decodes with fmtl's decoder (``decode_image``: the same EXIF, mode, size and
-  decompression-bomb handling as ``fmtl infer``) and classifies with ``Classifier`` whose
-  onnxruntime threads match the actor's CPUs. A file that cannot be decoded becomes a row
-  with an ``error``; it never fails the job.
+- The driver lists only regular files up to ``max_file_bytes``: anything else (a FIFO named
+  ``x.png``, a symlink to ``/dev/zero``, a folder, a huge file) becomes an error row there and
+  is never opened, so it can neither hang a read nor fill memory.
+- ``Predictor`` decodes with fmtl's decoder (``decode_image``: local files straight from their
+  path, with the same checks, format allowlist, EXIF, mode, size and decompression-bomb
+  handling as ``fmtl infer``) and classifies through ``fmtl.runtime.results.classify_decoded``,
+  the path ``fmtl infer`` uses, with onnxruntime threads matching the actor's CPUs. A file
+  that cannot be decoded becomes a row with an ``error``; it never fails the job.
+- Paths are written as ``fmtl infer`` writes them: bytes that are not UTF-8 as backslash escapes.
 - The driver writes the results (a few hundred bytes per image) as ``part-*.parquet`` or
   ``part-*.jsonl`` files, each complete or absent (fmtl.atomic), in the folder the command
   was run for, whichever node the work ran on. A rerun with the same ``--out`` reads the
@@ -21,10 +27,12 @@ The pipeline is Ray Data's batch-inference pattern, built on fmtl's own runtime:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -36,9 +44,11 @@ from pathlib import Path
 import numpy as np
 
 from fmtl.atomic import atomic_open
-from fmtl.runtime.classifier import Classifier, Prediction
-from fmtl.runtime.images import DecodeError, collect_image_paths, decode_many, is_image_path
-from fmtl.runtime.infer import Echo, InferError, Row, load_classifier
+from fmtl.runtime.classifier import Classifier, Prediction, check_min_probability
+from fmtl.runtime.images import collect_image_paths, decode_many, is_image_path
+from fmtl.runtime.infer import Echo, InferError, load_classifier
+from fmtl.runtime.results import Row, classify_decoded
+from fmtl.runtime.text import shown_name
 
 try:
     import pyarrow as pa
@@ -53,6 +63,7 @@ except ImportError as error:  # the extra is missing: the CLI prints this one li
 
 FORMATS = ("parquet", "jsonl")
 DEFAULT_ROWS_PER_FILE = 10_000  # rows per part file: a killed job loses at most this many finished rows
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20  # bigger files are error rows, never read (an 8-bit 64 MP TIFF is 192 MB)
 PART_PREFIX = "part-"
 
 # One schema for every part file, so a batch of only errors (empty lists) still unifies with the rest.
@@ -63,6 +74,7 @@ SCHEMA = pa.schema(
         ("indices", pa.list_(pa.int32())),  # their class indices
         ("probabilities", pa.list_(pa.float32())),  # their softmax probabilities
         ("error", pa.string()),  # why the file could not be decoded, else null
+        ("unsure", pa.bool_()),  # top-1 probability below --min-probability; null without one, or on error
     ]
 )
 
@@ -92,7 +104,7 @@ class ClusterOptions:
 class Predictor:
     """Ray Data callable class: one Classifier per actor, one table of result rows per batch."""
 
-    def __init__(self, model: bytes, k: int, threads: int) -> None:
+    def __init__(self, model: bytes, k: int, threads: int, min_probability: float | None = None) -> None:
         """Open ``model`` (the .onnx bytes, shipped with the job so no node needs the file) with ``threads``
         onnxruntime threads; it is written to a private scratch file only for as long as loading takes."""
         with tempfile.TemporaryDirectory(prefix="fmtl-ray-") as scratch:
@@ -101,38 +113,31 @@ class Predictor:
             self.classifier = Classifier(model_path, threads=threads)
         self.k = k
         self.threads = threads
+        self.min_probability = min_probability
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        paths = [str(path) for path in batch["path"]]
-        decoded = self._decode(paths, batch["bytes"])
-        good = [i for i, item in enumerate(decoded) if not isinstance(item, DecodeError)]
-        tops: dict[int, list[Prediction]] = {}
-        if good:
-            probs = self.classifier.predict_proba(np.stack([decoded[i] for i in good]), batch_size=len(good))
-            tops = dict(zip(good, self.classifier.top_k(probs, self.k), strict=True))
-        rows = [
-            Row(path, tops.get(i, []), str(item) if isinstance(item, DecodeError) else None)
-            for i, (path, item) in enumerate(zip(paths, decoded, strict=True))
-        ]
-        return rows_to_table(rows)
-
-    def _decode(self, paths: Sequence[str], contents: Sequence[bytes]) -> list[np.ndarray | DecodeError]:
-        """Decode the files' bytes in a thread pool with fmtl's own decoder: every check ``fmtl infer``
-        makes (empty file, header-only size check, JPEG draft, EXIF, modes) applies unchanged."""
+        """A batch of local paths (bytes: ``path``) or of read files (``path`` and ``bytes``) -> result rows."""
+        if "bytes" in batch:
+            names = [str(path) for path in batch["path"]]
+            sources = [bytes(content) for content in batch["bytes"]]
+        else:  # local files, decoded straight from their paths
+            names = sources = [os.fsdecode(bytes(path)) for path in batch["path"]]
         spec = self.classifier.spec
-        return decode_many([bytes(c) for c in contents], spec.channels, spec.source_size, spec.background,
-                           threads=self.threads)  # fmt: skip
+        decoded = decode_many(sources, spec.channels, spec.source_size, spec.background, threads=self.threads)
+        rows = classify_decoded(self.classifier, names, decoded, self.k, self.min_probability, len(names) or 1)
+        return rows_to_table(rows)
 
 
 def rows_to_table(rows: Sequence[Row]) -> pa.Table:
-    """fmtl infer's Rows as a table in SCHEMA."""
+    """fmtl infer's Rows as a table in SCHEMA (paths and labels as ``shown_name`` writes them)."""
     return pa.Table.from_pydict(
         {
-            "path": [row.path for row in rows],
-            "labels": [[p.label for p in row.predictions] for row in rows],
+            "path": [shown_name(row.path) for row in rows],
+            "labels": [[shown_name(p.label) for p in row.predictions] for row in rows],
             "indices": [[p.index for p in row.predictions] for row in rows],
             "probabilities": [[p.probability for p in row.predictions] for row in rows],
             "error": [row.error for row in rows],
+            "unsure": [row.unsure for row in rows],
         },
         schema=SCHEMA,
     )
@@ -140,11 +145,20 @@ def rows_to_table(rows: Sequence[Row]) -> pa.Table:
 
 def table_to_rows(table: pa.Table) -> list[Row]:
     """A table in SCHEMA back to fmtl infer's Rows."""
-    columns = table.select([field.name for field in SCHEMA]).to_pydict()
+    columns = _conform(table).to_pydict()
     return [
-        Row(path, [Prediction(*top) for top in zip(labels, indices, probs, strict=True)], error)
-        for path, labels, indices, probs, error in zip(*columns.values(), strict=True)
+        Row(path, [Prediction(*top) for top in zip(labels, indices, probs, strict=True)], error, unsure)
+        for path, labels, indices, probs, error, unsure in zip(*columns.values(), strict=True)
     ]
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """``table`` with SCHEMA's columns in its order; a column that part files written before it existed
+    lack (``unsure``) is added as nulls."""
+    for field in SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 # --- the command -------------------------------------------------------------------------------------
@@ -162,6 +176,8 @@ def run(
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
     progress: bool = True,
     echo_err: Echo | None = None,
+    min_probability: float | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> int:
     """Classify every image in ``inputs`` on Ray and write part files into ``out``; return the exit code.
 
@@ -176,6 +192,8 @@ def run(
         rows_per_file: rows per part file.
         progress: Ray Data's progress output.
         echo_err: where messages go (stderr by default).
+        min_probability: mark rows whose top-1 probability is below it unsure (as ``fmtl infer``).
+        max_file_bytes: larger files are error rows, never read.
 
     Returns:
         0 when every image is in ``out`` and at least one was classified, else 1.
@@ -186,21 +204,29 @@ def run(
     echo_err = echo_err or _print_err
     cluster = cluster or ClusterOptions()
     _check_options(out, k, batch_size, fmt, cluster, rows_per_file)
+    try:
+        check_min_probability(min_probability)
+    except ValueError as error:
+        raise InferError(str(error)) from None
     out_dir = Path(out)
     classifier = load_classifier(model, echo_err)
     files, filesystem = list_inputs(inputs, recursive, echo_err)
     done = written_paths(out_dir, fmt)
-    todo = [path for path in files if path not in done]
+    todo = [path for path in files if shown_name(path) not in done]
     echo_err(f"{len(files)} images, {len(files) - len(todo)} already in {out_dir}/, {len(todo)} to classify")
-    if todo:
-        started = _connect(cluster.address, progress)
-        try:
-            dataset = build_dataset(todo, filesystem, classifier, k, batch_size, cluster)
-            write_parts(_tables(dataset), out_dir, fmt, rows_per_file, echo_err)
-        finally:
-            if started:
-                ray.shutdown()
-    return summarise(out_dir, fmt, set(files), echo_err)
+    readable, refused = screen_files(todo, filesystem, max_file_bytes)
+    tables: Iterable[pa.Table] = [rows_to_table(refused)] if refused else []
+    started = bool(readable) and _connect(cluster.address, progress)
+    try:
+        if readable:
+            dataset = build_dataset(readable, filesystem, classifier, k, batch_size, cluster, min_probability)
+            tables = itertools.chain(tables, _tables(dataset))
+        if todo:
+            write_parts(tables, out_dir, fmt, rows_per_file, echo_err)
+    finally:
+        if started:
+            ray.shutdown()
+    return summarise(out_dir, fmt, {shown_name(path) for path in files}, echo_err)
 
 
 def _print_err(message: str) -> None:
@@ -276,6 +302,35 @@ def _list_uri(filesystem: pafs.FileSystem, root: str, recursive: bool) -> list[s
     ]
 
 
+def screen_files(
+    files: Sequence[str], filesystem: pafs.FileSystem | None, max_file_bytes: int
+) -> tuple[list[str], list[Row]]:
+    """(files Ray may read, error rows for the rest): only regular files of at most ``max_file_bytes``
+    are read. Local files are checked with ``os.stat`` (following symlinks), URIs with one listing call."""
+    if filesystem is None:
+        infos = [_local_info(path) for path in files]
+    else:
+        infos = [(info.type == pafs.FileType.File, info.size or 0) for info in filesystem.get_file_info(list(files))]
+    readable, refused = [], []
+    for path, (regular, size) in zip(files, infos, strict=True):
+        if not regular:
+            refused.append(Row(path, error="not a regular file"))
+        elif size > max_file_bytes:
+            refused.append(Row(path, error=f"file too large: {size} bytes (limit {max_file_bytes})"))
+        else:
+            readable.append(path)
+    return readable, refused
+
+
+def _local_info(path: str) -> tuple[bool, int]:
+    """(is a regular file, its size); a path that cannot be stat'ed counts as not regular."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False, 0
+    return stat.S_ISREG(info.st_mode), info.st_size
+
+
 def _parts(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.glob(f"{PART_PREFIX}*") if p.suffix.lstrip(".") in FORMATS)
 
@@ -309,7 +364,7 @@ def _read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
 
 def _row_from_dict(item: dict) -> Row:
     tops = [Prediction(t["label"], t["index"], t["probability"]) for t in item["top_k"]]
-    return Row(item["path"], tops, item["error"])
+    return Row(item["path"], tops, item["error"], item.get("unsure"))
 
 
 def read_results(out_dir: str | Path) -> pa.Table:
@@ -317,7 +372,7 @@ def read_results(out_dir: str | Path) -> pa.Table:
     parts = _parts(Path(out_dir))
     if not parts:
         return SCHEMA.empty_table()
-    return pa.concat_tables([_read_part(part).select(SCHEMA.names).cast(SCHEMA) for part in parts])
+    return pa.concat_tables([_conform(_read_part(part)) for part in parts])
 
 
 def write_parts(tables: Iterable[pa.Table], out_dir: Path, fmt: str, rows_per_file: int, echo_err: Echo) -> None:
@@ -425,14 +480,20 @@ def build_dataset(
     k: int,
     batch_size: int,
     cluster: ClusterOptions,
+    min_probability: float | None = None,
 ) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline: read bytes, classify on an actor pool."""
+    """The lazy Ray Data pipeline: local paths (as bytes, so any file name travels) or read bytes of URIs,
+    classified on an actor pool."""
     actors = cluster.actors or default_actors(cluster)
     threads = max(1, math.floor(cluster.cpus_per_actor))
-    dataset = ray.data.read_binary_files(files, include_paths=True, filesystem=filesystem)
+    if filesystem is None:
+        dataset = ray.data.from_items([{"path": os.fsencode(path)} for path in files])
+    else:
+        dataset = ray.data.read_binary_files(files, include_paths=True, filesystem=filesystem)
+    arguments = {"model": classifier.path.read_bytes(), "k": k, "threads": threads, "min_probability": min_probability}
     return dataset.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model": classifier.path.read_bytes(), "k": k, "threads": threads},
+        fn_constructor_kwargs=arguments,
         batch_size=batch_size,  # Ray's default (1024 rows per batch) is far too many decoded images
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),

@@ -39,6 +39,8 @@ from fmtl.spec import (
 OPSET = 17
 GREY_CLASSES = ("dark", "medium", "bright")
 RGB_CLASSES = ("red", "green", "blue", "grey")
+# class names as a hostile model file could carry them: a spreadsheet formula, a terminal escape, a newline
+HOSTILE_CLASSES = ("=HYPERLINK(1)", "\x1b[2Jclear", "two\nlines")
 
 
 def build_model(
@@ -120,6 +122,13 @@ def rgb_model(folder: Path, name: str = "rgb.onnx") -> Path:
     return save_model(folder / name, channels=3, source_size=(20, 30), classes=RGB_CLASSES, seed=1)
 
 
+def hostile_model(folder: Path, name: str = "hostile.onnx") -> Path:
+    """Like grey_model, with HOSTILE_CLASSES as its class names."""
+    if onnx is None:
+        return prebuilt("hostile.onnx", folder / name)
+    return save_model(folder / name, channels=1, source_size=(28, 28), classes=HOSTILE_CLASSES)
+
+
 def prebuilt(name: str, path: Path) -> Path:
     """A model written by ``python tests/runtime/onnx_fixtures.py DIR`` in the full install."""
     folder = os.environ.get("FMTL_TEST_MODELS")
@@ -131,4 +140,4 @@ def prebuilt(name: str, path: Path) -> Path:
 
 if __name__ == "__main__":  # write the fixture models for the runtime-only test run
     out = Path(sys.argv[1])
-    grey_model(out), rgb_model(out)
+    grey_model(out), rgb_model(out), hostile_model(out)

@@ -264,3 +264,35 @@ def test_engine_options_are_checked_in_one_line(ray_infer, tmp_path: Path, extra
     result = CliRunner().invoke(main, ["infer", str(tmp_path / "a.png"), "--model", str(model), *engine, *extra])
     assert result.exit_code != 0 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.ray
+def test_fifo_device_and_odd_names_are_error_rows_not_hangs(ray_infer, tmp_path: Path) -> None:
+    """A FIFO named x.png (opening it would block forever), a symlink to /dev/zero (reading it never ends),
+    a file over the size cap: error rows, never read. A name that is not UTF-8 is classified and written
+    escaped, as `fmtl infer` writes it; --min-probability marks exactly the rows below it."""
+    folder = tmp_path / "odd"
+    write_pngs(folder, fashion_images(6))
+    os.mkfifo(folder / "x.png")
+    os.symlink("/dev/zero", folder / "zero.png")
+    (folder / "big.png").write_bytes((folder / "00000.png").read_bytes() + bytes(8192))  # over the 4 KiB cap
+    Image.fromarray(fashion_images(1, offset=8)[0]).save(os.path.join(os.fsencode(folder), b"b\xff.png"), "PNG")
+    model, out = grey_model(tmp_path), tmp_path / "out"
+    expected = local_rows(model, [str(folder / f"{i:05d}.png") for i in range(6)], tmp_path, k=2)
+    top1 = {path: row["top_k"][0]["probability"] for path, row in expected.items()}
+    ranked = sorted(top1.values())
+    threshold = (ranked[2] + ranked[3]) / 2  # halfway, so the 6 decimals of jsonl cannot tip a row over
+    messages: list[str] = []
+    code = ray_infer.run(
+        [str(folder)], str(model), str(out), k=2, batch_size=4, fmt="jsonl", max_file_bytes=4096,
+        min_probability=threshold, cluster=ray_infer.ClusterOptions(actors=1), progress=False,
+        echo_err=messages.append,
+    )  # fmt: skip
+    assert code == 0, messages
+    rows = {Path(row.path).name: row for row in ray_infer.table_to_rows(ray_infer.read_results(out))}
+    assert rows["x.png"].error == rows["zero.png"].error == "not a regular file"
+    assert rows["big.png"].error.startswith("file too large: ") and "(limit 4096)" in rows["big.png"].error
+    assert rows["b\\xff.png"].error is None and len(rows["b\\xff.png"].predictions) == 2
+    for path, probability in top1.items():
+        assert rows[Path(path).name].unsure is (probability < threshold)
+    assert "7 images classified, 3 unreadable" in messages[-1]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx_fixtures import GREY_CLASSES, RGB_CLASSES, grey_model, rgb_model, save_model
+from onnx_fixtures import GREY_CLASSES, RGB_CLASSES, grey_model, hostile_model, rgb_model, save_model
 from PIL import Image
 
 from fmtl.errors import FmtlError
@@ -286,3 +286,139 @@ def test_runtime_modules_do_not_import_torch() -> None:
 
 # Runtime modules that need an optional extra (they still never import torch).
 OPTIONAL_RUNTIME_MODULES = {"ray_infer"}
+
+
+# --- output safety: file and class names are untrusted text --------------------------------------
+
+HOSTILE_FILES = {  # name on disk -> how every format writes it
+    b"b\xff.png": "b\\xff.png",  # not UTF-8
+    b"esc\x1b[31mred.png": None,  # a terminal escape: escaped in the table only
+    b"line\nbreak.png": None,
+    b"=HYPERLINK(2).png": None,  # a spreadsheet formula
+    b"+1.png": None,
+    b"-1.png": None,
+    b"@sum.png": None,
+}
+
+
+@pytest.fixture
+def hostile_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    for i, name in enumerate(HOSTILE_FILES):
+        Image.new("L", (28, 28), 30 * i).save(os.path.join(os.fsencode(folder), name), format="PNG")
+    return folder
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The real command, its stdout and stderr as bytes (a UTF-8 locale, as a terminal has)."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
+    command = [sys.executable, "-m", "fmtl.cli", "infer", *args, "--quiet"]
+    return subprocess.run(command, cwd=cwd, capture_output=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "jsonl"])
+@pytest.mark.parametrize("to_file", [False, True])
+def test_cli_writes_hostile_file_names_safely(models, hostile_folder: Path, tmp_path: Path, fmt, to_file) -> None:
+    out = tmp_path / f"out.{fmt}"
+    # run inside the folder, so each path cell is the bare name (a formula if the name is one)
+    result = _cli(".", "--model", str(models["grey"]), "--format", fmt,
+                  *(["-o", str(out)] if to_file else []), cwd=hostile_folder)  # fmt: skip
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")
+    text = (out.read_bytes() if to_file else result.stdout).decode("utf-8")  # valid UTF-8, or this raises
+    names = _written_names(text, fmt)
+    assert len(names) == len(HOSTILE_FILES)
+    assert "b\\xff.png" in names  # the undecodable byte as a backslash escape
+    if fmt == "table":
+        assert "esc\\x1b[31mred.png" in names and "line\\nbreak.png" in names
+        assert "\x1b" not in text and not any(char in text for char in "\r\x0b\x0c")
+    elif fmt == "csv":
+        assert {"'=HYPERLINK(2).png", "'+1.png", "'-1.png", "'@sum.png", "esc\x1b[31mred.png"} <= names
+        assert "line\nbreak.png" in names  # a quoted cell: CSV keeps the name as it is
+    else:
+        assert {"=HYPERLINK(2).png", "esc\x1b[31mred.png", "line\nbreak.png"} <= names  # JSON escapes these itself
+
+
+def _written_names(text: str, fmt: str) -> set[str]:
+    """The file names (without the folder) as ``fmt`` wrote them."""
+    if fmt == "table":
+        return {line.split("  ")[0].rstrip().rsplit("/", 1)[-1] for line in text.splitlines()}
+    if fmt == "csv":
+        return {row["path"].rsplit("/", 1)[-1] for row in csv.DictReader(io.StringIO(text))}
+    rows = json.loads(text)["predictions"] if fmt == "json" else [json.loads(line) for line in text.splitlines()]
+    return {row["path"].rsplit("/", 1)[-1] for row in rows}
+
+
+def test_cli_hostile_class_names_and_stderr(tmp_path: Path) -> None:
+    """A model whose class names are a formula, a terminal escape and a newline: shown as text; an
+    unreadable file with an escape in its name is reported on stderr escaped."""
+    model = hostile_model(tmp_path)
+    Image.new("L", (28, 28), 200).save(tmp_path / "a.png")
+    (tmp_path / "bad\x1b]0;title\x07.png").write_bytes(b"not an image")
+    table = _cli(str(tmp_path), "--model", str(model), "-k", "3", cwd=tmp_path)
+    assert table.returncode == 0
+    assert b"\x1b" not in table.stdout and b"\x1b" not in table.stderr
+    assert "\\x1b[2Jclear" in table.stdout.decode() and "two\\nlines" in table.stdout.decode()
+    assert "bad\\x1b]0;title\\x07.png: not an image" in table.stderr.decode()
+    rows = list(csv.DictReader(io.StringIO(_cli(str(tmp_path / "a.png"), "--model", str(model), "-k", "3",
+                                                "--format", "csv", cwd=tmp_path).stdout.decode())))  # fmt: skip
+    labels = {rows[0][f"rank{r}_label"] for r in (1, 2, 3)}
+    assert labels == {"'=HYPERLINK(1)", "\x1b[2Jclear", "two\nlines"}
+
+
+# --- --min-probability: "not sure" as an answer ---------------------------------------------------
+
+
+def test_classifier_marks_exactly_the_predictions_below_min_probability(models) -> None:
+    clf = Classifier(models["grey"])
+    batch = _random_batch(64, clf.input_shape, seed=5)
+    top1 = clf.predict_proba(batch).max(axis=1)
+    threshold = float(np.median(top1))
+    tops = clf.predict(batch, k=2, min_probability=threshold)
+    assert [top.unsure for top in tops] == [bool(p < threshold) for p in top1]
+    assert 0 < sum(top.unsure for top in tops) < len(tops)
+    assert all(len(top) == 2 and isinstance(top[0], Prediction) for top in tops)  # still a list of Predictions
+    assert not any(top.unsure for top in clf.predict(batch, k=2))  # no threshold: nothing unsure
+    at_exactly = clf.top_k(clf.predict_proba(batch[:1]), 1, min_probability=float(top1[0]))
+    assert at_exactly[0].unsure is False  # below, not at
+    with pytest.raises(ValueError, match="within 0..1"):
+        clf.predict(batch, min_probability=1.5)
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "jsonl"])
+def test_cli_min_probability_marks_exactly_those_below(models, tmp_path: Path, fmt: str) -> None:
+    images = _random_batch(12, (28, 28), seed=9)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i:02d}.png")
+    clf = Classifier(models["grey"])
+    top1 = clf.predict_proba(images[:, None]).max(axis=1)
+    threshold = float(np.median(top1))
+    expected = [bool(p < threshold) for p in top1]
+    result = _cli(str(tmp_path), "--model", str(models["grey"]), "--format", fmt, "-k", "2",
+                  "--min-probability", str(threshold), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    text = result.stdout.decode()
+    if fmt == "table":
+        marked = [line.split("  ", 1)[1].lstrip().startswith("unsure: ") for line in text.splitlines()]
+        assert all(line.count("%") == 2 for line in text.splitlines())  # top-k still listed
+    elif fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        marked = [row["unsure"] == "true" for row in rows]
+        assert all(row["unsure"] in ("true", "false") and row["rank2_label"] for row in rows)
+    else:
+        rows = json.loads(text)["predictions"] if fmt == "json" else [json.loads(line) for line in text.splitlines()]
+        marked = [row["unsure"] for row in rows]
+        assert all(len(row["top_k"]) == 2 for row in rows)
+        if fmt == "json":
+            assert json.loads(text)["min_probability"] == threshold
+    assert marked == expected and 0 < sum(expected) < len(expected)
+
+
+def test_without_min_probability_nothing_changes(models, photos: Path) -> None:
+    """No threshold: no unsure column or key, as before the option existed."""
+    code, cap = _run([photos], models["grey"], fmt="csv", k=1)
+    assert "unsure" not in cap.stdout.splitlines()[0]
+    code, cap = _run([photos], models["grey"], fmt="jsonl", k=1)
+    assert all("unsure" not in json.loads(line) for line in cap.stdout.splitlines())
+    result = _cli(str(photos), "--model", str(models["grey"]), "--min-probability", "1.5", cwd=photos)
+    assert result.returncode == 2 and b"Traceback" not in result.stderr
