@@ -166,3 +166,42 @@ def test_metadata_round_trip_and_old_metadata() -> None:
     for bad in ("nan", "-1", "abc"):
         with pytest.raises(ValueError):
             RunInfo.from_metadata({**props, META_TEMPERATURE: bad})
+
+
+def test_for_run_off_skips_the_validation_pass() -> None:
+    def no_pass() -> np.ndarray:
+        raise AssertionError("calibration off must not predict the validation split")
+
+    result = calibrate.for_run(no_pass, np.zeros(10, dtype=np.int64), enabled=False)
+    assert (result.temperature, result.fitted, result.images) == (1.0, False, 0)
+    logits, labels = sampled(0.5, 1000)
+    assert calibrate.for_run(lambda: softmax(logits), labels).temperature == pytest.approx(0.5, rel=0.1)
+
+
+def test_reports_apply_the_temperature_and_record_it(tmp_path) -> None:
+    """reports.finish: model.json's temperature, metrics.json's calibration and coverage, calibration.png."""
+    from fmtl.training import reports
+    from fmtl.training.checkpoint import write_model_info
+
+    classes = [f"c{i}" for i in range(10)]
+    write_model_info(tmp_path, RunInfo("efficientnet_lite0", classes, SPEC, metrics={"val": {"val_acc": 0.5}}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    val_logits, val_labels = sampled(0.5, 1000, seed=1)
+    fit = calibrate.calibrate(val_logits, val_labels)
+    logits, labels = sampled(0.5, 400, seed=2)
+    images = np.zeros((400, 1, 28, 28), dtype=np.uint8)
+    outcome = reports.TestOutcome(softmax(logits), images, labels, classes, "test", 2, 0)
+    history = [{"epoch": 1, "phase": "linear", "train_loss": 1.0, "val_loss": 1.0, "val_acc": 0.5}]
+    report = reports.finish(tmp_path, outcome, history, 1.0, fit)
+    assert read_model_info(tmp_path).temperature == fit.temperature != 1.0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["calibration"]["temperature"] == fit.temperature and saved["calibration"]["val"]["images"] == 1000
+    test = saved["calibration"]["test"]
+    assert test["after"]["ece"] < test["before"]["ece"] and test["after"]["nll"] < test["before"]["nll"]
+    assert saved["accuracy"] == pytest.approx(float((logits.argmax(1) == labels).mean()))  # argmax unchanged
+    assert [row["coverage"] for row in saved["coverage"]] == [1.0, 0.95, 0.9, 0.8]
+    assert saved["coverage"][-1]["accuracy"] >= saved["coverage"][0]["accuracy"]
+    assert (tmp_path / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    text = reports.summary(tmp_path, report, classes, {"epoch": 1, "val_acc": 0.5}, 1, 60.0)
+    assert f"calibration: temperature {fit.temperature:.4f} fitted on 1000 validation images" in text
+    assert "test ECE" in text and "val ECE" in text and "min probability" in text

@@ -15,6 +15,7 @@ MIN_VAL_IMAGES images (or MIN_VAL_PER_CLASS images of some class) T stays 1, and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -65,9 +66,7 @@ def scaled_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> fl
     return float(-log_probs[np.arange(len(labels)), labels].mean())
 
 
-def fit_temperature(
-    logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS
-) -> float:
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The T in ``bounds`` minimising the NLL of softmax(logits / T): golden-section search on log T.
 
     Args:
@@ -142,3 +141,17 @@ def calibrate_probabilities(probs: np.ndarray, labels: np.ndarray, enabled: bool
     """``calibrate`` from softmax probabilities (their logarithm stands in for the logits)."""
     log_probs = np.log(np.clip(np.asarray(probs, dtype=np.float64), np.finfo(np.float64).tiny, 1.0))
     return calibrate(log_probs, labels, enabled)
+
+
+def for_run(predict_val: Callable[[], np.ndarray], labels: np.ndarray, enabled: bool = True) -> Calibration:
+    """A training run's temperature: the step after training, before the test report.
+
+    Args:
+        predict_val: gives the best model's softmax probabilities on the validation split, computed as the
+            exported graph computes them (flip-TTA included); not called when calibration is off.
+        labels: the validation labels.
+        enabled: ``cfg.calibrate`` (False: ``--no-calibrate``, T = 1 and no validation pass).
+    """
+    if not enabled:
+        return Calibration(1.0, False, "temperature 1: calibration off (--no-calibrate)", 0, {}, {})
+    return calibrate_probabilities(predict_val(), labels)

@@ -139,10 +139,11 @@ def calibration_lines(report: dict) -> list[str]:
     calibration = report.get("calibration")
     if not calibration:
         return []
-    test = calibration["test"]
+    val, test, temperature = calibration["val"], calibration["test"], calibration["temperature"]
     return [
         f"calibration: {calibration['note']}",
-        f"{report['split']} {format_calibration(test['before'], test['after'], calibration['temperature'])}",
+        *([f"val {format_calibration(val['before'], val['after'], temperature)}"] if val.get("before") else []),
+        f"{report['split']} {format_calibration(test['before'], test['after'], temperature)}",
         f"accuracy against coverage ({report['split']}, the most confident answered first; pick --min-probability):",
         format_coverage(report["coverage"]),
     ]
