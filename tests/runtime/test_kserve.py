@@ -19,17 +19,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as tritonclient_http
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx_fixtures import rgb_model
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from fmtl.runtime.classifier import Classifier
 from fmtl.runtime.images import decode_bytes
 from fmtl.runtime.kserve_v2 import HEADER_LENGTH, V2Request, V2RequestError, encode_response, parse_request
-
-tritonclient_http = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 INPUT_SHAPE = (3, 20, 30)  # rgb_model: 3 channels, 20 high, 30 wide
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -234,7 +233,7 @@ requests = st.fixed_dictionaries(
                 {"name": st.sampled_from(["probs", "x"]) | json_values}, optional={"parameters": json_values}
             ),
             max_size=2,
-        )  # fmt: skip
+        )
         | json_values,
     },
 )
