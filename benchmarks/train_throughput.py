@@ -71,6 +71,7 @@ from torch.fx.experimental.optimization import fuse
 from fmtl.training.config import TrainConfig
 from fmtl.training.data import find_fashion_mnist
 from fmtl.training.loop import Trainer, load_splits, make_accelerator
+from fmtl.training.recipe import apply_recipe
 
 DEFAULT_PEER = Path(__file__).resolve().parent / "peers/lesson_loop.py"
 TARGET_SPEEDUP, TARGET_CACHE = 2.0, 50.0
@@ -539,6 +540,7 @@ def parse_device_args(argv: list[str]) -> argparse.Namespace:
     add("--ceiling-precision", choices=("fp32", "bf16"), help="the plain loop's precision [cuda bf16, cpu fp32]")
     add("--images", type=int, help="images per timed epoch, after a warm-up epoch as long [cuda 10240, cpu 48]")
     add("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    add("--max-seconds", type=float, default=0, help="start no contender after this long; say what was left (0: off)")
     add("--report", action="store_true", help="write the table to RESULTS_DIR/train_throughput_<device>.md")
     add("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -659,6 +661,7 @@ def fmtl_epoch_rate(splits, batch_size: int, precision: str, compiled: bool, arg
         save_state=False, output=str(Path(tmp) / f"fmtl-{precision}-{batch_size}"), data_dir=args.data_dir,
         threads=args.threads,
     )  # fmt: skip
+    cfg = apply_recipe(cfg, len(splits.train))[0]  # as run() does: it fills what no option set
     accelerator = fresh_accelerator(cfg, args.compile_backend if compiled else None)
     set_seed(cfg.seed)
     trainer = Trainer(cfg, accelerator, Path(cfg.output), splits)
@@ -747,8 +750,13 @@ def device_rows(args: argparse.Namespace, on_row: Callable[[list[dict]], None]) 
     plan += [("fmtl", p, True, b) for p in args.compile_precisions for b in args.batch_sizes]
     plan.sort(key=lambda row: (row[2], args.batch_sizes.index(row[3]), row[0] != CEILING))
     rows: list[dict] = []
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fmtl-throughput-") as tmp:
-        for name, precision, compiled, batch_size in plan:
+        for done, (name, precision, compiled, batch_size) in enumerate(plan):
+            if args.max_seconds and time.perf_counter() - began > args.max_seconds:
+                left = ", ".join(f"{n} {p}{' compiled' if c else ''} b{b}" for n, p, c, b in plan[done:])
+                print(f"--max-seconds {args.max_seconds:g} passed: not measured: {left}", flush=True)
+                break
             row = {"contender": name, "precision": precision, "compile": compiled, "batch": batch_size}
             started = time.perf_counter()
             try:
