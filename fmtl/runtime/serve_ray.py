@@ -1,0 +1,327 @@
+"""`fmtl serve --engine ray`: the same HTTP API as `fmtl serve`, on Ray Serve replicas across a cluster.
+
+Needs the optional extra (``pip install "fmtl[ray]"``); importing this module without it raises a
+ServeError that says so in one line.
+
+    fmtl serve export/NAME.onnx --engine ray --replicas 2            # a local cluster, loopback only
+    fmtl serve export/NAME.onnx --engine ray --address auto --host 0.0.0.0 --autoscale 1:8
+
+Each replica is a Ray Serve deployment replica that runs fmtl serve's own Starlette app
+(``create_app``: the same routes, parsing, limits, errors and metrics, so an answer is
+byte-for-byte the one `fmtl serve` gives) with one ``Classifier`` whose onnxruntime threads
+match the replica's CPUs. Only the batcher differs: images go through Ray Serve's ``@serve.batch``
+(``--max-batch-size`` images, ``--batch-wait-ms``) instead of fmtl's own worker. The model's
+bytes travel with the deployment, so no node needs the file. Ray Serve's HTTP proxy on every node
+routes to the replicas; overload is its backpressure (``max_ongoing_requests`` per replica,
+``max_queued_requests`` per proxy: 503), plus fmtl's own per-replica image queue (``--max-queue``).
+
+Lifecycle: a replica is ready only after it has loaded the model and run a warm-up batch (its
+constructor; ``check_health`` then keeps checking it), and ``serve.run`` returns only when every
+replica is. A model that fails to load ends the command with one line before anything is
+deployed, and a deployment that fails is deleted, never left half up. SIGTERM or Ctrl-C drains
+(``serve.shutdown``: every accepted request is answered) and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import re
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+
+from fmtl.runtime.classifier import Classifier, ModelError
+from fmtl.runtime.serve import ServeConfig, ServeError, create_app
+from fmtl.runtime.serve_batching import BatchStats, QueueFull
+
+try:
+    import ray
+    from ray import serve
+
+    from fmtl.runtime.ray_infer import _loopback_mode, start_local_cluster
+except ImportError as error:  # the extra is missing: the CLI prints this one line and exits non-zero
+    raise ServeError(
+        f'--engine ray needs the ray extra: pip install "fmtl[ray]" ({error.name or "ray"} is not installed)'
+    ) from None
+except Exception as error:  # ray_infer's own InferError for a missing pyarrow, say
+    raise ServeError(str(error)) from None
+
+APP_NAME = "fmtl"  # the Ray Serve application (one per cluster: its proxies listen on one port)
+DRAIN_POLL_S = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class RayServeOptions:
+    """Where and how wide to serve.
+
+    Attributes:
+        address: an existing cluster ("auto", "HOST:6379", "ray://HOST:10001"); None starts a local one
+            (loopback only) for this command and shuts it down afterwards.
+        replicas: fixed number of replicas (ignored with ``autoscale``).
+        autoscale: (min, max) replicas; Ray Serve adds and removes replicas on queue length.
+        cpus_per_replica: CPUs each replica reserves; its onnxruntime threads match it (at least 1).
+        gpus_per_replica: GPUs each replica reserves (onnxruntime then picks CUDA when it has it).
+    """
+
+    address: str | None = None
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+
+    def check(self) -> None:
+        """Raise ServeError for values that cannot work."""
+        if self.replicas < 1:
+            raise ServeError("--replicas must be at least 1")
+        low, high = self.autoscale or (0, 1)
+        if not 0 <= low <= high or high < 1:
+            raise ServeError(f"--autoscale MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1, got {self.autoscale}")
+        if self.cpus_per_replica <= 0 or self.gpus_per_replica < 0:
+            raise ServeError("--cpus-per-replica must be above 0 and --gpus-per-replica at least 0")
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """``MIN:MAX`` as two whole numbers (for the CLI's --autoscale)."""
+    low, sep, high = text.partition(":")
+    if not (sep and low.isdigit() and high.isdigit() and int(low) <= int(high) and int(high) >= 1):
+        raise ServeError(f"--autoscale takes MIN:MAX replicas (0 <= MIN <= MAX, MAX >= 1), got {text!r}")
+    return int(low), int(high)
+
+
+# --- the replica -------------------------------------------------------------------------------------
+
+
+class ServeBatchQueue:
+    """fmtl serve's batcher seam (``submit``, ``queued_images``, ``start``/``flush``/``stop``) over
+    Ray Serve's ``@serve.batch``: each image is one batch item, so ``--max-batch-size`` counts
+    images exactly as fmtl's own batcher does. ``--max-queue`` bounds the images a replica holds."""
+
+    def __init__(self, predict_one: Callable[[np.ndarray], Awaitable[np.ndarray]], max_queue: int):
+        self.predict_one = predict_one
+        self.max_queue = max_queue
+        self.queued_images = 0  # images submitted and not yet answered
+
+    def start(self) -> None:
+        """Nothing to start: Ray Serve runs the batching loop."""
+
+    def flush(self) -> None:
+        """Nothing to flush: Ray Serve never holds a batch longer than batch_wait_timeout_s."""
+
+    async def stop(self) -> None:
+        """Nothing to stop: Ray Serve drains the replica."""
+
+    async def submit(self, images: np.ndarray, arrived: float | None = None) -> np.ndarray:
+        """Probabilities [N, classes] for a uint8 batch [N, C, H, W], in order."""
+        if self.queued_images + len(images) > self.max_queue:
+            raise QueueFull(f"queue full ({self.queued_images} images waiting, limit {self.max_queue})")
+        self.queued_images += len(images)
+        try:
+            return np.stack(await asyncio.gather(*(self.predict_one(image) for image in images)))
+        finally:
+            self.queued_images -= len(images)
+
+
+class ModelReplica:
+    """One Ray Serve replica: fmtl serve's app around one Classifier opened from the model's bytes."""
+
+    async def __init__(self, model: bytes, config: ServeConfig):
+        """Write ``model`` to a private scratch file, open it, run the warm-up batches, then answer.
+
+        Ray routes requests to a replica only once this returns, so a replica is never reachable cold."""
+        self.scratch = tempfile.TemporaryDirectory(prefix="fmtl-serve-ray-")
+        path = Path(self.scratch.name) / config.model.name  # the same name: URLs say /v2/models/NAME
+        path.write_bytes(model)
+        self.config = dataclasses.replace(config, model=path)
+        self.asgi_app = create_app(self.config, load=False)  # fmtl serve's routes, limits, errors and metrics
+        self.server = self.asgi_app.model_server
+        self.model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fmtl-model")
+        loop = asyncio.get_running_loop()
+        self.classifier, self.warmup_seconds = await loop.run_in_executor(self.model_thread, self._open_and_warm_up)
+        self.predict.set_max_batch_size(config.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        self.server.classifier = self.classifier
+        self.server.batcher = ServeBatchQueue(self.predict, config.max_queue)
+        self.server.warmup_seconds = self.warmup_seconds
+        self.server.metrics.warmup_seconds.set(self.warmup_seconds)
+        self.server.ready = True
+        self.server.metrics.ready.set(1)
+
+    def _open_and_warm_up(self) -> tuple[Classifier, float]:
+        classifier = Classifier(self.config.model, threads=self.config.threads)
+        started = time.perf_counter()
+        # the largest batch first (allocates its buffers), then one image (the low-load path), as fmtl serve does
+        for size in (self.config.max_batch_size, 1):
+            classifier.predict_proba(np.zeros((size, *classifier.input_shape), dtype=np.uint8), size)
+        return classifier, time.perf_counter() - started
+
+    def __serve_build_asgi_app__(self):
+        return self.asgi_app
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config in __init__
+    async def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """One onnxruntime call for the images Ray Serve gathered, on the model thread (never the event loop)."""
+        batch = np.stack(images)
+        started = time.perf_counter()
+        probs = await asyncio.get_running_loop().run_in_executor(
+            self.model_thread, self.classifier.predict_proba, batch, len(batch)
+        )
+        self.server._on_batch(BatchStats(len(batch), [], time.perf_counter() - started))
+        return list(probs)
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising makes it replace the replica."""
+        if not self.server.ready or self.model_thread._shutdown:
+            raise RuntimeError("the model is not loaded")
+
+    def info(self) -> dict:
+        """Facts about this replica (its process id, warm-up time, threads), for tests and operators."""
+        import os
+
+        return {"pid": os.getpid(), "warmup_seconds": self.warmup_seconds, "threads": self.config.threads}
+
+
+def deployment_options(config: ServeConfig, options: RayServeOptions) -> dict:
+    """Ray Serve's deployment settings for fmtl serve's options.
+
+    Backpressure: a replica takes at most two batches' worth of requests at once (one running, one
+    forming: Ray Serve's guidance is max_ongoing_requests above max_batch_size when batching);
+    each proxy queues at most --max-queue more and answers 503 beyond that."""
+    settings = {
+        "name": "model",
+        "ray_actor_options": {"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
+        "max_ongoing_requests": 2 * config.max_batch_size,
+        "max_queued_requests": config.max_queue,
+        "graceful_shutdown_timeout_s": config.drain_timeout,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "health_check_period_s": 5.0,
+        "max_constructor_retry_count": 2,
+        "logging_config": {"log_level": "WARNING", "enable_access_log": False},
+    }
+    if options.autoscale is not None:
+        low, high = options.autoscale
+        settings["num_replicas"] = "auto"
+        settings["autoscaling_config"] = {
+            "min_replicas": low,
+            "max_replicas": high,
+            "initial_replicas": max(1, low),
+            "target_ongoing_requests": config.max_batch_size,  # a full batch waiting per replica
+        }
+    else:
+        settings["num_replicas"] = options.replicas
+    return settings
+
+
+ModelDeployment = serve.deployment(serve.ingress()(ModelReplica))
+
+
+def build_application(config: ServeConfig, options: RayServeOptions) -> serve.Application:
+    """The Ray Serve application: the model's bytes and the config bound to the deployment."""
+    threads = config.threads or max(1, math.floor(options.cpus_per_replica))
+    replica_config = dataclasses.replace(config, threads=threads, port=0)
+    return ModelDeployment.options(**deployment_options(config, options)).bind(
+        config.model.read_bytes(), replica_config
+    )
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+
+def connect(address: str | None) -> bool:
+    """Join ``address`` or start a local cluster (loopback only); True when this process started it."""
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            if address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+                _loopback_mode()
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            start_local_cluster()
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ServeError(f"cannot reach the Ray cluster at {address or 'a new local cluster'}: {error}") from None
+    return True
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` now (Ray Serve's proxy cannot be asked for port 0)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def deploy(config: ServeConfig, options: RayServeOptions) -> int:
+    """Start Ray Serve's proxies on ``config.host``:``config.port`` and run the application until every
+    replica is warm; return the port. A deployment that fails is deleted before ServeError is raised."""
+    port = config.port or free_port(config.host)
+    serve.start(http_options={"host": config.host, "port": port}, logging_config={"log_level": "WARNING"})
+    try:
+        serve.run(build_application(config, options), name=APP_NAME, route_prefix="/", blocking=False)
+    except Exception as error:  # Ray's DeploymentFailed / RuntimeError carry multi-line tracebacks
+        _delete_quietly()
+        raise ServeError(f"the Ray Serve deployment failed: {_cause(error)}") from None
+    return port
+
+
+def _cause(error: Exception) -> str:
+    """The innermost exception line of a Ray error that carries a replica's traceback as text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:300]
+
+
+def _delete_quietly() -> None:
+    try:
+        serve.delete(APP_NAME)
+    except Exception:  # the controller may be gone already; nothing is left to clean up then
+        pass
+
+
+def check_model(config: ServeConfig) -> None:
+    """Open the model here first, so a bad file ends with one line before anything is deployed."""
+    try:
+        Classifier(config.model, threads=1)
+    except ModelError as error:
+        raise ServeError(str(error)) from None
+
+
+def serve_ray(config: ServeConfig, options: RayServeOptions, echo: Callable[[str], object] = print) -> int:
+    """Serve ``config.model`` on Ray Serve until SIGTERM/SIGINT has drained it; return the exit code.
+
+    Raises:
+        ServeError: bad options, a model that fails to load, an unreachable cluster, a failed deployment.
+    """
+    config.check()
+    options.check()
+    check_model(config)
+    started = time.perf_counter()
+    started_cluster = connect(options.address)
+    stop = threading.Event()  # set by SIGTERM/SIGINT; installed after ray.init, which sets handlers of its own
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        port = deploy(config, options)
+        replicas = f"{options.autoscale[0]}-{options.autoscale[1]}" if options.autoscale else str(options.replicas)
+        echo(f"fmtl serve (ray): {config.model} on http://{config.host}:{port} ({replicas} replicas)")
+        echo(f"ready: every replica warm after {time.perf_counter() - started:.1f} s")
+        while not stop.wait(DRAIN_POLL_S):
+            pass
+        echo("draining")
+        # the application first, while the proxies still run: each replica finishes its requests (up to
+        # --drain-timeout) and the proxies deliver the answers; serve.shutdown alone kills the proxies at once
+        serve.delete(APP_NAME)
+        serve.shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if started_cluster:
+            ray.shutdown()
+    return 0
