@@ -1,0 +1,302 @@
+"""`fmtl serve` under attack: what each impolite client costs the server and a normal client, one run.
+
+    .venv/bin/python benchmarks/serve_attacks.py --quick                    # trains a tiny Lite0 first
+    .venv/bin/python benchmarks/serve_attacks.py --model export/NAME.onnx --report
+
+For each attack, a fresh server (``python -m fmtl.cli serve MODEL``, default options, loopback only)
+is attacked while a normal client (one connection, one request after another, real Fashion-MNIST
+PNGs) measures its success rate and p50/p99 latency; beside it, the same client on an idle server.
+The server's peak RSS (VmHWM) is read from /proc. Attacks:
+
+- 200 stalled uploads: connections that send the headers of a 1 MB upload and one byte, then wait.
+- a float TIFF: 8000 x 8000 32-bit floats (a few hundred KB deflated), sent again and again.
+- 100,000 multipart parts: a body of 100,000 empty file parts, sent again and again.
+- bad k: ``?k=%C2%B2`` and a 5,000-digit k.
+- hostile Host: ``Host: evil.example`` (DNS rebinding).
+- 2x overload: open-loop arrivals at twice the capacity measured just before (closed loop, 16 clients).
+
+Targets (printed as met or not): under 200 stalled uploads the normal client gets >= 99 % 200s and a
+p99 within 2x of idle; at 2x overload the goodput is >= 80 % of capacity; the float TIFF costs at most
+256 MiB of RSS and 1 s, or is refused with 413/400. Every attack is bounded in count and time; the
+client shares the machine's cores with the server, as any loopback test does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import io
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from serve import Connection, Server, closed_loop, fashion_mnist_pngs, machine, model_file, open_loop
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve_attacks.md"
+STALLED = 200  # stalled uploads held open
+MIB = 1024 * 1024
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="an fmtl .onnx file [train and export a tiny Lite0]")
+    parser.add_argument("--quick", action="store_true", help="shorter attacks (3 s each) and a head-only model")
+    parser.add_argument("--seconds", type=float, help="seconds per attack [8, quick 3]")
+    parser.add_argument("--report", action="store_true", help=f"write the table to {RESULTS.relative_to(Path.cwd())}")
+    args = parser.parse_args()
+    args.seconds = args.seconds or (3.0 if args.quick else 8.0)
+    return args
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), MiB."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) / 1024
+
+
+@dataclass
+class Probe:
+    """A normal client's experience: status codes and latencies of sequential requests."""
+
+    codes: list[int | str]
+    latencies: list[float]  # seconds, of 200 answers
+
+    @property
+    def success(self) -> float:
+        return self.codes.count(200) / max(1, len(self.codes))
+
+    def ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000 if self.latencies else float("nan")
+
+
+async def normal_client(port: int, bodies: list[bytes], seconds: float) -> Probe:
+    """One connection, one request after another, for ``seconds``."""
+    probe, connection = Probe([], []), Connection(port)
+    deadline, i = time.perf_counter() + seconds, 0
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        try:
+            status, _ = await asyncio.wait_for(connection.request("POST", "/v1/classify", bodies[i % len(bodies)]), 30)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as error:
+            probe.codes.append(type(error).__name__)
+            connection.close()
+            continue
+        probe.codes.append(status)
+        if status == 200:
+            probe.latencies.append(time.perf_counter() - started)
+        i += 1
+    connection.close()
+    return probe
+
+
+async def raw_request(port: int, head: str, body: bytes = b"", timeout: float = 30) -> tuple[int | str, float]:
+    """One request on its own connection, written as given; (status or error name, seconds)."""
+    started = time.perf_counter()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError as error:
+        return type(error).__name__, 0.0
+    try:
+        writer.write(head.encode("latin-1") + b"\r\n" + body)
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        return (int(line[9:12]) if line[9:12].isdigit() else "no answer"), time.perf_counter() - started
+    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as error:
+        return type(error).__name__, time.perf_counter() - started
+    finally:
+        writer.close()
+
+
+def post_head(path: str, body: bytes, content_type: str, host: str = "127.0.0.1") -> str:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n")  # fmt: skip
+
+
+# --- the attacks: each returns (what the attacker got, extra figures) and runs for ``seconds`` -----------
+
+
+async def stalled_uploads(port: int, seconds: float) -> tuple[str, dict]:
+    connections = []
+    for _ in range(STALLED):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post_head("/v1/classify", b"x" * 1_000_000, "image/png").encode() + b"\r\nx")
+        connections.append(writer)
+    await asyncio.sleep(seconds)
+    for writer in connections:
+        writer.close()
+    return f"{STALLED} held open", {}
+
+
+async def repeated(port: int, seconds: float, head: str, body: bytes = b"") -> tuple[str, dict]:
+    """The same request, one after another, for ``seconds``: status counts and the slowest answer."""
+    deadline, codes, times = time.perf_counter() + seconds, {}, []
+    while time.perf_counter() < deadline:
+        code, took = await raw_request(port, head, body)
+        codes[code] = codes.get(code, 0) + 1
+        times.append(took)
+    summary = ", ".join(f"{count}x {code}" for code, count in sorted(codes.items(), key=str))
+    return summary, {"codes": codes, "max_s": max(times, default=0.0)}
+
+
+def float_tiff() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8000, 8000), np.float32)).save(buffer, format="TIFF", compression="tiff_adobe_deflate")
+    return buffer.getvalue()
+
+
+def multipart_parts(count: int = 100_000) -> bytes:
+    return b"--b\r\nContent-Disposition: form-data; name=f; filename=a.png\r\n\r\n\r\n" * count + b"--b--\r\n"
+
+
+async def bad_k(port: int, seconds: float, body: bytes) -> tuple[str, dict]:
+    deadline, codes = time.perf_counter() + seconds, {}
+    while time.perf_counter() < deadline:
+        for k in ("%C2%B2", "9" * 5000):
+            code, _ = await raw_request(port, post_head(f"/v1/classify?k={k}", body, "image/png"), body)
+            codes[code] = codes.get(code, 0) + 1
+    return ", ".join(f"{count}x {code}" for code, count in sorted(codes.items(), key=str)), {"codes": codes}
+
+
+async def overload(port: int, bodies: list[bytes], seconds: float, capacity: float) -> tuple[str, dict]:
+    level = await open_loop(port, bodies, 2 * capacity, seconds)
+    goodput = level.codes[200] / level.seconds
+    codes = ", ".join(f"{count}x {code}" for code, count in sorted(level.codes.items(), key=str))
+    return f"{2 * capacity:.0f}/s offered: {codes}", {"goodput": goodput}
+
+
+# --- running and reporting ---------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    attack: str
+    attacker: str
+    rss_start: float
+    rss_peak: float
+    probe: Probe
+    extra: dict
+
+
+async def attacked(port: int, bodies: list[bytes], seconds: float, attack) -> tuple[Probe, tuple[str, dict]]:
+    """The normal client during the attack (it starts a moment after the attack does)."""
+
+    async def client_later() -> Probe:
+        await asyncio.sleep(min(1.0, seconds / 4))
+        return await normal_client(port, bodies, seconds - min(1.0, seconds / 4))
+
+    probe, outcome = await asyncio.gather(client_later(), attack)
+    return probe, outcome
+
+
+def run_attack(model: Path, name: str, make_attack, bodies: list[bytes], seconds: float) -> Row:
+    server = Server(model)
+    try:
+        rss_start = peak_rss_mib(server.pid)
+        probe, (attacker, extra) = asyncio.run(attacked(server.port, bodies, seconds, make_attack(server.port)))
+        return Row(name, attacker, rss_start, peak_rss_mib(server.pid), probe, extra)
+    finally:
+        server.stop()
+
+
+def capacity_of(model: Path, bodies: list[bytes], seconds: float) -> tuple[float, Row]:
+    """Images/s at closed loop c=16, and the idle row (the normal client alone)."""
+    server = Server(model)
+    try:
+        rss_start = peak_rss_mib(server.pid)
+        idle = asyncio.run(normal_client(server.port, bodies, seconds))
+        capacity = asyncio.run(closed_loop([server.port], bodies, 16, seconds)).achieved
+        return capacity, Row("none (idle server)", "-", rss_start, peak_rss_mib(server.pid), idle, {})
+    finally:
+        server.stop()
+
+
+def targets(rows: dict[str, Row], capacity: float) -> list[str]:
+    idle, stalled = rows["idle"].probe, rows["stalled"].probe
+    tiff = rows["tiff"]
+    refused = set(tiff.extra["codes"]) <= {400, 413}
+    tiff_ok = refused or (tiff.rss_peak - tiff.rss_start <= 256 and tiff.extra["max_s"] <= 1.0)
+    goodput = rows["overload"].extra["goodput"]
+    return [
+        f"{'met' if stalled.success >= 0.99 and stalled.ms(99) <= 2 * idle.ms(99) else 'NOT met'}: "
+        f"200 stalled uploads: normal client {stalled.success:.1%} success (>= 99 %), p99 {stalled.ms(99):.1f} ms "
+        f"= {stalled.ms(99) / idle.ms(99):.2f}x idle (<= 2x)",
+        f"{'met' if goodput >= 0.8 * capacity else 'NOT met'}: 2x overload: goodput {goodput:.0f} images/s = "
+        f"{goodput / capacity:.0%} of capacity {capacity:.0f} (>= 80 %)",
+        f"{'met' if tiff_ok else 'NOT met'}: float TIFF 8000x8000: "
+        + (f"refused ({tiff.attacker})" if refused else "")
+        + f"; peak RSS +{tiff.rss_peak - tiff.rss_start:.0f} MiB (<= 256), slowest answer {tiff.extra['max_s']:.2f} s",
+    ]
+
+
+def table(rows: dict[str, Row]) -> str:
+    idle = rows["idle"].probe
+    lines = ["| attack | what the attacker got | server peak RSS MiB (start → end) | normal client: 200s | "
+             "p50 ms | p99 ms | p99 / idle p99 |", "|" + " --- |" * 7]  # fmt: skip
+    for row in rows.values():
+        p = row.probe
+        lines.append(f"| {row.attack} | {row.attacker} | {row.rss_start:.0f} → {row.rss_peak:.0f} | "
+                     f"{p.codes.count(200)}/{len(p.codes)} ({p.success:.1%}) | {p.ms(50):.1f} | {p.ms(99):.1f} | "
+                     f"{p.ms(99) / idle.ms(99):.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_report(text: str) -> None:
+    script = Path(sys.argv[0]).resolve()
+    with_root = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
+    command = shlex.join([".venv/bin/python", str(with_root), *sys.argv[1:]])
+    header = [
+        "# fmtl serve under attack",
+        "",
+        f"- machine: {machine()}, {platform.system()} {platform.machine()}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} (UTC)",
+        f"- command: `{command}`",
+        f"- load average at the start: {os.getloadavg()[0]:.2f} (the client shares the cores with the server)",
+        "",
+    ]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    partial = RESULTS.with_suffix(".md.partial")
+    partial.write_text("\n".join(header) + text + "\n", encoding="utf-8")
+    partial.replace(RESULTS)
+    print(f"\nwrote {RESULTS}")
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory(prefix="fmtl-attacks-") as folder, model_file(args, Path(folder)) as model:
+        bodies = [p.read_bytes() for p in fashion_mnist_pngs(64, Path(folder))]
+        s = args.seconds
+        capacity, idle = capacity_of(model, bodies, s)
+        print(f"capacity (closed loop, 16 clients): {capacity:.0f} images/s")
+        tiff, parts = float_tiff(), multipart_parts()
+        attacks = {
+            "stalled": ("200 stalled uploads", lambda port: stalled_uploads(port, s)),
+            "tiff": (f"float TIFF 8000x8000 ({len(tiff) // 1024} KB)",
+                     lambda port: repeated(port, s, post_head("/v1/classify", tiff, "image/tiff"), tiff)),
+            "parts": ("100,000 multipart parts", lambda port: repeated(port, s, post_head(
+                "/v1/classify", parts, "multipart/form-data; boundary=b"), parts)),
+            "k": ("bad k (k=²; 5,000 digits)", lambda port: bad_k(port, s, bodies[0])),
+            "host": ("Host: evil.example", lambda port: repeated(port, s, post_head(
+                "/v1/classify", bodies[0], "image/png", host="evil.example"), bodies[0])),
+            "overload": ("2x open-loop overload", lambda port: overload(port, bodies, s, capacity)),
+        }  # fmt: skip
+        rows = {"idle": idle}
+        for key, (name, attack) in attacks.items():
+            rows[key] = run_attack(model, name, attack, bodies, s)
+            print(f"{name}: {rows[key].attacker}; normal client {rows[key].probe.success:.1%}", flush=True)
+        text = table(rows) + "\n\n" + "\n".join(f"- {line}" for line in targets(rows, capacity)) + "\n"
+        print("\n" + text)
+        if args.report:
+            write_report(text)
+
+
+if __name__ == "__main__":
+    main()
