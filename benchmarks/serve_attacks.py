@@ -42,6 +42,7 @@ from PIL import Image
 from serve import Connection, Server, closed_loop, fashion_mnist_pngs, machine, model_file, open_loop
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_attacks.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "serving.md"  # its attack section is this table
 STALLED = 200  # stalled uploads held open
 MIB = 1024 * 1024
 
@@ -266,6 +267,20 @@ def write_report(text: str) -> None:
     partial.write_text("\n".join(header) + text + "\n", encoding="utf-8")
     partial.replace(RESULTS)
     print(f"\nwrote {RESULTS}")
+    include_in_docs("\n".join(header[2:]) + text)
+
+
+def include_in_docs(block: str) -> None:
+    """Copy the results (without their title) between the markers of docs/serving.md, if it has them."""
+    begin, end = "<!-- serve_attacks:begin -->", "<!-- serve_attacks:end -->"
+    if not DOCS.is_file() or begin not in (text := DOCS.read_text(encoding="utf-8")) or end not in text:
+        return
+    before, rest = text.split(begin, 1)
+    after = rest.split(end, 1)[1]
+    partial = DOCS.with_suffix(".md.partial")
+    partial.write_text(f"{before}{begin}\n{block.strip()}\n{end}{after}", encoding="utf-8")
+    partial.replace(DOCS)
+    print(f"updated {DOCS}")
 
 
 def main() -> None:
