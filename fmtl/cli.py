@@ -118,11 +118,13 @@ def ray_engine_options(command):
 @click.option("-r", "--recursive", is_flag=True, help="Walk folders recursively.")
 @click.option("--min-probability", type=click.FloatRange(0, 1), metavar="P",
               help="Mark images whose top-1 probability is below P as unsure (their top-k still listed).")  # fmt: skip
+@click.option("--max-pixels", type=click.IntRange(1), metavar="N",
+              help="Refuse images of more pixels, before decoding; 16/32-bit pixels count 2/4 [64000000].")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @ray_engine_options
 @user_errors
-def infer(paths, model, k, batch_size, fmt, output, recursive, min_probability, quiet, engine, out, rows_per_file,
-          **cluster) -> None:  # fmt: skip
+def infer(paths, model, k, batch_size, fmt, output, recursive, min_probability, max_pixels, quiet, engine, out,
+          rows_per_file, **cluster) -> None:  # fmt: skip
     """Classify image files, folders and globs with an exported model (onnxruntime; no torch).
 
     File names are written safely: bytes that are not UTF-8 as backslash escapes, control
@@ -130,8 +132,10 @@ def infer(paths, model, k, batch_size, fmt, output, recursive, min_probability, 
     prefixed with '.
 
     With --engine ray, on a Ray cluster (Ray Data), into part files in --out DIR."""
+    from fmtl.runtime.images import DEFAULT_MAX_PIXELS
     from fmtl.runtime.infer import InferError, run
 
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     if engine == "ray":
         if output:
             raise InferError("--engine ray writes part files into a folder: use --out DIR instead of -o")
@@ -140,13 +144,13 @@ def infer(paths, model, k, batch_size, fmt, output, recursive, min_probability, 
         options = ray_infer.ClusterOptions(**{name: value for name, value in cluster.items() if value is not None})
         sys.exit(ray_infer.run(list(paths), model, out, k, batch_size, fmt or "parquet", recursive, options,
                                rows_per_file or ray_infer.DEFAULT_ROWS_PER_FILE, progress=not quiet,
-                               min_probability=min_probability))  # fmt: skip
+                               min_probability=min_probability, max_pixels=max_pixels))  # fmt: skip
     given = {"out": out, "rows_per_file": rows_per_file, **cluster, "format parquet": fmt == "parquet" or None}
     for name, value in given.items():
         if value is not None:
             raise InferError(f"--{name.replace('_', '-')} needs --engine ray")
     sys.exit(run(list(paths), model, k, batch_size, fmt or "table", output, recursive, progress=not quiet,
-                 min_probability=min_probability))  # fmt: skip
+                 min_probability=min_probability, max_pixels=max_pixels))  # fmt: skip
 
 
 @main.command()

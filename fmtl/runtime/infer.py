@@ -31,7 +31,7 @@ from pathlib import Path
 from fmtl.atomic import atomic_open
 from fmtl.errors import FmtlError
 from fmtl.runtime.classifier import Classifier, ModelError, check_min_probability
-from fmtl.runtime.images import collect_image_paths, iter_decoded
+from fmtl.runtime.images import DEFAULT_MAX_PIXELS, collect_image_paths, iter_decoded
 from fmtl.runtime.results import Row, classify_decoded
 from fmtl.runtime.text import csv_cell, shown_name, terminal_text
 
@@ -78,6 +78,7 @@ def run(
     echo: Echo = print,
     echo_err: Echo = _print_err,
     min_probability: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> int:
     """Classify every image in ``inputs`` and write one row per image; return the exit code.
 
@@ -92,6 +93,7 @@ def run(
         progress: show a progress bar on stderr (only when stderr is a terminal).
         echo, echo_err: where results and messages go (print to stdout / stderr by default).
         min_probability: mark images whose top-1 probability is below it as unsure (None: no marking).
+        max_pixels: images with more pixels are error rows, refused before decoding (see decode_image).
 
     Returns:
         0 when at least one image was classified, 1 when none was.
@@ -99,13 +101,13 @@ def run(
     Raises:
         InferError: bad options, or no usable model.
     """
-    _check_options(k, batch_size, fmt, min_probability)
+    _check_options(k, batch_size, fmt, min_probability, max_pixels)
     classifier = load_classifier(model, echo_err)
     paths, problems = collect_image_paths(inputs, recursive)
     for item, reason in problems:
         echo_err(f"warning: {terminal_text(item)}: {reason}")
     tally = Tally()
-    rows = tally.count(iter_rows(classifier, paths, k, batch_size, progress, echo_err, min_probability))
+    rows = tally.count(iter_rows(classifier, paths, k, batch_size, progress, echo_err, min_probability, max_pixels))
     width = max((len(terminal_text(str(p))) for p in paths), default=0)
     chunks = format_stream(rows, fmt, classifier, k, width, min_probability)
     if output:
@@ -134,7 +136,9 @@ class Tally:
             yield row
 
 
-def _check_options(k: int, batch_size: int, fmt: str, min_probability: float | None) -> None:
+def _check_options(k: int, batch_size: int, fmt: str, min_probability: float | None, max_pixels: int) -> None:
+    if max_pixels < 1:
+        raise InferError(f"--max-pixels must be at least 1, got {max_pixels}")
     if min_probability is not None and not 0.0 <= min_probability <= 1.0:
         raise InferError(f"--min-probability must be within 0..1, got {min_probability}")
     if k < 1:
@@ -166,13 +170,14 @@ def iter_rows(
     progress: bool = False,
     echo_err: Echo = _print_err,
     min_probability: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[Row]:
     """Decode (in a thread pool, one batch ahead) and classify ``paths``, yielding one Row per path in
     order, a batch at a time: memory holds one batch of images and rows, however many paths.
     Each unreadable file is also said on stderr (``echo_err``)."""
     check_min_probability(min_probability)
     spec = classifier.spec
-    batches = iter_decoded(paths, spec.channels, spec.source_size, spec.background, batch_size=batch_size)
+    batches = iter_decoded(paths, spec.channels, spec.source_size, spec.background, batch_size, max_pixels=max_pixels)
     with _progress_bar(len(paths), progress, echo_err) as (update, say):
         for start, decoded in zip(range(0, len(paths), batch_size), batches, strict=True):
             names = [str(p) for p in paths[start : start + batch_size]]

@@ -45,7 +45,7 @@ import numpy as np
 
 from fmtl.atomic import atomic_open
 from fmtl.runtime.classifier import Classifier, Prediction, check_min_probability
-from fmtl.runtime.images import collect_image_paths, decode_many, is_image_path
+from fmtl.runtime.images import DEFAULT_MAX_PIXELS, collect_image_paths, decode_many, is_image_path
 from fmtl.runtime.infer import Echo, InferError, load_classifier
 from fmtl.runtime.results import Row, classify_decoded
 from fmtl.runtime.text import shown_name
@@ -104,7 +104,14 @@ class ClusterOptions:
 class Predictor:
     """Ray Data callable class: one Classifier per actor, one table of result rows per batch."""
 
-    def __init__(self, model: bytes, k: int, threads: int, min_probability: float | None = None) -> None:
+    def __init__(
+        self,
+        model: bytes,
+        k: int,
+        threads: int,
+        min_probability: float | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         """Open ``model`` (the .onnx bytes, shipped with the job so no node needs the file) with ``threads``
         onnxruntime threads; it is written to a private scratch file only for as long as loading takes."""
         with tempfile.TemporaryDirectory(prefix="fmtl-ray-") as scratch:
@@ -114,6 +121,7 @@ class Predictor:
         self.k = k
         self.threads = threads
         self.min_probability = min_probability
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """A batch of local paths (bytes: ``path``) or of read files (``path`` and ``bytes``) -> result rows."""
@@ -123,7 +131,7 @@ class Predictor:
         else:  # local files, decoded straight from their paths
             names = sources = [os.fsdecode(bytes(path)) for path in batch["path"]]
         spec = self.classifier.spec
-        decoded = decode_many(sources, spec.channels, spec.source_size, spec.background, threads=self.threads)
+        decoded = decode_many(sources, spec.channels, spec.source_size, spec.background, self.threads, self.max_pixels)
         rows = classify_decoded(self.classifier, names, decoded, self.k, self.min_probability, len(names) or 1)
         return rows_to_table(rows)
 
@@ -178,6 +186,7 @@ def run(
     echo_err: Echo | None = None,
     min_probability: float | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> int:
     """Classify every image in ``inputs`` on Ray and write part files into ``out``; return the exit code.
 
@@ -194,6 +203,7 @@ def run(
         echo_err: where messages go (stderr by default).
         min_probability: mark rows whose top-1 probability is below it unsure (as ``fmtl infer``).
         max_file_bytes: larger files are error rows, never read.
+        max_pixels: images with more pixels are error rows, refused before decoding (as ``fmtl infer``).
 
     Returns:
         0 when every image is in ``out`` and at least one was classified, else 1.
@@ -219,7 +229,8 @@ def run(
     started = bool(readable) and _connect(cluster.address, progress)
     try:
         if readable:
-            dataset = build_dataset(readable, filesystem, classifier, k, batch_size, cluster, min_probability)
+            limits = {"min_probability": min_probability, "max_pixels": max_pixels}
+            dataset = build_dataset(readable, filesystem, classifier, k, batch_size, cluster, **limits)
             tables = itertools.chain(tables, _tables(dataset))
         if todo:
             write_parts(tables, out_dir, fmt, rows_per_file, echo_err)
@@ -481,6 +492,7 @@ def build_dataset(
     batch_size: int,
     cluster: ClusterOptions,
     min_probability: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: local paths (as bytes, so any file name travels) or read bytes of URIs,
     classified on an actor pool."""
@@ -490,7 +502,8 @@ def build_dataset(
         dataset = ray.data.from_items([{"path": os.fsencode(path)} for path in files])
     else:
         dataset = ray.data.read_binary_files(files, include_paths=True, filesystem=filesystem)
-    arguments = {"model": classifier.path.read_bytes(), "k": k, "threads": threads, "min_probability": min_probability}
+    arguments = {"model": classifier.path.read_bytes(), "k": k, "threads": threads,
+                 "min_probability": min_probability, "max_pixels": max_pixels}  # fmt: skip
     return dataset.map_batches(
         Predictor,
         fn_constructor_kwargs=arguments,

@@ -422,3 +422,17 @@ def test_without_min_probability_nothing_changes(models, photos: Path) -> None:
     assert all("unsure" not in json.loads(line) for line in cap.stdout.splitlines())
     result = _cli(str(photos), "--model", str(models["grey"]), "--min-probability", "1.5", cwd=photos)
     assert result.returncode == 2 and b"Traceback" not in result.stderr
+
+
+def test_cli_max_pixels_refuses_bigger_images_before_decoding(models, tmp_path: Path) -> None:
+    Image.new("L", (28, 28), 90).save(tmp_path / "small.png")
+    Image.new("L", (40, 30), 90).save(tmp_path / "big.png")
+    Image.fromarray(np.full((20, 20), 0.5, np.float32)).save(tmp_path / "float.tif")  # 400 pixels, 4 bytes each
+    result = _cli(".", "--model", str(models["grey"]), "--max-pixels", "1000", "--format", "jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    errors = {row["path"]: row["error"] for row in map(json.loads, result.stdout.decode().splitlines())}
+    assert errors == {
+        "big.png": "image too large: 40x30 = 1200 pixels (limit 1000 pixels)",
+        "float.tif": "image too large: 20x20 = 400 pixels counted x4 for 32-bit F (limit 1000 pixels)",
+        "small.png": None,
+    }
