@@ -387,7 +387,7 @@ async def page(request: Request) -> Response:
     text with textContent, and a Content-Security-Policy lets only the page's own script run."""
     template = resources.files("fmtl.runtime").joinpath("serve_page.html").read_text(encoding="utf-8")
     nonce = secrets.token_urlsafe(16)
-    text = template.replace("{{MODEL}}", html.escape(_server(request).name)).replace("{{NONCE}}", nonce)
+    text = template.replace("{{NONCE}}", nonce).replace("{{MODEL}}", html.escape(_server(request).name))
     policy = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src blob:; "
               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
     return HTMLResponse(text, headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"})

@@ -418,6 +418,7 @@ def test_a_model_that_fails_to_load_exits_with_one_line(tmp_path):
 def test_serving_imports_no_torch():
     code = (
         "import sys, fmtl.cli, fmtl.runtime.serve, fmtl.runtime.serve_batching, fmtl.runtime.serve_metrics\n"
+        "import fmtl.runtime.serve_http, fmtl.runtime.serve_requests\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'accelerate'))\n"
         "assert not bad, bad"
     )
