@@ -79,6 +79,22 @@ class RayServeOptions:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
 
+    @classmethod
+    def from_cli(
+        cls,
+        address: str | None = None,
+        replicas: int | None = None,
+        autoscale: str | None = None,
+        cpus_per_replica: float | None = None,
+        gpus_per_replica: float | None = None,
+    ) -> RayServeOptions:
+        """The options as `fmtl serve` takes them (None: not given; ``autoscale`` as ``MIN:MAX``)."""
+        if replicas is not None and autoscale is not None:
+            raise ServeError("give either --replicas N or --autoscale MIN:MAX, not both")
+        given = {"address": address, "replicas": replicas, "cpus_per_replica": cpus_per_replica,
+                 "gpus_per_replica": gpus_per_replica, "autoscale": parse_autoscale(autoscale) if autoscale else None}  # fmt: skip
+        return cls(**{name: value for name, value in given.items() if value is not None})
+
     def check(self) -> None:
         """Raise ServeError for values that cannot work."""
         if self.replicas < 1:
@@ -199,7 +215,7 @@ def deployment_options(config: ServeConfig, options: RayServeOptions) -> dict:
     settings = {
         "name": "model",
         "ray_actor_options": {"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
-        "max_ongoing_requests": 2 * config.max_batch_size,
+        "max_ongoing_requests": 4 * config.max_batch_size,
         "max_queued_requests": config.max_queue,
         "graceful_shutdown_timeout_s": config.drain_timeout,
         "graceful_shutdown_wait_loop_s": 0.5,
@@ -263,7 +279,8 @@ def deploy(config: ServeConfig, options: RayServeOptions) -> int:
     """Start Ray Serve's proxies on ``config.host``:``config.port`` and run the application until every
     replica is warm; return the port. A deployment that fails is deleted before ServeError is raised."""
     port = config.port or free_port(config.host)
-    serve.start(http_options={"host": config.host, "port": port}, logging_config={"log_level": "WARNING"})
+    http = {"host": config.host, "port": port, "keep_alive_timeout_s": max(1, round(config.keep_alive_timeout))}
+    serve.start(http_options=http, logging_config={"log_level": "WARNING"})
     try:
         serve.run(build_application(config, options), name=APP_NAME, route_prefix="/", blocking=False)
     except Exception as error:  # Ray's DeploymentFailed / RuntimeError carry multi-line tracebacks

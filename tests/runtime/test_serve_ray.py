@@ -74,6 +74,51 @@ def test_engine_ray_without_the_extra_says_what_to_install_in_one_line(tmp_path:
     assert 'pip install "fmtl[ray]"' in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.ray
+def test_a_model_that_cannot_load_is_one_error_before_any_cluster_starts(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from fmtl.runtime.serve import ServeError
+    from fmtl.runtime.serve_ray import RayServeOptions, serve_ray
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ServeError) as caught:
+        serve_ray(ServeConfig(bad, port=free_port()), RayServeOptions(replicas=2))
+    assert str(bad) in str(caught.value) and "\n" not in str(caught.value)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"replicas": 2, "autoscale": "1:4"}, "not both"),
+        ({"autoscale": "4:1"}, "MIN:MAX"),
+        ({"autoscale": "x"}, "MIN:MAX"),
+    ],
+)
+def test_cluster_options_are_checked(given: dict, message: str) -> None:
+    pytest.importorskip("ray.serve")
+    from fmtl.runtime.serve import ServeError
+    from fmtl.runtime.serve_ray import RayServeOptions
+
+    with pytest.raises(ServeError, match=message):
+        RayServeOptions.from_cli(**given).check()
+
+
+@pytest.mark.ray
+def test_autoscale_and_resources_become_ray_serve_settings() -> None:
+    pytest.importorskip("ray.serve")
+    from fmtl.runtime.serve_ray import RayServeOptions, deployment_options
+
+    options = RayServeOptions.from_cli(autoscale="0:4", cpus_per_replica=2, gpus_per_replica=0.5)
+    settings = deployment_options(ServeConfig(Path("m.onnx"), max_batch_size=8, max_queue=100), options)
+    assert settings["num_replicas"] == "auto"
+    assert settings["autoscaling_config"]["min_replicas"] == 0 and settings["autoscaling_config"]["max_replicas"] == 4
+    assert settings["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.5}
+    assert settings["max_queued_requests"] == 100 and settings["max_ongoing_requests"] >= 8
+
+
 # --- images and fmtl serve's own answers ----------------------------------------------------------
 
 
