@@ -209,9 +209,10 @@ class ModelReplica:
 def deployment_options(config: ServeConfig, options: RayServeOptions) -> dict:
     """Ray Serve's deployment settings for fmtl serve's options.
 
-    Backpressure: a replica takes at most two batches' worth of requests at once (one running, one
-    forming: Ray Serve's guidance is max_ongoing_requests above max_batch_size when batching);
-    each proxy queues at most --max-queue more and answers 503 beyond that."""
+    Backpressure: a replica takes at most four batches' worth of requests at once (a batch needs
+    max_ongoing_requests above max_batch_size to fill; requests waiting inside a replica cost less than
+    requests the proxy's router holds back and re-offers), bounded again by fmtl's own --max-queue
+    images per replica; each proxy queues at most --max-queue more requests and answers 503 beyond that."""
     settings = {
         "name": "model",
         "ray_actor_options": {"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
