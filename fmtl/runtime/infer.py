@@ -158,7 +158,7 @@ def load_classifier(model: str | None, echo_err: Echo = _print_err) -> Classifie
         raise InferError(str(error)) from None
     how = "" if model else f", newest in {DEFAULT_MODEL_FOLDER}/"
     arch = classifier.architecture or "unknown architecture"
-    echo_err(f"model: {path} ({arch}, {classifier.num_classes} classes{how})")
+    echo_err(f"model: {terminal_text(str(path))} ({terminal_text(arch)}, {classifier.num_classes} classes{how})")
     return classifier
 
 

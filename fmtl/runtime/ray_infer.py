@@ -48,7 +48,7 @@ from fmtl.runtime.classifier import Classifier, Prediction, check_min_probabilit
 from fmtl.runtime.images import DEFAULT_MAX_PIXELS, collect_image_paths, decode_many, is_image_path
 from fmtl.runtime.infer import Echo, InferError, load_classifier
 from fmtl.runtime.results import Row, classify_decoded
-from fmtl.runtime.text import shown_name
+from fmtl.runtime.text import shown_name, terminal_text
 
 try:
     import pyarrow as pa
@@ -277,7 +277,7 @@ def list_inputs(inputs: Sequence[str], recursive: bool, echo_err: Echo) -> tuple
     if not uris:
         paths, problems = collect_image_paths(inputs, recursive)
         for item, reason in problems:
-            echo_err(f"warning: {item}: {reason}")
+            echo_err(f"warning: {terminal_text(item)}: {reason}")
         return [os.path.abspath(path) for path in paths], None
     filesystem: pafs.FileSystem | None = None
     files: list[str] = []
@@ -291,7 +291,7 @@ def list_inputs(inputs: Sequence[str], recursive: bool, echo_err: Echo) -> tuple
         filesystem = uri_fs
         found = _list_uri(uri_fs, root, recursive)
         if not found:
-            echo_err(f"warning: {uri}: no images found")
+            echo_err(f"warning: {terminal_text(uri)}: no images found")
         files.extend(found)
     return sorted(set(files)), filesystem
 
@@ -396,7 +396,7 @@ def write_parts(tables: Iterable[pa.Table], out_dir: Path, fmt: str, rows_per_fi
     for table in tables:
         for path, error in zip(table["path"].to_pylist(), table["error"].to_pylist(), strict=True):
             if error is not None:
-                echo_err(f"error: {path}: {error}")
+                echo_err(f"error: {terminal_text(path)}: {error}")
         pending.append(table)
         count += table.num_rows
         while count >= rows_per_file:

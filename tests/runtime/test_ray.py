@@ -268,12 +268,12 @@ def test_engine_options_are_checked_in_one_line(ray_infer, tmp_path: Path, extra
 
 @pytest.mark.ray
 def test_fifo_device_and_odd_names_are_error_rows_not_hangs(ray_infer, tmp_path: Path) -> None:
-    """A FIFO named x.png (opening it would block forever), a symlink to /dev/zero (reading it never ends),
+    """A FIFO named like an image (opening it would block forever), a symlink to /dev/zero (reading it never ends),
     a file over the size cap: error rows, never read. A name that is not UTF-8 is classified and written
     escaped, as `fmtl infer` writes it; --min-probability marks exactly the rows below it."""
     folder = tmp_path / "odd"
     write_pngs(folder, fashion_images(6))
-    os.mkfifo(folder / "x.png")
+    os.mkfifo(folder / "x\x1b[2J.png")  # with a terminal escape in its name, said escaped on stderr
     os.symlink("/dev/zero", folder / "zero.png")
     (folder / "big.png").write_bytes((folder / "00000.png").read_bytes() + bytes(8192))  # over the 4 KiB cap
     Image.fromarray(fashion_images(1, offset=8)[0]).save(os.path.join(os.fsencode(folder), b"b\xff.png"), "PNG")
@@ -290,7 +290,9 @@ def test_fifo_device_and_odd_names_are_error_rows_not_hangs(ray_infer, tmp_path:
     )  # fmt: skip
     assert code == 0, messages
     rows = {Path(row.path).name: row for row in ray_infer.table_to_rows(ray_infer.read_results(out))}
-    assert rows["x.png"].error == rows["zero.png"].error == "not a regular file"
+    assert rows["x\x1b[2J.png"].error == rows["zero.png"].error == "not a regular file"
+    assert any("x\\x1b[2J.png: not a regular file" in m for m in messages)
+    assert not any("\x1b" in m for m in messages)
     assert rows["big.png"].error.startswith("file too large: ") and "(limit 4096)" in rows["big.png"].error
     assert rows["b\\xff.png"].error is None and len(rows["b\\xff.png"].predictions) == 2
     for path, probability in top1.items():
