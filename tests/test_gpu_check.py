@@ -1,5 +1,6 @@
-"""benchmarks/gpu_check.sh on a machine without a GPU: one line and a non-zero exit, and its multi-process step
-rehearsed on the CPU (launch/cpu-multiprocess.yaml), so the script is checked before a GPU is spent on it."""
+"""benchmarks/gpu_check.sh on a machine without a GPU: one line and a non-zero exit; and its multi-process and
+onnxruntime steps rehearsed on the CPU (launch/cpu-multiprocess.yaml, the CPU provider), so the script itself is
+checked before a GPU is spent on it."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def test_an_unknown_step_is_named():
 
 
 @pytest.mark.slow
-def test_the_multiprocess_step_rehearsed_on_the_cpu_counts_each_image_once():
-    result = gpu_check("--rehearse", "multiprocess", timeout=600)
+def test_the_multiprocess_and_ort_steps_rehearsed_on_the_cpu():
+    result = gpu_check("--rehearse", "multiprocess", "ort", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     work = Path(re.search(r"work folder (\S+)", result.stdout).group(1))
     try:
@@ -51,5 +52,9 @@ def test_the_multiprocess_step_rehearsed_on_the_cpu_counts_each_image_once():
         accuracy, alone = (float(x) for x in re.findall(r"(?:accuracy|saved model) (\d\.\d+)", line))
         assert accuracy > 0.5 and accuracy == pytest.approx(alone, abs=1 / 997)  # a model that tells images apart
         assert "ok   multiprocess: 2 processes" in result.stdout
+        # the ort step's plumbing (export of that run, both sessions, fmtl infer) with the CPU provider on both sides
+        ort = (work / "results" / "gpu_check_ort.md").read_text().strip().splitlines()[-1]
+        assert "CPUExecutionProvider against CPUExecutionProvider on 512 test images: top-1 agreement 1.0000" in ort
+        assert "ok   fmtl infer on CPUExecutionProvider: 256 rows" in result.stdout
     finally:
         shutil.rmtree(work, ignore_errors=True)
