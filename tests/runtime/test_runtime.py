@@ -436,3 +436,21 @@ def test_cli_max_pixels_refuses_bigger_images_before_decoding(models, tmp_path: 
         "float.tif": "image too large: 20x20 = 400 pixels counted x4 for 32-bit F (limit 1000 pixels)",
         "small.png": None,
     }
+
+
+def test_the_two_halves_of_the_rows_path_give_what_classify_decoded_gives(models, photos: Path) -> None:
+    """serve runs the model its own way: keep_decoded, its probabilities, make_rows = classify_decoded."""
+    from fmtl.runtime.images import decode_many
+    from fmtl.runtime.results import classify_decoded, keep_decoded, make_rows
+
+    clf = Classifier(models["grey"])
+    names = sorted(str(p) for p in photos.iterdir() if p.suffix != ".txt")
+    decoded = decode_many(names, 1, (28, 28))
+    rows = classify_decoded(clf, names, decoded, k=2, min_probability=0.5)
+    good, batch = keep_decoded(decoded)
+    assert good == [0, 1, 2] and batch.shape == (3, 1, 28, 28)
+    assert make_rows(clf, names, decoded, good, clf.predict_proba(batch), 2, 0.5) == rows
+    assert [row.error for row in rows] == [None, None, None, "empty file", "not an image (cannot identify)"]
+    assert [row.unsure for row in rows[:3]] == [row.predictions[0].probability < 0.5 for row in rows[:3]]
+    assert rows[3].unsure is None and rows[3].to_dict() == {"path": names[3], "top_k": [], "error": "empty file"}
+    assert make_rows(clf, names[3:], decoded[3:], [], None, 2) == rows[3:]  # nothing decoded: no model call
