@@ -248,3 +248,16 @@ def test_a_refusal_before_the_body_is_read_keeps_or_closes_the_connection(grey):
         assert "connection" not in small.headers and large.headers["connection"] == "close"
 
     run_app(ServeConfig(grey), scenario)
+
+
+def test_the_drain_reads_of_uvicorn_internals_degrade_to_nothing():
+    """If a uvicorn release moves the attributes the drain reads, it sees no connections instead of crashing."""
+    from fmtl.runtime.serve_http import close_connections, close_listeners, open_connections
+
+    class Moved:
+        server_state = None
+
+    for server in (object(), Moved()):
+        assert open_connections(server) == []
+        close_listeners(server)
+        close_connections(server)
