@@ -31,7 +31,7 @@ browser:
 		echo "browser: chromium not installed and apt-get unavailable: the page test will skip"; \
 	fi
 
-.PHONY: browser setup data test test-full test-fast test-runtime demo lint format bench clean
+.PHONY: browser setup data test test-full test-fast test-runtime demo lint docs format bench clean
 
 # The full development install: training side, runtime side, test tools, linter.
 setup: $(STAMP)
@@ -79,9 +79,17 @@ test-runtime: setup browser
 	$(PY) tests/runtime/onnx_fixtures.py $(RT_MODELS)
 	cd tests && FMTL_TEST_MODELS=$(CURDIR)/$(RT_MODELS) ../$(RT_VENV)/bin/python -m pytest -q -p no:cacheprovider runtime
 
+# ruff, the import-layer contracts of pyproject.toml ([tool.importlinter]), and the documentation's links
 lint: setup
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/lint-imports --no-cache
+	$(MAKE) --no-print-directory docs
+
+# The documentation site (docs/, mkdocs.yml) into build/site; --strict fails on a broken link or anchor.
+# tests/test_docs.py checks the relative links of README.md and of the other READMEs, which mkdocs does not see.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
 
 format: setup
 	$(VENV)/bin/ruff check --fix $(LINTED)

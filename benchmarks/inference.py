@@ -1,6 +1,6 @@
 """Inference speed: PyTorch eager against onnxruntime fp32 and int8, same model, same real images, one run.
 
-    .venv/bin/python benchmarks/inference.py                 # about 3.5 minutes on 2 quiet cores (8 when busy)
+    .venv/bin/python benchmarks/inference.py --report        # about 3.5 minutes on 2 quiet cores (8 when busy)
     .venv/bin/python benchmarks/inference.py --quick         # smoke run, about 2 minutes
     .venv/bin/python benchmarks/inference.py --run runs/NAME # an existing run folder instead of training one
 
@@ -22,31 +22,16 @@
    and 64, interleaved, median of ``--repeats``, with eager in the same table; then spinning on
    and off again with every core also kept busy by another process (a shared machine).
 4. ``fmtl.runtime.infer.run`` end to end on a folder of PNG test images (decoding included), fp32 and int8,
-   and ``classify_paths`` with the runtime's session and with spinning off, and decoding alone.
+   and ``Classifier.predict`` on the same files with the runtime's session and with spinning off, and
+   decoding alone.
 
 Disturbance: a block of calls during which other processes used more than 0.3 CPUs is measured
 again after waiting for quiet, within ``--max-wait`` seconds in all; each table says how much CPU
-others used. On 2 shared cores this matters more than any option below: with another job busy,
-eager batch 1 can fall from 130 to 2 images/s (OpenMP barriers wait for a descheduled thread).
+others used. On 2 shared cores this matters more than any option: with another job busy, eager
+batch 1 can fall to a few images/s (OpenMP barriers wait for a descheduled thread).
 
-Results on this machine (Intel Xeon, AVX-512 VNNI + AMX, 2 cores, torch 2.14.1, onnxruntime 1.32.0;
-ResNet-18 at 112 px; the default command, quiet rounds; DESIGN.md's AVX2-only EPYC may differ):
-
-- onnxruntime fp32 as ``Classifier`` opens it: 289 images/s at batch 1 (3.5 ms) and 312 at batch
-  64, against 135 and 221 for channels_last eager (125 and 207 NCHW): 2.14x and 1.42x, top-1
-  identical on all 1,836 images, max |dprob| 4e-7. int8: 662 and 970 images/s (2.3x and 3.1x
-  fp32; VNNI/AMX int8), top-1 equal to eager on these images, max |dprob| 7e-3.
-- What makes it fast is ``ORT_ENABLE_ALL``, which the runtime already sets: its NCHWc layout
-  transform is worth 1.55-1.65x over ``ORT_ENABLE_EXTENDED``/``BASIC`` (which lose to eager at
-  batch 64); for int8 ``ALL`` is worth 1.35-1.7x. ``ORT_PARALLEL`` halves the speed, one thread
-  halves it, memory pattern / arena / ``session.dynamic_block_base`` change nothing (0.92-1.04x).
-- Spinning (``session.intra_op.allow_spinning``, on by default): on a quiet machine it is worth
-  1.17x (fp32) and 1.25x (int8) at batch 1 and nothing at batch 64 (0.98x without it). With every
-  core also busy elsewhere, fp32 at batch 1 ran 1.3-2.1x faster with spinning off in every run;
-  int8 at batch 1 anywhere from 0.7x to 4x; batch 64 about 1.0-1.45x. ``fmtl infer`` (batch 64,
-  decoding threads beside the session): 305 images/s fp32, 843 int8, spinning on or off the same.
-- The first look (ort 114 vs 132 images/s for channels_last eager at batch 64) matches what this
-  script prints when another process is busy on the 2 cores: measure on a quiet machine.
+``--report`` writes the comparison (2) and the end-to-end rates (4) to benchmarks/results/inference.md
+(``--quick``: inference-quick.md) with the machine, the date and the command.
 """
 
 from __future__ import annotations
@@ -69,11 +54,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from results_file import write_results
 from torch import nn
 
 from fmtl.runtime.classifier import Classifier
 from fmtl.runtime.images import decode_many
-from fmtl.runtime.infer import classify_paths, run
+from fmtl.runtime.infer import run
 from fmtl.spec import ONNX_INPUT, ONNX_OUTPUT
 from fmtl.training.augment import Preprocess
 from fmtl.training.checkpoint import load_model
@@ -107,6 +93,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--contended", action=argparse.BooleanOptionalAction, default=True,
                         help="time spinning on/off with every core also busy in another process [on]")  # fmt: skip
     parser.add_argument("--keep", type=Path, help="copy the exported .onnx files into this folder")
+    parser.add_argument("--report", action="store_true",
+                        help="write the comparison and fmtl infer rates to benchmarks/results/inference.md")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 500 training images, 60/4 calls, 1 round, 1 repeat, 128 infer images")  # fmt: skip
     args = parser.parse_args()
@@ -372,7 +360,10 @@ def agreement(timed: dict, name: str, batch: int, reference: str = "torch eager"
     return float((got.argmax(1) == want.argmax(1)).mean()), float(np.abs(got - want).max())
 
 
-def print_comparison(timed: dict, others: float, threads: str) -> None:
+def print_comparison(timed: dict, others: float, threads: str) -> list[str]:
+    """Print the comparison; return it as markdown table rows."""
+    rows = ["| contender | batch | images/s | p50 ms | p99 ms | top-1 = eager (max abs diff of probabilities) |",
+            "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     print(f"\ncomparison (cleanest round; others used {others:.2f} CPUs; {threads}):")
     print(f"  {'contender':<27}{'batch':>6}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'others':>8}"
           "   top-1 = eager (max |dprob|)")  # fmt: skip
@@ -381,9 +372,14 @@ def print_comparison(timed: dict, others: float, threads: str) -> None:
         images = min(sum(len(p) for p in t.probs) for t in (timing, timed[("torch eager", batch)]))
         print(f"  {name:<27}{batch:>6}{timing.rate:>9.1f}{timing.percentile_ms(50):>9.2f}"
               f"{timing.percentile_ms(99):>9.2f}{timing.others:>8.2f}   {agree:7.2%} of {images} ({diff:.1e})")  # fmt: skip
+        rows.append(f"| {name} | {batch} | {timing.rate:.1f} | {timing.percentile_ms(50):.2f} | "
+                    f"{timing.percentile_ms(99):.2f} | {agree:.2%} of {images} ({diff:.1e}) |")  # fmt: skip
+    return rows
 
 
-def print_ratios(timed: dict) -> None:
+def print_ratios(timed: dict) -> list[str]:
+    """Print ort fp32 against the best eager contender and int8 against fp32; return the lines."""
+    lines = []
     print()
     for batch, target in ((1, TARGET_BATCH1), (64, TARGET_BATCH64)):
         rate = {name: timed[(name, batch)].rate for name, b in timed if b == batch}
@@ -393,6 +389,9 @@ def print_ratios(timed: dict) -> None:
         print(f"  batch {batch:>2}: ort fp32 / {best_eager} = {fp32 / rate[best_eager]:.2f}x (target >= {target}x: "
               f"{verdict}); ort fp32 / eager NCHW = {fp32 / rate['torch eager']:.2f}x; "
               f"int8 / fp32 = {int8 / fp32:.2f}x")  # fmt: skip
+        lines.append(f"- batch {batch}: onnxruntime fp32 / {best_eager} = {fp32 / rate[best_eager]:.2f}x; "
+                     f"int8 / fp32 = {int8 / fp32:.2f}x")  # fmt: skip
+    return lines
 
 
 # ---------------------------------------------------------------- 3. session options
@@ -476,7 +475,7 @@ def print_contended(variants: dict[str, Run], inputs: dict[int, list[np.ndarray]
 # ---------------------------------------------------------------- 4. fmtl infer end to end
 
 
-def infer_rates(fp32: Path, int8: Path, folder: Path, args: argparse.Namespace, load: Load) -> None:
+def infer_rates(fp32: Path, int8: Path, folder: Path, args: argparse.Namespace, load: Load) -> list[str]:
     """``fmtl.runtime.infer.run`` as the CLI calls it (its Classifier takes onnxruntime's default threads), and parts."""
     images = folder / "images"
     images.mkdir()
@@ -495,8 +494,8 @@ def infer_rates(fp32: Path, int8: Path, folder: Path, args: argparse.Namespace, 
     thunks = {
         "fmtl.runtime.infer.run, fp32 (open + decode + classify + jsonl)": infer(fp32),
         "fmtl.runtime.infer.run, int8": infer(int8),
-        "  classify_paths, fp32 as Classifier opens it": lambda: classify_paths(shipped, paths, 5, 64),
-        "  classify_paths, fp32 with spinning off": lambda: classify_paths(nospin, paths, 5, 64),
+        "  Classifier.predict, fp32 as it opens the model": lambda: shipped.predict(paths, k=5, batch_size=64),
+        "  Classifier.predict, fp32 with spinning off": lambda: nospin.predict(paths, k=5, batch_size=64),
         "  decoding alone (fmtl.runtime.images.decode_many)": lambda: decode_many(
             paths, spec.channels, spec.source_size
         ),
@@ -510,9 +509,12 @@ def infer_rates(fp32: Path, int8: Path, folder: Path, args: argparse.Namespace, 
     rates, worst = interleaved(calls, repeats, load, warmup=False)
     print(f"\nfmtl infer on {len(paths)} PNG files of the test set, batch 64, k=5 (median of {repeats}; "
           f"others used at most {worst:.2f} CPUs):")  # fmt: skip
+    rows = [f"| {len(paths)} PNG files, batch 64, k=5 | images/s |", "| --- | --- |"]
     for name, rate in rates.items():
         print(f"  {name:<56}{rate:>9.1f} img/s")
+        rows.append(f"| {name.strip()} | {rate:.1f} |")
     print(f"  (opening a Classifier: fp32 {opened['fp32']:.2f} s, int8 {opened['int8']:.2f} s)")
+    return rows
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -537,16 +539,31 @@ def measure(args: argparse.Namespace, run_dir: Path, fp32: Path, int8: Path, tmp
     print(f"comparison: {args.calls1} calls at batch 1, {args.calls64} at batch 64, {args.rounds} round(s) ...")
     load = Load(args.max_wait)
     timed, others = compare(contenders(run_dir, fp32, int8, args.threads), inputs, args.rounds, load)
-    print_comparison(timed, others, threads)
-    print_ratios(timed)
+    comparison = print_comparison(timed, others, threads)
+    ratios = print_ratios(timed)
     variant_inputs = {1: inputs[1][: max(20, args.calls1 // 5)], 64: inputs[64][: max(3, args.calls64 // 6)]}
     variants = option_variants(run_dir, fp32, int8, args.threads)
     print_variants(variants, variant_inputs, args.repeats, load)
     if args.contended:
         print_contended(variants, variant_inputs, args.repeats)
-    infer_rates(fp32, int8, tmp, args, load)
+    end_to_end = infer_rates(fp32, int8, tmp, args, load)
+    if args.report:
+        report(args, spec, others, threads, comparison, ratios, end_to_end)
     print(f"\nspent {load.waited:.0f} s in all waiting for other processes to go quiet and measuring again "
           f"(budget {args.max_wait:g} s)")  # fmt: skip
+
+
+def report(args, spec, others: float, threads: str, comparison, ratios, end_to_end) -> None:
+    model = f"{args.model} at {spec.image_size} px" if not args.run else f"{args.run} ({spec.image_size} px)"
+    body = "\n".join([*comparison, "", *ratios, "", "`fmtl infer` end to end, and its parts:", "", *end_to_end])
+    write_results(
+        "inference-quick" if args.quick else "inference",
+        "Inference: PyTorch eager against onnxruntime fp32 and int8",
+        body,
+        versions=f"torch {torch.__version__}, onnxruntime {ort.__version__}; {threads}",
+        note=f"Model: {model}. The same Fashion-MNIST test images through each contender, taking turns; "
+        f"images/s from the median call of the round other processes disturbed least (they used {others:.2f} CPUs).",
+    )
 
 
 def main() -> None:
