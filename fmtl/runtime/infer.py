@@ -31,7 +31,8 @@ from pathlib import Path
 from fmtl.atomic import atomic_open
 from fmtl.errors import FmtlError
 from fmtl.runtime.classifier import Classifier, ModelError, check_min_probability
-from fmtl.runtime.images import DEFAULT_MAX_PIXELS, collect_image_paths, iter_decoded
+from fmtl.runtime.image_files import collect_image_paths
+from fmtl.runtime.images import DEFAULT_MAX_PIXELS, iter_decoded
 from fmtl.runtime.results import Row, classify_decoded
 from fmtl.runtime.text import csv_cell, shown_name, terminal_text
 
@@ -83,7 +84,7 @@ def run(
     """Classify every image in ``inputs`` and write one row per image; return the exit code.
 
     Args:
-        inputs: files, folders and glob patterns (see fmtl.runtime.images.collect_image_paths).
+        inputs: files, folders and glob patterns (see fmtl.runtime.image_files.collect_image_paths).
         model: an fmtl .onnx file, or None for the newest one in export/.
         k: predictions per image, clamped to the number of classes.
         batch_size: images decoded and classified at a time.

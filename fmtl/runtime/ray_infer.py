@@ -45,7 +45,8 @@ import numpy as np
 
 from fmtl.atomic import atomic_open
 from fmtl.runtime.classifier import Classifier, Prediction, check_min_probability
-from fmtl.runtime.images import DEFAULT_MAX_PIXELS, collect_image_paths, decode_many, is_image_path
+from fmtl.runtime.image_files import collect_image_paths, is_image_path
+from fmtl.runtime.images import DEFAULT_MAX_PIXELS, decode_many
 from fmtl.runtime.infer import Echo, InferError, load_classifier
 from fmtl.runtime.results import Row, classify_decoded
 from fmtl.runtime.text import shown_name, terminal_text
