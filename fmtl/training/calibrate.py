@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fmtl.training.metrics import calibration_report, format_calibration
+from fmtl.training.metrics import calibration_report
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # a T outside this is a broken model or a broken split, not miscalibration
 # ECE over 15 bins on n images has a sampling error of roughly sqrt(0.1 / n) (about 2 points at 200 images,
@@ -44,9 +44,6 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def summary(self) -> str:
-        return f"calibration: {self.note}; on val {format_calibration(self.before, self.after, self.temperature)}"
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
