@@ -285,7 +285,7 @@ def test_runtime_modules_do_not_import_torch() -> None:
 
 
 # Runtime modules that need an optional extra (they still never import torch).
-OPTIONAL_RUNTIME_MODULES = {"ray_infer"}
+OPTIONAL_RUNTIME_MODULES = {"ray_infer", "ray_parts", "serve_ray"}
 
 
 # --- output safety: file and class names are untrusted text --------------------------------------
