@@ -98,7 +98,7 @@ def decode_image(
     if isinstance(source, bytes):
         return decode_bytes(source, channels, size, background, max_pixels)
     if isinstance(source, Image.Image):
-        _check_pixels(source.size, max_pixels)
+        _check_pixels(source.size, max_pixels, source.mode)
         return _finish(source, channels, size, background)
     return _decode_file(Path(source), channels, size, background, max_pixels)
 

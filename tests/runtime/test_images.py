@@ -425,3 +425,18 @@ def test_formats_outside_the_allowlist_are_refused(tmp_path: Path, name: str, da
         decode_image(path, 1, (28, 28))
     with pytest.raises(DecodeError, match=r"not an image \(cannot identify\)"):
         decode_bytes(data, 1, (28, 28))
+
+
+def test_high_bit_depth_pixels_count_by_their_size(tmp_path: Path) -> None:
+    """16-bit pixels count 2 and 32-bit ones 4 against max_pixels, from a file or a PIL image alike."""
+    floats = Image.fromarray(np.full((20, 20), 0.5, np.float32))  # 400 pixels, 1600 counted
+    sixteen = Image.fromarray(np.full((20, 20), 300, np.uint16))  # 800 counted
+    floats.save(tmp_path / "f.tif")
+    sixteen.save(tmp_path / "i16.png")
+    for source in (floats, tmp_path / "f.tif"):
+        with pytest.raises(DecodeError, match=r"400 pixels counted x4 for 32-bit F \(limit 1599 pixels\)"):
+            decode_image(source, 1, (8, 8), max_pixels=1599)
+        assert decode_image(source, 1, (8, 8), max_pixels=1600).shape == (1, 8, 8)
+    with pytest.raises(DecodeError, match=r"counted x2 for 16-bit I;16"):
+        decode_image(tmp_path / "i16.png", 1, (8, 8), max_pixels=799)
+    assert decode_image(tmp_path / "i16.png", 1, (8, 8), max_pixels=800).shape == (1, 8, 8)
