@@ -14,6 +14,14 @@ Torch-free, so the runtime shares it. The families:
   ``fmtl.runtime.infer.InferError``, ``fmtl.training.export.ExportError``.
 """
 
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line of at most ``limit`` characters (its type name if it has none):
+    how a library's error is quoted inside an fmtl message."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 #: How the command line reports an FmtlError: this prefix, the message, this exit status.
 ERROR_PREFIX = "fmtl: error: "
 EXIT_USER_ERROR = 2

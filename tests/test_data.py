@@ -217,10 +217,10 @@ def test_max_val_samples_shrinks_validation_only():
     from fmtl.spec import DataOptions
     from fmtl.training.data import load_run_split
 
-    both = DataOptions(max_eval_samples=500)
+    test_only = DataOptions(max_eval_samples=500)  # what --max-test-samples 500 records
     val_only = DataOptions(max_eval_samples=500, max_val_samples=200)
-    assert len(load_run_split(both, "val")) == 500 and len(load_run_split(val_only, "val")) == 200
-    assert len(load_run_split(val_only, "test")) == 500  # the test set is what --max-eval-samples says
+    assert len(load_run_split(test_only, "val")) == 6_000 and len(load_run_split(val_only, "val")) == 200
+    assert len(load_run_split(val_only, "test")) == 500  # the test set is what --max-test-samples says
     assert len(load_run_split(DataOptions(max_val_samples=300), "test")) == 10_000
     assert len(load_run_split(val_only, "train")) == 54_000
     counts = torch.bincount(load_run_split(val_only, "val").labels, minlength=10)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fmtl.training.depthwise import SMALL_MAP_PIXELS, conv2d, fast_depthwise_grads
 from fmtl.training.models import create_model
@@ -34,13 +35,37 @@ def test_gradients_match_pytorch(channels, side, kernel, stride, padding, bias):
         torch.testing.assert_close(g, e)
 
 
-def test_small_maps_take_the_elementwise_path():
-    """Not only equal: the custom backward really runs for small maps (else the test above proves nothing)."""
-    x = torch.randn(2, 4, 2, 2, requires_grad=True)
+class _Ops(TorchDispatchMode):
+    """The ATen operators that run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _weight_gradient_ops(side: int) -> list[str]:
+    """Operators the backward of a 3x3 depthwise convolution runs for a ``side`` x ``side`` map, when only the
+    weight needs a gradient (a frozen input, as in a fine-tuned block's first layer)."""
+    x = torch.randn(2, 4, side, side)
     weight = torch.randn(4, 1, 3, 3, requires_grad=True)
     out = conv2d(x, weight, None, (1, 1), (1, 1), (1, 1), 4)
     assert out.grad_fn.name().endswith("_DepthwiseConv2dBackward")
-    assert 2 * 2 <= SMALL_MAP_PIXELS
+    with _Ops() as ops:
+        out.sum().backward()
+    return ops.names
+
+
+def test_small_maps_take_the_elementwise_path_and_larger_ones_onednns():
+    """Not only equal: the element-wise weight gradient really runs for maps up to SMALL_MAP_PIXELS pixels (else
+    the test above proves nothing), and PyTorch's own (oneDNN) above them."""
+    small = int(SMALL_MAP_PIXELS**0.5)  # a square map of exactly SMALL_MAP_PIXELS pixels
+    assert "convolution_backward" not in _weight_gradient_ops(small)
+    assert "convolution_backward" in _weight_gradient_ops(small + 1)
+    x, weight = torch.randn(2, 4, 2, 2), torch.randn(4, 1, 3, 3, requires_grad=True)
     with torch.no_grad():  # outside autograd it is plain F.conv2d
         assert conv2d(x, weight, None, (1, 1), (1, 1), (1, 1), 4).grad_fn is None
 

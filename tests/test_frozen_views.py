@@ -14,18 +14,21 @@ import pytest
 import torch
 
 from fmtl.errors import ConfigError, ModelConfigError
-from fmtl.training import budget, loop
+from fmtl.training import budget, caches
 from fmtl.training.budget import SAFETY, Costs, measure_costs, plan_epochs
-from fmtl.training.config import TrainConfig, load_config
-from fmtl.training.loop import Phase, Splits, Trainer, make_accelerator
-from fmtl.training.models import cached_view_blocks, create_model, feature_blocks
+from fmtl.training.config import TrainConfig, load_config, with_defaults
+from fmtl.training.loop import Splits, Trainer, make_accelerator
+from fmtl.training.models import apply_freeze, backbone_layout, cached_view_blocks, create_model, feature_blocks
+from fmtl.training.plan import Phase
+from fmtl.training.prepare import input_spec
 from fmtl.training.recipe import apply_recipe, few_views
+from fmtl.training.recorder import Recorder
 
 
 def _config(**options) -> TrainConfig:
     defaults = {"image_size": 32, "batch_size": 64, "quiet": True, "save_state": False, "strategy": "finetune",
                 "epochs": 1, "unfreeze": "last:3", "frozen_views": 3}  # fmt: skip
-    return TrainConfig(**{**defaults, **options})
+    return with_defaults(TrainConfig(**{**defaults, **options}))
 
 
 def _trainer(run_dir, splits: Splits, **options) -> Trainer:
@@ -53,7 +56,7 @@ def test_training_runs_only_the_blocks_after_the_cached_ones(tmp_path, splits) -
     trainer = _trainer(tmp_path / "run", splits)
     net = trainer.net
     assert trainer.prefix_blocks == len(net.backbone.features) - 3
-    trainer.views = trainer.cache_views()
+    trainer.cache_views()
     assert trainer.views.shape[:2] == (3, len(splits.train))
     plain = net.prefix(trainer.batch(trainer.train_images, torch.arange(8), augment=False), trainer.prefix_blocks)
     assert torch.allclose(trainer.views[0, :8], plain, atol=1e-6)  # the first view: the images as they are
@@ -69,19 +72,19 @@ def test_training_runs_only_the_blocks_after_the_cached_ones(tmp_path, splits) -
     assert any(not torch.equal(late_before[k], v) for k, v in late.state_dict().items())
 
 
-@pytest.mark.parametrize("mixup", [0.0, 0.4])  # with --mixup, which pairs mix and by how much too
-def test_views_are_rebuilt_the_same_and_a_resumed_run_is_the_whole_run(tmp_path, splits, monkeypatch, mixup) -> None:
-    whole = _trainer(tmp_path / "whole", splits, epochs=2, mixup=mixup)
+def test_views_are_rebuilt_the_same_and_a_resumed_run_is_the_whole_run(tmp_path, splits, monkeypatch) -> None:
+    whole = _trainer(tmp_path / "whole", splits, epochs=2)
     whole.fit(1)
-    again = _trainer(tmp_path / "again", splits, epochs=2, mixup=mixup)
-    assert torch.equal(again.cache_views(), whole.views)
+    again = _trainer(tmp_path / "again", splits, epochs=2)
+    again.cache_views()
+    assert torch.equal(again.views, whole.views)
     # the same run stopped after its first epoch, then resumed in a new Trainer
-    first = _trainer(tmp_path / "cut", splits, epochs=2, save_state=True, mixup=mixup)
-    monkeypatch.setattr(Trainer, "should_stop", lambda self, epoch: epoch == 1)
+    first = _trainer(tmp_path / "cut", splits, epochs=2, save_state=True)
+    monkeypatch.setattr(Recorder, "should_stop", lambda self, epoch: epoch == 1)
     first.fit(1)
     monkeypatch.undo()
-    resumed = _trainer(first.run_dir, splits, epochs=2, save_state=True, mixup=mixup)  # a new process, the same run
-    assert "views" in resumed.generators()  # which view each image shows is part of the saved state
+    resumed = _trainer(first.run_dir, splits, epochs=2, save_state=True)  # a new process, the same run
+    assert "views" in resumed.recorder.generators  # which view each image shows is part of the saved state
     resumed.fit(resumed.resume())
     expected, got = whole.net.state_dict(), resumed.net.state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
@@ -90,10 +93,8 @@ def test_views_are_rebuilt_the_same_and_a_resumed_run_is_the_whole_run(tmp_path,
 def test_the_planner_prices_the_views_and_times_the_shorter_step(splits) -> None:
     cfg = _config(budget="60s")
     model = create_model("efficientnet_lite0", 10)
-    from fmtl.training.models import apply_freeze
-
     apply_freeze(model, cfg.unfreeze)
-    spec = loop.input_spec(model, splits.train, cfg)
+    spec = input_spec(model, splits.train, cfg)
     costs = measure_costs(model, spec, cfg, torch.device("cpu"), head_cached=False, n_train=256)
     assert costs.view_image > 0
     counts = {"train": 1000, "val": 100, "test": 100}
@@ -108,10 +109,8 @@ def test_passes_without_gradients_are_timed_at_the_eval_batch_size(splits) -> No
     training batch's on a CPU: the warm-up times them at that size (here 48), training steps at --batch-size (16)."""
     cfg = _config(budget="60s", batch_size=16, eval_batch_size=48, frozen_views=0)  # training steps run the stem
     model = create_model("efficientnet_lite0", 10)
-    from fmtl.training.models import apply_freeze
-
     apply_freeze(model, cfg.unfreeze)
-    spec = loop.input_spec(model, splits.train, cfg)
+    spec = input_spec(model, splits.train, cfg)
     seen: dict[bool, list[int]] = {True: [], False: []}  # grad enabled -> batch sizes through the stem
     model.backbone.features[0].register_forward_pre_hook(
         lambda module, args: seen[torch.is_grad_enabled()].append(args[0].shape[0])
@@ -128,10 +127,10 @@ def test_what_frozen_views_cannot_work_with_is_a_one_line_error(tmp_path, splits
         cached_view_blocks(_config(), resnet)
     with pytest.raises(ModelConfigError, match="last:N"):
         cached_view_blocks(_config(unfreeze="all"), create_model("efficientnet_lite0", 10))
-    # from a recipe (not given by the user) it gives way where it does not apply
-    few, _ = apply_recipe(load_config(["--model", "resnet18"]), 100)
-    assert few.frozen_views == 16 and cached_view_blocks(few, resnet) == 0
-    monkeypatch.setattr(loop, "MAX_VIEW_BYTES", 1000)
+    # a recipe sets it only where the frozen blocks can run apart: not on ResNet (no `features` sequence)
+    few, line = apply_recipe(load_config(["--model", "resnet18"]), 100, backbone_layout("resnet18"))
+    assert few.frozen_views == 0 and "frozen-views" not in line and cached_view_blocks(few, resnet) == 0
+    monkeypatch.setattr(caches, "MAX_VIEW_BYTES", 1000)
     with pytest.raises(ConfigError, match="GiB of activations"):
         _trainer(tmp_path / "big", splits)
 
@@ -145,7 +144,7 @@ def test_few_takes_more_views_the_fewer_the_images() -> None:
 
 def test_a_re_plan_prices_the_validation_passes_to_come_at_the_measured_one(tmp_path, splits, monkeypatch) -> None:
     calls: list = []
-    clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60, val_pass_s=0.01)
+    clock = budget.BudgetController(started=time.perf_counter(), budget_s=60, val_pass_s=0.01)
 
     def replan(done, pace, left, validations_s):
         calls.append((left, time.perf_counter() - clock.started, validations_s, trainer.val_seconds))
@@ -153,7 +152,7 @@ def test_a_re_plan_prices_the_validation_passes_to_come_at_the_measured_one(tmp_
 
     monkeypatch.setattr(budget, "replan_total", replan)
     cfg = _config(epochs=2, frozen_views=0, unfreeze="all")  # 4 steps an epoch
-    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, clock=clock)
+    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, controller=clock)
     evaluate = trainer.evaluate_val
     trainer.evaluate_val = lambda phase: time.sleep(1.0) or evaluate(phase)
     trainer.fit(1)
@@ -170,21 +169,21 @@ def test_before_its_first_validation_a_re_plan_rescales_the_planned_pass_by_the_
     calls: list = []
     monkeypatch.setattr(budget, "replan_total", lambda done, pace, left, val_s: calls.append((pace, val_s)) or 8)
     # a warm-up that timed a step at 10 s (a machine busy then) and priced a validation pass at 20 s
-    clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60, val_pass_s=20.0, planned_step_s=10.0)
+    clock = budget.BudgetController(started=time.perf_counter(), budget_s=60, val_pass_s=20.0, planned_step_s=10.0)
     cfg = _config(epochs=2, frozen_views=0, unfreeze="all", eval_every=2)  # epoch 1 does not validate
-    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, clock=clock)
+    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, controller=clock)
     trainer.fit(1)
     pace, validations_s = calls[0]
     assert 0 < pace < 10.0 and validations_s(8) == pytest.approx(20.0 * pace / 10.0)  # epoch 2's one pass
-    assert budget.BudgetClock(0.0, 60, val_pass_s=20.0).val_pass_at(0.5) == 20.0  # no yardstick: as planned
+    assert budget.BudgetController(0.0, 60, val_pass_s=20.0).val_pass_at(0.5) == 20.0  # no yardstick: as planned
 
 
 def test_a_run_that_validates_only_at_its_end_re_plans_too(tmp_path, splits, monkeypatch) -> None:
     calls: list = []
     monkeypatch.setattr(budget, "replan_total", lambda done, pace, left, validations_s: calls.append(done) or 24)
-    clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60, val_pass_s=2.0)
+    clock = budget.BudgetController(started=time.perf_counter(), budget_s=60, val_pass_s=2.0)
     cfg = _config(epochs=5, frozen_views=0, unfreeze="all", eval_every=10)
-    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, clock=clock)
+    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, controller=clock)
     trainer.fit(1)
     assert calls == [4, 12, 20]  # after a fifth, half and four fifths of the steps (no validated epoch before the end)
     assert [row.val_acc is not None for row in trainer.history] == [False] * 5 + [True]

@@ -20,7 +20,7 @@ import yaml
 
 from fmtl.errors import ConfigError, FmtlError
 from fmtl.training.budget import SAFETY, VAL_SHARE, Costs, parse_budget, plan_epochs
-from fmtl.training.config import load_config
+from fmtl.training.config import load_config, with_defaults
 from fmtl.training.export import export_onnx
 from fmtl.training.loop import main as train_main
 from fmtl.training.models import create_model
@@ -31,6 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 SCRATCH = ["--no-freeze-bn", "--backbone-lr-scale", "1"]
 # One thread: on a CPU that other jobs share, two OpenMP threads measured 5-100x slower per step than one.
 SMALL = ["--max-train-samples", "1000", "--max-eval-samples", "500", "--image-size", "32", "--threads", "1", "--quiet"]
+
+
+def _options(argv: list[str]):
+    """The options as a run plans with them (no recipe: the plain defaults)."""
+    return with_defaults(load_config(argv))
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -55,14 +60,14 @@ def test_budget_rejects_what_is_not_a_duration(text):
 def test_budget_lets_the_planner_choose_epochs():
     # Without --budget, hybrid needs head epochs < epochs; with it the planner sets --epochs.
     with pytest.raises(FmtlError):
-        load_config(["--head-epochs", "5", "--epochs", "3"])
-    assert load_config(["--head-epochs", "5", "--budget", "10m"]).budget == "10m"
+        _options(["--head-epochs", "5", "--epochs", "3"])
+    assert _options(["--head-epochs", "5", "--budget", "10m"]).budget == "10m"
     with pytest.raises(FmtlError, match="duration"):
-        load_config(["--budget", "soon"])
+        _options(["--budget", "soon"])
 
 
 def _plan(budget: float, strategy: str = "hybrid", head_epochs: int = 2):
-    cfg = load_config(["--strategy", strategy, "--head-epochs", str(head_epochs), "--budget", f"{budget}s"])
+    cfg = _options(["--strategy", strategy, "--head-epochs", str(head_epochs), "--budget", f"{budget}s"])
     costs = Costs(finetune_step=0.5, head_step=0.002, forward_image=0.001, save=0.2)
     counts = {"train": 54_000, "val": 6_000, "test": 10_000}
     return plan_epochs(cfg, costs, counts, available_s=budget - 5, budget_s=budget)
@@ -79,7 +84,7 @@ def test_plan_fits_epochs_into_the_budget():
 
 def test_plan_times_feature_caching_on_one_view():
     """Caching runs the backbone once per image; mirror-averaged val/test passes cost twice that."""
-    cfg = load_config(["--budget", "1200s"])
+    cfg = _options(["--budget", "1200s"])
     counts = {"train": 54_000, "val": 6_000, "test": 10_000}
     costs = Costs(finetune_step=0.5, head_step=0.002, forward_image=0.002, save=0.2, feature_image=0.001)
     plan = plan_epochs(cfg, costs, counts, available_s=1195, budget_s=1200)
@@ -89,7 +94,7 @@ def test_plan_times_feature_caching_on_one_view():
 
 def test_plan_prices_an_epoch_smaller_than_one_batch_by_its_images():
     """100 images at batch 128: one step of 100 images, priced at 100/128 of a timed 128-image step."""
-    cfg = load_config(["--strategy", "finetune", "--budget", "100s"])
+    cfg = _options(["--strategy", "finetune", "--budget", "100s"])
     costs = Costs(finetune_step=1.0, head_step=0.0, forward_image=0.0, save=0.0)
     plan = plan_epochs(cfg, costs, {"train": 100, "val": 0, "test": 0}, available_s=100, budget_s=100)
     assert plan.epochs == int(100 * (1 - SAFETY) // (100 / 128))  # not 94 epochs of a full step's time
@@ -114,7 +119,7 @@ def test_plan_validates_fine_tuning_less_often_when_validation_costs_more_than_t
     assert plan.eval_every == math.ceil(6_000 * 0.002 / (VAL_SHARE * epoch)) and "validated every" in plan.describe()
     assert plan.predicted_s <= 120 * (1 - SAFETY)
     assert plan.epochs - plan.head_epochs > 20  # validating every epoch, 12 s each, would leave ~6 epochs
-    given = plan_epochs(load_config(["--budget", "120s", "--eval-every", "1"]), costs, counts, 115, 120)
+    given = plan_epochs(_options(["--budget", "120s", "--eval-every", "1"]), costs, counts, 115, 120)
     assert given.eval_every == 1 and given.epochs - given.head_epochs < 10  # the user's choice stands
     large = _plan(1200)
     assert large.eval_every == 1  # all the data: a val pass is a small share of an epoch
@@ -124,7 +129,7 @@ def test_warm_up_times_fewer_steps_where_they_would_eat_a_short_budget(monkeypat
     from types import SimpleNamespace
 
     from fmtl.training import budget
-    from fmtl.training.budget import _timed
+    from fmtl.training.budget import timed
 
     calls: list[int] = []
     clock = [0.0]  # each step takes 0.021 s of the budget module's clock (a loaded machine's real sleeps overshoot)
@@ -134,12 +139,12 @@ def test_warm_up_times_fewer_steps_where_they_would_eat_a_short_budget(monkeypat
         calls.append(1)
         clock[0] += 0.021
 
-    assert _timed(step) >= 0.02 and len(calls) == 9  # six untimed, three timed
+    assert timed(step) >= 0.02 and len(calls) == 9  # six untimed, three timed
     calls.clear()
-    _timed(step, max_seconds=0.1)  # four more calls fit: three timed, one more untimed
+    timed(step, max_seconds=0.1)  # four more calls fit: three timed, one more untimed
     assert len(calls) == 5
     calls.clear()
-    _timed(step, max_seconds=0.03)  # one more call fits: the timed one
+    timed(step, max_seconds=0.03)  # one more call fits: the timed one
     assert len(calls) == 2
 
 
@@ -183,7 +188,9 @@ def test_budget_run_ends_within_budget_with_a_completed_schedule(tmp_path):
     # Each phase's cosine ran to its end: the last step's learning rate is near zero, not cut off mid-way.
     assert float(rows[-1]["lr"]) < 0.05 * 1e-3
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["budget"] == f"{budget}s" and saved["epochs"] == epochs
+    assert saved["budget"] == f"{budget}s" and saved["max_steps"] is None  # the options, not the plan
+    trainer_state = json.loads((run_dir / "state" / "trainer.json").read_text())
+    assert trainer_state["plan"]["epochs"] == epochs  # the plan in force, where --resume reads it
 
 
 @pytest.mark.slow
@@ -252,19 +259,26 @@ def test_head_fit_solves_the_head_before_its_epochs(tmp_path):
     assert solved > 0.6 and solved > untrained + 0.3
 
 
-def test_a_budget_too_short_to_fine_tune_falls_back_to_the_head_alone(monkeypatch):
+def test_a_budget_too_short_to_fine_tune_falls_back_to_the_head_alone(monkeypatch, splits):
     from fmtl.training import budget
+    from fmtl.training.plan import make_plan
+    from fmtl.training.prepare import build_model
 
     costs = Costs(finetune_step=0.5, head_step=0.002, forward_image=0.001, save=0.2)
     monkeypatch.setattr(budget, "measure_costs", lambda *args, **kwargs: costs)
     counts = {"train": 54_000, "val": 6_000, "test": 10_000}
-    cfg = load_config(["--budget", "120s"])  # one fine-tuning epoch alone would take ~220 s; a quarter of one ~55 s
-    planned, plan = budget.plan_run(cfg, None, None, counts, "cpu", time.perf_counter())
-    assert planned.strategy == plan.strategy == "linear" and plan.note and plan.predicted_s <= 120
-    assert 1 <= planned.epochs <= 50
+    cfg = _options(["--budget", "120s"])  # one fine-tuning epoch alone would take ~220 s; a quarter of one ~55 s
+    plan = budget.plan_run(cfg, None, None, counts, "cpu", time.perf_counter())
+    assert plan.strategy == "linear" and plan.note and plan.predicted_s <= 120 and 1 <= plan.epochs <= 50
+    # what the run makes of it: every epoch trains the head alone, on a model whose backbone is frozen
+    run_plan = make_plan(plan.strategy, plan.epochs, plan.head_epochs, 422, plan.max_steps, plan.eval_every)
+    assert all(phase.frozen for phase in run_plan.phases) and run_plan.epochs == plan.epochs
+    model = build_model(_options(["--model", "scratch_cnn", "--weights", "none"]), 10, run_plan.strategy)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
     with pytest.raises(ConfigError, match="too short"):  # asked for fine-tuning only: no fallback
         budget.plan_run(
-            load_config(["--budget", "60s", "--strategy", "finetune"]), None, None, counts, "cpu", time.perf_counter()
+            _options(["--budget", "60s", "--strategy", "finetune"]), None, None, counts, "cpu", time.perf_counter()
         )
 
 
@@ -276,19 +290,19 @@ def test_augment_options_change_the_augmentation():
 
     images = torch.rand(64, 1, 28, 28)
     flipped = images.flip(-1)
-    assert augment_for(load_config(["--no-augment"]), seed=0) is None
-    flips_only = augment_for(load_config(["--augment-strength", "0"]), seed=0)(images)
+    assert augment_for(_options(["--no-augment"]), seed=0) is None
+    flips_only = augment_for(_options(["--augment-strength", "0"]), seed=0)(images)
     # strength 0: every image is itself or its mirror image, and both occur
     same = (flips_only - images).abs().amax((1, 2, 3)) < 1e-5
     mirrored = (flips_only - flipped).abs().amax((1, 2, 3)) < 1e-5
     assert bool((same | mirrored).all()) and same.any() and mirrored.any()
-    no_flip = augment_for(load_config(["--augment-strength", "0", "--no-flip"]), seed=0)(images)
+    no_flip = augment_for(_options(["--augment-strength", "0", "--no-flip"]), seed=0)(images)
     torch.testing.assert_close(no_flip, images, atol=1e-5, rtol=0)
-    gentle = augment_for(load_config(["--augment-strength", "0.5", "--no-flip"]), seed=0)(images)
-    strong = augment_for(load_config(["--augment-strength", "2", "--no-flip"]), seed=0)(images)
+    gentle = augment_for(_options(["--augment-strength", "0.5", "--no-flip"]), seed=0)(images)
+    strong = augment_for(_options(["--augment-strength", "2", "--no-flip"]), seed=0)(images)
     assert (gentle - images).abs().mean() < (strong - images).abs().mean()
     with pytest.raises(FmtlError, match="augment-strength"):
-        load_config(["--augment-strength", "-1"])
+        _options(["--augment-strength", "-1"])
 
 
 def test_flip_tta_averages_mirror_logits_in_eval_only():
@@ -333,7 +347,7 @@ def test_recipe_is_picked_by_training_images_and_what_the_user_sets_wins():
 
     small, line = apply_recipe(load_config([]), LARGE_FROM - 1)
     assert small.recipe == "small" and "recipe small" in line
-    assert all(getattr(small, key) == getattr(load_config([]), key) for key in LARGE)  # plain defaults
+    assert all(getattr(small, key) == getattr(with_defaults(_options([])), key) for key in LARGE)  # plain defaults
     assert apply_recipe(load_config([]), FEW_BELOW)[0].recipe == "small"
     few, line = apply_recipe(load_config([]), FEW_BELOW - 1)
     assert few.recipe == "few" and few.image_size == FEW["image_size"] == 128 and "--image-size 128" in line
@@ -352,7 +366,22 @@ def test_recipe_is_picked_by_training_images_and_what_the_user_sets_wins():
     scratch, line = apply_recipe(load_config(["--model", "scratch_cnn", "--weights", "none"]), 54_000)
     assert scratch.unfreeze == "all" and "scratch" in line
     with pytest.raises(FmtlError, match="recipe"):
-        load_config(["--recipe", "huge"])
+        _options(["--recipe", "huge"])
+
+
+def test_a_recipe_scales_last_n_to_the_backbone_and_keeps_views_where_blocks_run_apart():
+    from fmtl.training.models import BackboneLayout
+
+    lite, line = apply_recipe(load_config([]), 100)  # tuned on Lite0's 9 blocks: as written
+    assert lite.unfreeze == "last:5" and lite.frozen_views == 16 and "scaled" not in line
+    resnet, line = apply_recipe(load_config(["--model", "resnet18"]), 100)  # 4 stages, no `features` sequence
+    assert resnet.unfreeze == "last:2" and resnet.frozen_views == 0 and "scaled to resnet18's 4" in line
+    mobilenet, _ = apply_recipe(load_config(["--model", "mobilenet_v2"]), 100)  # 19 blocks in a sequence
+    assert mobilenet.unfreeze == "last:11" and mobilenet.frozen_views == 16
+    unknown, line = apply_recipe(load_config([]), 100, BackboneLayout(blocks=0, sequential=False))
+    assert unknown.unfreeze == "all" and unknown.frozen_views == 0 and "stays all" in line
+    mine, line = apply_recipe(load_config(["--model", "resnet18", "--unfreeze", "last:3"]), 100)
+    assert mine.unfreeze == "last:3" and "scaled" not in line  # the user's N is the user's
 
 
 @pytest.mark.slow

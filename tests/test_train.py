@@ -107,10 +107,10 @@ def test_existing_run_folder_is_not_overwritten(linear_run, capsys):
 
 
 def test_bf16_is_refused_on_a_cpu_without_native_bf16(tmp_path, capsys, monkeypatch):
-    import fmtl.training.loop
+    import fmtl.training.prepare
 
     # Machines here differ (some EPYCs lack AVX512-BF16/AMX): test the refusal itself, never run bf16.
-    monkeypatch.setattr(fmtl.training.loop, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(fmtl.training.prepare, "cpu_has_native_bf16", lambda: False)
     assert train("--mixed-precision", "bf16", "--output", str(tmp_path / "r")) == 2
     assert "no native bf16" in capsys.readouterr().err
 

@@ -3,35 +3,42 @@ and the schedule's arithmetic as fast unit tests."""
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
-import yaml
 
 from fmtl.errors import FmtlError
 from fmtl.training import reports
 from fmtl.training.config import TrainConfig, load_config
-from fmtl.training.loop import Phase, Schedule, Splits, Trainer, lr_factors, make_accelerator, plan_phases
+from fmtl.training.loop import Splits, Trainer, make_accelerator, plan_for_resume
 from fmtl.training.models import feature_blocks
+from fmtl.training.plan import Phase, RunPlan, Schedule, make_plan, plan_phases
 
 # --- the schedule ------------------------------------------------------------------------------
 
 
 def test_plan_phases_per_strategy() -> None:
-    assert plan_phases(TrainConfig(strategy="linear", epochs=4)) == [Phase("linear", 1, 4)]
-    assert plan_phases(TrainConfig(strategy="finetune", epochs=4)) == [Phase("finetune", 1, 4)]
-    hybrid = plan_phases(TrainConfig(strategy="hybrid", epochs=5, head_epochs=2))
+    assert plan_phases("linear", 4, 1) == [Phase("linear", 1, 4)]
+    assert plan_phases("finetune", 4, 1) == [Phase("finetune", 1, 4)]
+    hybrid = plan_phases("hybrid", 5, 2)
     assert hybrid == [Phase("linear", 1, 2), Phase("finetune", 3, 5)]
     assert [p.frozen for p in hybrid] == [True, False]
 
 
+def test_a_plan_cut_short_by_max_steps_ends_inside_its_last_epoch() -> None:
+    plan = make_plan("hybrid", 5, 1, steps_per_epoch=10, max_steps=25)
+    assert (plan.epochs, plan.total_steps, plan.max_steps) == (3, 25, 25)
+    assert [plan.steps_in(epoch) for epoch in (1, 2, 3)] == [10, 10, 5]
+    assert plan.with_total_steps(40) == RunPlan("hybrid", 4, 1, 10, 40) and plan.with_total_steps(40).max_steps == 0
+    with pytest.raises(FmtlError, match="ends within the 1 head epoch"):
+        make_plan("hybrid", 5, 1, steps_per_epoch=10, max_steps=10)
+
+
 def test_lr_factors_warm_up_then_cosine_within_each_phase() -> None:
-    cfg = TrainConfig(strategy="hybrid", epochs=3, head_epochs=1, warmup_fraction=0.1)
     steps = 10
-    factors = lr_factors(cfg, Schedule(plan_phases(cfg), steps, 3 * steps))
+    factors = Schedule(RunPlan("hybrid", 3, 1, steps, 3 * steps), warmup_fraction=0.1).factors()
     head, backbone = [factors["head"](s) for s in range(30)], [factors["backbone"](s) for s in range(30)]
     assert head[0] == pytest.approx(1.0)  # warmup of 1 step in the 10-step head phase
     assert head[9] < 0.05  # the head phase's cosine ends near zero...
@@ -107,45 +114,11 @@ def test_unfreeze_last_n_trains_only_those_blocks(tmp_path, splits) -> None:
     assert _changed(head_before, trainer.net.head)
 
 
-def test_mixup_blends_pairs_by_a_reproducible_share_and_weighs_both_labels(tmp_path, splits) -> None:
-    trainer = _trainer(tmp_path, splits, strategy="finetune", epochs=1, mixup=0.4)
-    x = torch.randn(16, 3, 8, 8)
-    mixed, pair, share = trainer.mix(x)
-    assert sorted(pair.tolist()) == list(range(16)) and pair.tolist() != list(range(16))
-    assert 0 < share < 1 and torch.allclose(mixed, share * x + (1 - share) * x[pair])
-    again = _trainer(tmp_path / "again", splits, strategy="finetune", epochs=1, mixup=0.4)
-    assert torch.equal(again.mix(x)[0], mixed)  # drawn from the run's own generator, seeded by --seed
-    assert "mixup" in trainer.generators()  # saved with the training state: a resumed run draws on
-    # the step's inputs are the mixture, and its loss weighs both labels by the share
-    seen: list[torch.Tensor] = []
-    trainer.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
-    trainer.model.eval()  # BatchNorm and dropout deterministic, so the loss can be recomputed
-    indices, state = torch.arange(8), trainer.mixup_generator.get_state()
-    expected, pair, share = trainer.mix(trainer.batch(trainer.train_images, indices, augment=True))
-    labels, smoothing = trainer.train_labels[indices], trainer.cfg.label_smoothing
-    with torch.no_grad():
-        logits = trainer.model(expected).float()
-    weighed = share * F.cross_entropy(logits, labels, label_smoothing=smoothing) + (1 - share) * F.cross_entropy(
-        logits, labels[pair], label_smoothing=smoothing
-    )
-    trainer.mixup_generator.set_state(state)
-    seen.clear()
-    loss = trainer.train_step(indices, use_cache=False)
-    assert torch.allclose(seen[0], expected) and labels[pair].ne(labels).any()
-    assert torch.isclose(loss.detach(), weighed, atol=1e-5)
-
-
-def test_without_mixup_the_inputs_are_the_batch(tmp_path, splits) -> None:
-    trainer = _trainer(tmp_path, splits, strategy="finetune", epochs=1)
-    x = torch.randn(4, 3, 8, 8)
-    mixed, pair, share = trainer.mix(x)
-    assert mixed is x and pair is None and share == 1.0 and "mixup" not in trainer.generators()
-
-
 def test_max_steps_ends_inside_the_last_epoch_with_the_schedule_complete(tmp_path, splits) -> None:
     # 256 images at batch 64: 4 steps an epoch; 6 steps is one epoch and a half
     trainer = _trainer(tmp_path, splits, strategy="finetune", epochs=5, max_steps=6)
-    assert trainer.cfg.epochs == 2 and trainer.total_steps == 6
+    assert trainer.plan.epochs == 2 and trainer.plan.total_steps == 6
+    assert (trainer.cfg.epochs, trainer.cfg.max_steps) == (5, 6)  # the options stay as the user gave them
     trainer.fit(1)
     assert [row.epoch for row in trainer.history] == [1, 2]
     assert trainer.scheduler.scheduler.last_epoch == 6  # optimizer steps taken: 4 + 2
@@ -162,7 +135,9 @@ def test_eval_every_validates_every_nth_fine_tuning_epoch_and_the_last(tmp_path,
     trainer.fit(1)
     assert calls == [1, 4, 5]  # the head epoch, the 3rd fine-tuning epoch, the run's last
     assert [row.val_acc is not None for row in trainer.history] == [True, False, False, True, True]
-    assert trainer.best["epoch"] in (1, 4, 5)
+    validated = [row for row in trainer.history if row.val_acc is not None]
+    best = max(validated, key=lambda row: row.val_acc)  # the first of equals: only a better accuracy moves it
+    assert trainer.best == {"val_acc": best.val_acc, "val_top5": best.val_top5, "epoch": best.epoch}
 
 
 def test_a_budget_run_re_plans_its_end_once_from_its_measured_pace(tmp_path, splits, monkeypatch) -> None:
@@ -170,18 +145,20 @@ def test_a_budget_run_re_plans_its_end_once_from_its_measured_pace(tmp_path, spl
 
     paces: list[float] = []
     monkeypatch.setattr(budget, "replan_total", lambda done, pace, left, validations_s: paces.append(pace) or 9)
-    clock = budget.BudgetClock(started=time.perf_counter(), budget_s=60)
-    cfg = dict(strategy="finetune", epochs=2)  # 256 images at batch 64: 4 steps an epoch, 8 planned
-    trainer = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), clock=clock)
+    controller = budget.BudgetController(started=time.perf_counter(), budget_s=60)
+    cfg = dict(strategy="finetune", epochs=2, save_state=True)  # 256 images at batch 64: 4 steps an epoch, 8 planned
+    trainer = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), controller=controller)
     trainer.fit(1)
     # after epoch 1 (a fifth of the planned steps), then at every later epoch but the last
     assert len(paces) == 2 and all(pace > 0 for pace in paces)
-    assert [r["steps_before"] for r in clock.replans] == [8, 9] and clock.replans[-1]["steps"] == 9
+    assert [r["steps_before"] for r in controller.replans] == [8, 9] and controller.replans[-1]["steps"] == 9
     assert [row.epoch for row in trainer.history] == [1, 2, 3]  # 4 + 4 + 1 steps
     assert trainer.scheduler.scheduler.last_epoch == 9
     assert trainer.scheduler.get_last_lr()[-1] == pytest.approx(0.0)  # the moved schedule still completes
-    saved = yaml.safe_load((trainer.run_dir / "config.yaml").read_text())
-    assert saved["epochs"] == 3 and saved["max_steps"] == 9
+    assert trainer.cfg.epochs == 2 and trainer.cfg.max_steps is None  # the options are not rewritten
+    assert not (trainer.run_dir / "config.yaml").exists()  # and no config file is written mid-run
+    saved = json.loads((trainer.run_dir / "state" / "trainer.json").read_text())["plan"]
+    assert (saved["epochs"], saved["total_steps"]) == (3, 9)  # the state records the plan in force
 
 
 def test_a_resumed_run_continues_the_re_planned_schedule(tmp_path, splits, monkeypatch) -> None:
@@ -189,22 +166,29 @@ def test_a_resumed_run_continues_the_re_planned_schedule(tmp_path, splits, monke
 
     monkeypatch.setattr(budget, "replan_total", lambda *args: 9)
     cfg = dict(strategy="finetune", epochs=2, save_state=True)
-    first = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), clock=budget.BudgetClock(time.perf_counter(), 60))
+    controller = budget.BudgetController(time.perf_counter(), 60)
+    first = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), controller=controller)
+    reports.write_config(first.run_dir, first.cfg)  # as run() does before training
     first.fit(1)
-    # a new process on the same run folder: config.yaml holds the new end
+    # a new process on the same run folder: the saved state holds the new end
     saved = load_config(["--resume", str(first.run_dir)])
-    resumed = Trainer(saved, make_accelerator(saved, first.run_dir), first.run_dir, splits)
-    assert resumed.resume() == 4 and resumed.total_steps == 9 and resumed.cfg.epochs == 3
-    assert resumed.schedule.total_steps == 9 and resumed.phases[-1].last_epoch == 3
+    plan = plan_for_resume(saved, first.run_dir, first.plan.steps_per_epoch)
+    resumed = Trainer(saved, make_accelerator(saved, first.run_dir), first.run_dir, splits, plan)
+    assert resumed.resume() == 4 and resumed.plan.total_steps == 9 and resumed.plan.epochs == 3
+    assert resumed.schedule.plan.phases[-1].last_epoch == 3
+    # the command line changing the epochs wins over the saved plan
+    longer = load_config(["--resume", str(first.run_dir), "--epochs", "5"])
+    assert plan_for_resume(longer, first.run_dir, first.plan.steps_per_epoch).total_steps == 20
 
 
-def test_a_run_stopped_between_a_re_plan_and_its_state_save_resumes_with_the_saved_plan(tmp_path, splits) -> None:
+def test_a_run_stopped_inside_an_epoch_resumes_as_the_whole_run(tmp_path, splits) -> None:
     cfg = dict(strategy="finetune", epochs=2, save_state=True)
     torch.manual_seed(0)  # as run() does: the new head's initialisation
     whole = Trainer(_config(**cfg), *_parts(tmp_path / "whole", splits, **cfg))
     whole.fit(1)
     torch.manual_seed(0)
     first = Trainer(_config(**cfg), *_parts(tmp_path / "cut", splits, **cfg))
+    reports.write_config(first.run_dir, first.cfg)
     train_one_epoch = first.train_one_epoch
 
     def stopped_in_epoch_2(epoch, phase):
@@ -215,12 +199,10 @@ def test_a_run_stopped_between_a_re_plan_and_its_state_save_resumes_with_the_sav
     first.train_one_epoch = stopped_in_epoch_2
     with pytest.raises(KeyboardInterrupt):
         first.fit(1)
-    # as a re-plan after epoch 2 would have left it, had the process died before epoch 2's state was saved
-    reports.write_config(first.run_dir, replace(first.cfg, epochs=3, max_steps=9))
     saved = load_config(["--resume", str(first.run_dir)])
-    resumed = Trainer(saved, make_accelerator(saved, first.run_dir), first.run_dir, splits)
-    assert resumed.resume() == 2 and resumed.total_steps == 8 and resumed.cfg.epochs == 2
-    assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["epochs"] == 2  # the file says so too
+    plan = plan_for_resume(saved, first.run_dir, first.plan.steps_per_epoch)
+    resumed = Trainer(saved, make_accelerator(saved, first.run_dir), first.run_dir, splits, plan)
+    assert resumed.resume() == 2 and resumed.plan.total_steps == 8
     resumed.fit(2)
     expected, got = whole.net.state_dict(), resumed.net.state_dict()
     assert all(torch.equal(expected[name], got[name]) for name in expected)  # the run that would have happened
@@ -230,10 +212,7 @@ def test_a_run_stopped_between_a_re_plan_and_its_state_save_resumes_with_the_sav
 
 
 def test_allocator_setting_is_made_by_the_entry_point_only(monkeypatch) -> None:
-    import inspect
-
     import fmtl.train as entry
-    import fmtl.training.loop as loop
 
     calls: list[int] = []
     monkeypatch.setattr(entry, "keep_freed_memory", lambda: calls.append(1) or True)
@@ -241,13 +220,114 @@ def test_allocator_setting_is_made_by_the_entry_point_only(monkeypatch) -> None:
     assert calls == []
     entry._process_settings(TrainConfig())
     assert calls == [1]
-    assert "mallopt" not in inspect.getsource(loop)  # library code (and tests calling main()) never sets it
+
+
+# Resident memory after 256 MiB were allocated, touched and freed, in a fresh process: glibc hands large blocks
+# back at once unless told to keep them.
+_FREED = """
+import ctypes, os, sys
+{setup}
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(256 << 20)
+ctypes.memset(block, 1, 256 << 20)
+libc.free(ctypes.c_void_p(block))
+print(int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20)
+"""
+
+
+def _resident_mib_after_free(setup: str) -> int:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _FREED.format(setup=setup)], capture_output=True, text=True,
+                            check=True)  # fmt: skip
+    return int(result.stdout)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux and glibc")
+def test_keep_freed_memory_keeps_freed_blocks_and_library_code_does_not_set_it() -> None:
+    library = _resident_mib_after_free("import fmtl.training.loop")  # importing the loop changes nothing
+    kept = _resident_mib_after_free("import fmtl.train; assert fmtl.train.keep_freed_memory()")
+    assert kept - library > 200  # the freed 256 MiB stay in the process only when the entry point asks
 
 
 def test_lr_factors_end_the_cosine_where_max_steps_cuts_the_last_epoch() -> None:
-    cfg = TrainConfig(strategy="finetune", epochs=3, warmup_fraction=0.1)
-    schedule = Schedule(plan_phases(cfg), 10, 25)
-    factors = lr_factors(cfg, schedule)["head"]
+    schedule = Schedule(make_plan("finetune", 3, 1, 10, max_steps=25), warmup_fraction=0.1)
+    factors = schedule.factors()["head"]
     assert factors(24) > 0.0 and factors(25) == pytest.approx(0.0)  # 25 steps: 2.5 epochs, schedule complete
-    schedule.total_steps = 30  # moved (a re-plan): the same factors follow
+    schedule.plan = schedule.plan.with_total_steps(30)  # a re-plan: the same factors follow
     assert factors(25) > 0.05 and factors(30) == pytest.approx(0.0)
+
+
+# --- what the hardware and logging options do -----------------------------------------------------
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_gradient_accumulation_steps_takes_one_optimizer_step_every_n_batches(tmp_path, splits, accumulation) -> None:
+    trainer = _trainer(tmp_path, splits, strategy="finetune", epochs=1, gradient_accumulation_steps=accumulation)
+    steps: list[int] = []
+    trainer.optimizer.optimizer.register_step_post_hook(lambda *args: steps.append(1))
+    head = _snapshot(trainer.net.head)
+    _one_finetune_epoch(trainer)  # 256 images at batch 64: 4 batches
+    assert len(steps) == trainer.plan.steps_per_epoch == 4 // accumulation
+    assert _changed(head, trainer.net.head)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_lays_out_the_weights_and_the_batches(tmp_path, splits, channels_last) -> None:
+    trainer = _trainer(tmp_path, splits, strategy="finetune", epochs=1, channels_last=channels_last)
+    stem = next(m.weight for m in trainer.net.modules() if isinstance(m, torch.nn.Conv2d))  # [32, 3, 3, 3]
+    batch = trainer.batch(trainer.train_images, torch.arange(4), augment=True)  # [4, 3, 32, 32]
+    assert stem.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert batch.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert stem.is_contiguous() is not channels_last and batch.is_contiguous() is not channels_last
+
+
+_BF16 = """
+import sys, torch
+import fmtl.training.prepare as prepare
+from fmtl.training.config import TrainConfig
+prepare.cpu_has_native_bf16 = lambda: False  # as on a CPU without AVX512-BF16/AMX
+accelerator = prepare.make_accelerator(TrainConfig(mixed_precision="bf16", force_bf16=True), sys.argv[1])
+model = accelerator.prepare(torch.nn.Linear(4, 4))
+print(accelerator.mixed_precision, model(torch.randn(2, 4)).dtype)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU bf16 needs no forcing")
+def test_force_bf16_runs_bf16_autocast_where_it_would_be_refused(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    import fmtl.training.prepare as prepare
+
+    monkeypatch.setattr(prepare, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(FmtlError, match="no native bf16.*--force-bf16"):
+        prepare.check_precision(TrainConfig(mixed_precision="bf16"))
+    # forced, in a process of its own (the precision is process-wide in Accelerate): the model runs in bf16
+    result = subprocess.run([sys.executable, "-c", _BF16, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.stdout.split() == ["bf16", "torch.bfloat16"], result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_log_with_writes_the_trackers_files_or_refuses_a_missing_tracker(tmp_path, capsys) -> None:
+    from accelerate.utils import is_tensorboard_available
+
+    from fmtl.training.loop import main as train_main
+
+    run = tmp_path / "run"
+    args = ["--strategy", "linear", "--epochs", "2", "--max-train-samples", "200", "--max-val-samples", "100",
+            "--max-test-samples", "100", "--image-size", "32", "--threads", "1", "--quiet", "--no-save-state",
+            "--log-with", "tensorboard", "--output", str(run)]  # fmt: skip
+    if not is_tensorboard_available():
+        assert train_main(args) == 2
+        assert "tensorboard package is not installed" in capsys.readouterr().err and not run.exists()
+        return
+    assert train_main(args) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {path.parent for path in run.rglob("events.out.tfevents.*")}
+    scalars = EventAccumulator(str(events)).Reload()
+    assert [event.step for event in scalars.Scalars("val_acc")] == [1, 2]  # one point per epoch
+    assert {"train_loss", "lr", "images_per_s"} <= set(scalars.Tags()["scalars"])

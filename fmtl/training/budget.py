@@ -1,16 +1,13 @@
-"""The time budget: ``fmtl train --budget 10m`` measures, then plans epochs that end in time.
+"""The time budget: ``fmtl train --budget 10m`` measures, plans epochs that end in time, and re-plans.
 
-A short warm-up times a few real training steps of each kind the run will take (a
-fine-tuning step, a head step, an evaluation forward pass, a checkpoint save) on the run's
-own model, input size and batch size. The budget is for training: the warm-up, feature caching,
-the epochs and their validation passes. The planner fits epochs into what is left of it after
-the parts every run pays once (feature caching, solving the head) and a safety margin, the last
-fine-tuning epoch cut short where a whole one would not fit, so the learning-rate schedule is
-laid out for the steps that will actually run and ends completed rather than cut off mid-cosine.
-The test pass and the reports come after the budget; the plan predicts them too. The plan is
-printed, saved as ``plan.json`` and written into ``config.yaml`` (``epochs``, ``head_epochs``,
-``max_steps``), so a resumed run continues the same plan. The clock starts when the run starts,
-after Python's own start and imports (3-12 s on the 2-core machine here, depending on its load).
+A short warm-up times a few real steps of each kind the run will take (a fine-tuning step, a head
+step, an evaluation forward pass, a checkpoint save) on the run's own model, input size and batch
+size. The budget covers training: the warm-up, feature caching, the epochs and their validation
+passes; the test pass and the reports follow it (the plan predicts them too). The planner fits
+epochs into what is left after the parts every run pays once and a safety margin, the last
+fine-tuning epoch cut short where a whole one would not fit, so the learning-rate schedule ends
+completed rather than cut off mid-cosine. As the run goes, ``BudgetController`` returns a new plan
+fitted to the measured pace; the training state records the plan in force, so --resume continues it.
 """
 
 from __future__ import annotations
@@ -30,44 +27,36 @@ from fmtl.spec import InputSpec
 from fmtl.training.augment import Preprocess, augment_for
 from fmtl.training.config import parse_budget, with_eval_batch
 from fmtl.training.headfit import CHOICE_ROWS, MAX_ITERATIONS, WEIGHT_DECAYS
-from fmtl.training.models import cached_view_blocks
+from fmtl.training.models import cached_view_blocks, freeze_batchnorm
+from fmtl.training.plan import RunPlan, head_on_cached_features
 
-# Share of the budget kept free: throughput on a shared machine drifts between one re-plan and the next.
-SAFETY = 0.06
-FIXED_SECONDS = 4.0  # run folder, plots and the summary at the end, measured at ~2-3 s
+SAFETY = 0.06  # share of the budget kept free: a shared machine's pace drifts between re-plans
+FIXED_SECONDS = 4.0  # run folder, plots and the summary at the end
 MAX_LINEAR_EPOCHS = 50  # a frozen-backbone run on cached features converges long before this
-# The last fine-tuning epoch may be cut short, so time a whole epoch would not fill still trains (its
-# cosine ends with it); a piece under this share of an epoch is not worth its validation pass.
+# The last fine-tuning epoch may be cut short (its cosine ends with it); a piece under this share of an
+# epoch is not worth its validation pass.
 MIN_PARTIAL_EPOCH = 0.25
-# Fine-tuning validates every Nth epoch when one validation pass costs more than this share of an epoch's
-# training (a few hundred images against thousands of val images); each phase's last epoch always does. A
-# budget run re-plans from its pace whether it validates or not, so the passes between are worth little: at
-# 0.2, a 1,000-image run at 180 s here spent 13 s of it on a pass in its middle.
+# Fine-tuning validates every Nth epoch when one pass costs more than this share of an epoch's training
+# (a few hundred images against thousands of val images); each phase's last epoch always validates.
 VAL_SHARE = 0.1
 TIMED_STEPS = 3  # timed steps per kind: their median
-# Untimed calls before them: a fine-tuning step here ran 0.51-0.56 s on calls 2-4, 0.41-0.44 s from call 7
-# on (allocator and caches warming up), and timing calls 2-4 had planned 25 % too much time per epoch.
-WARMUP_CALLS = 6
-# ... fewer calls, down to one of each, where the first shows they would take more than this share of the budget
-# (a fine-tuning step of 100 images at 160 px takes ~4 s here: three of them would be a quarter of a minute).
-# The run re-plans from its real pace once a fifth of its fine-tuning has run, so the warm-up need not be exact:
-# at 0.03 it took 22 s of a 180 s budget (seven kinds, ~5 s each), at 0.01 about 8 s.
+WARMUP_CALLS = 6  # untimed calls before them: the allocator and caches warm up over the first few
+# Fewer calls, down to one of each, where the first shows they would take more than this share of the
+# budget: the run re-plans from its real pace, so the warm-up need not be exact, only short.
 TIMING_SHARE = 0.01
-# Images per timed step. Per-image cost falls with the batch up to about this size (Lite0 on the 2-core
-# EPYC: 3.3 ms at batch 32, 2.0 at 128), so runs are timed at their own batch, up to this, and scaled above it.
+# Images per timed step: per-image cost falls with the batch up to about this size, so runs are timed at
+# their own batch, up to this, and scaled above it.
 PROBE_BATCH = 128
-
-
-# As these shares of the planned fine-tuning steps have run, the run re-plans the rest from its measured pace,
-# and at every validated epoch after the first (a warm-up of a few steps misjudges a whole epoch by 10-30 %
-# here, more when other jobs start or stop, and a run's own pace drifts by 20 % over its epochs: a 1,000-image
-# run re-planned at a fifth only ended at 162 s of 180).
+# As these shares of the planned fine-tuning steps have run, and at every validated epoch after the first,
+# the run re-plans the rest from its measured pace (a warm-up of a few steps misjudges a whole epoch, and
+# a run's pace drifts over its epochs).
 REPLAN_AT = (0.2, 0.5, 0.8)
 
 
 @dataclass
-class BudgetClock:
-    """What a --budget run needs to re-plan itself from inside its epochs."""
+class BudgetController:
+    """Re-plans a --budget run from inside its epochs: ``after_epoch`` returns the new plan (or None), and
+    the loop decides what to do with it; nothing here writes a file."""
 
     started: float  # time.perf_counter() when the budget's clock started
     budget_s: float
@@ -80,10 +69,37 @@ class BudgetClock:
 
     def val_pass_at(self, pace: float) -> float:
         """The plan's validation pass, rescaled as the measured fine-tuning ``pace`` rescaled the warm-up's
-        step: a warm-up slowed by another job prices both too high (a 100-per-class run here, its warm-up
-        beside a second process, timed a step at 0.80 s and ran them at 0.28 to 0.36 s; its one validation
-        pass, priced at 23 s, kept 14 s of its 180 unused)."""
+        step: a warm-up slowed by another job prices both too high."""
         return self.val_pass_s * pace / self.planned_step_s if self.planned_step_s else self.val_pass_s
+
+    def after_epoch(self, plan: RunPlan, epoch: int, train_s: float, last_val_s: float = 0.0) -> RunPlan | None:
+        """As each of REPLAN_AT's shares of the fine-tuning steps has run, and at every validated epoch after
+        the first share, the plan fitted to the pace measured since the last re-plan; else None.
+
+        ``train_s``: the epoch's training alone (its steps and the last checkpoint save). The validation passes
+        still to come are priced at ``last_val_s``, the last fine-tuning pass's measured time (until there is
+        one, the plan's estimate rescaled by the pace), so the phase's last epoch, which always validates,
+        keeps its pass.
+        """
+        phase, spe = plan.phase_of(epoch), plan.steps_per_epoch
+        if phase.frozen or epoch >= plan.epochs:
+            return None
+        self.finetune_s += train_s
+        self.finetune_steps += spe
+        done = (epoch - phase.first_epoch + 1) * spe
+        shares = sum(done >= share * (plan.total_steps - (phase.first_epoch - 1) * spe) for share in REPLAN_AT)
+        if not shares or (shares <= self.shares_passed and not plan.validates(epoch)):
+            return None
+        self.shares_passed = max(self.shares_passed, shares)
+        pace = self.finetune_s / self.finetune_steps
+        self.finetune_s, self.finetune_steps = 0.0, 0
+        left = self.budget_s * (1 - SAFETY) - (time.perf_counter() - self.started)
+        val_s = last_val_s or self.val_pass_at(pace)
+        total = replan_total(epoch * spe, pace, left, lambda total: val_s * plan.validations_after(epoch, total))
+        new = plan.with_total_steps(total)
+        self.replans.append({"after_epoch": epoch, "seconds_per_step": round(pace, 4), "val_pass_s": round(val_s, 2),
+                             "steps_before": plan.total_steps, "steps": total, "epochs": new.epochs})  # fmt: skip
+        return new
 
 
 def replan_total(done_steps: int, seconds_per_step: float, left_s: float, validations_s=lambda total: 0.0) -> int:
@@ -175,7 +191,7 @@ def _synchronized(step):
     return run
 
 
-def _timed(step, steps: int = TIMED_STEPS, max_seconds: float = math.inf, warmup: int = WARMUP_CALLS) -> float:
+def timed(step, steps: int = TIMED_STEPS, max_seconds: float = math.inf, warmup: int = WARMUP_CALLS) -> float:
     """Median seconds of ``steps`` calls after ``warmup`` untimed ones (set-up and warming are not throughput);
     fewer of both, at least one of each, where the first call says they would take over ``max_seconds``."""
     step = _synchronized(step)
@@ -232,9 +248,7 @@ def measure_costs(
     optimizers: dict = {}
     model.train()
     if cfg.freeze_bn:
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        freeze_batchnorm(model)
     finetune = view_image = 0.0
     if cfg.strategy != "linear":
         params = [p for p in model.parameters() if p.requires_grad]
@@ -243,28 +257,28 @@ def measure_costs(
         if blocks:  # --frozen-views: fine-tuning runs only the blocks after the cached ones
             with torch.no_grad():
                 view_image = (
-                    _timed(lambda: model.prefix(batch(True, eval_probe), blocks), max_seconds=limit) / eval_probe
+                    timed(lambda: model.prefix(batch(True, eval_probe), blocks), max_seconds=limit) / eval_probe
                 )
                 cached = model.prefix(batch(True), blocks)
             forward = lambda: model(cached, from_block=blocks)  # noqa: E731
-        finetune = _timed(lambda: train_step(params, forward), max_seconds=limit) * scale
+        finetune = timed(lambda: train_step(params, forward), max_seconds=limit) * scale
     head_params = list(model.head.parameters())
     with torch.no_grad():
         features = model.eval().features(batch(False)).float()
-        forward_image = _timed(lambda: model(batch(False, eval_probe)), max_seconds=limit) / eval_probe
+        forward_image = timed(lambda: model(batch(False, eval_probe)), max_seconds=limit) / eval_probe
         feature_image = (
-            _timed(lambda: model.features(batch(False, eval_probe)), max_seconds=limit) / eval_probe
+            timed(lambda: model.features(batch(False, eval_probe)), max_seconds=limit) / eval_probe
             if head_cached
             else 0.0
         )
     model.head.train()
     if head_cached:
-        head = _timed(lambda: train_step(head_params, lambda: model.head(features)))
+        head = timed(lambda: train_step(head_params, lambda: model.head(features)))
     else:
         model.backbone_frozen = True
-        head = _timed(lambda: train_step(head_params, lambda: model(batch(cfg.augment))), max_seconds=limit) * scale
+        head = timed(lambda: train_step(head_params, lambda: model(batch(cfg.augment))), max_seconds=limit) * scale
         model.backbone_frozen = False
-    save = _timed(lambda: torch.save(model.state_dict(), io.BytesIO()), steps=1, warmup=1) * 3  # + AdamW's two moments
+    save = timed(lambda: torch.save(model.state_dict(), io.BytesIO()), steps=1, warmup=1) * 3  # + AdamW's two moments
     fit = 0.0
     if head_cached and cfg.head_fit == "lbfgs" and isinstance(model.head, torch.nn.Linear):
         fit = _lbfgs_cost(n_train, features.shape[1], model.head.out_features)
@@ -281,7 +295,7 @@ def _lbfgs_cost(n: int, num_features: int, classes: int) -> float:
         F.cross_entropy(x @ weight, labels).backward()
 
     evaluations = MAX_ITERATIONS * 1.25 * (1 + len(WEIGHT_DECAYS) * min(1.0, CHOICE_ROWS / n))  # ~1.25 per iteration
-    return _timed(evaluation, steps=1, warmup=1) * evaluations
+    return timed(evaluation, steps=1, warmup=1) * evaluations
 
 
 # ---------------------------------------------------------------- planning
@@ -299,7 +313,7 @@ def plan_epochs(
     """
     steps = math.ceil(counts["train"] / num_processes / cfg.batch_size)
     forward = costs.forward_image / num_processes
-    head_cached = cfg.strategy != "finetune" and (cfg.head_cache or not cfg.augment)
+    head_cached = cfg.strategy != "finetune" and head_on_cached_features(cfg)
     val_pass = counts["val"] * forward
     # An epoch's batches are not all full: 100 images at batch 128 are one step of 100 (a step's cost is
     # about proportional to its images here), which a full step's time would overestimate by 28 %.
@@ -361,9 +375,10 @@ def plan_epochs(
 
 def _eval_every(cfg, val_pass: float, finetune_train: float) -> int:
     """The user's --eval-every if set, else the least N that keeps validation within VAL_SHARE of fine-tuning."""
-    given = getattr(cfg, "given", None)  # None: a TrainConfig built in code, every option set
-    if cfg.strategy == "linear" or given is None or "eval_every" in given:
+    if cfg.eval_every is not None:
         return cfg.eval_every
+    if cfg.strategy == "linear":
+        return 1
     return max(1, math.ceil(val_pass / (VAL_SHARE * finetune_train)))
 
 
@@ -378,12 +393,12 @@ def _fit(cfg, spare: float, head_epoch: float, finetune_epoch: float) -> tuple[i
 
 
 def plan_run(cfg, model, spec: InputSpec, counts: dict[str, int], device, started: float, num_processes: int = 1):
-    """Measure on ``model`` (a throwaway), plan, and return ``(cfg with the planned epochs, plan)``.
+    """Measure on ``model`` (a throwaway) and plan; returns the ``Plan`` (what was measured and decided).
 
     ``started`` is the ``time.perf_counter()`` at which the budget's clock started.
     """
     budget_s = parse_budget(cfg.budget)
-    head_cached = cfg.strategy != "finetune" and (cfg.head_cache or not cfg.augment)
+    head_cached = cfg.strategy != "finetune" and head_on_cached_features(cfg)
     costs = measure_costs(model, spec, cfg, device, head_cached, counts["train"], budget_s)
     available = budget_s - (time.perf_counter() - started)
     try:
@@ -396,5 +411,7 @@ def plan_run(cfg, model, spec: InputSpec, counts: dict[str, int], device, starte
             dataclasses.replace(cfg, strategy="linear"), costs, counts, available, budget_s, num_processes
         )
         plan.note = "too short for one fine-tuning epoch here: frozen backbone, head only"
-    planned = {"strategy": plan.strategy, "epochs": plan.epochs, "head_epochs": plan.head_epochs}
-    return dataclasses.replace(cfg, **planned, max_steps=plan.max_steps), plan
+    return plan
+
+
+_timed = timed  # the old private name, still imported by benchmarks/depthwise.py

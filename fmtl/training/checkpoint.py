@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from fmtl import __version__
 from fmtl.atomic import atomic_write_text, publish, temp_path_beside, write_errors
-from fmtl.errors import FmtlError, StateError
+from fmtl.errors import FmtlError, StateError, one_line
 from fmtl.spec import RunInfo
 from fmtl.training.models import create_model
 
@@ -149,7 +149,7 @@ def load_training_state(
     refused stops the resume with a StateError naming it. Nothing is unpickled beyond torch's
     weights-only loader (Accelerate's optimizer/scheduler files) and safetensors/JSON (the rest)."""
     folder = find_training_state(run_dir)
-    state = _read_json(folder / TRAINER_STATE)
+    state = read_json(folder / TRAINER_STATE)
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
         raise StateError(f"{folder / TRAINER_STATE} lists no files: saved by an older fmtl, it cannot resume exactly")
     verify_files(folder, state["files"])
@@ -159,7 +159,7 @@ def load_training_state(
     try:
         accelerator.load_state(str(folder))
     except Exception as error:  # torch and safetensors raise assorted types for refused or damaged files
-        raise StateError(f"cannot resume from {folder}: {_one_line(error)}") from error
+        raise StateError(f"cannot resume from {folder}: {one_line(error)}") from error
     restore_rng_state(folder / RNG_STATE, accelerator.process_index, generators or {})
     accelerator.step = state.get("step", 0)
     return state
@@ -168,9 +168,7 @@ def load_training_state(
 def verify_files(folder: Path, files: dict[str, str]) -> None:
     """The folder holds exactly the files trainer.json lists, each with the sha256 it was saved with, before
     any is loaded: a file slipped in beside them (a pickle Accelerate would read) is refused too."""
-    unlisted = sorted(
-        str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != TRAINER_STATE
-    )
+    unlisted = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != TRAINER_STATE)
     unlisted = [name for name in unlisted if name not in files]
     if unlisted:
         raise StateError(f"{folder / unlisted[0]} is not in the state's sha256 manifest (trainer.json): "
@@ -201,7 +199,7 @@ def rng_state(generators: dict[str, torch.Generator]) -> dict:
 def restore_rng_state(path: Path, process_index: int, generators: dict[str, torch.Generator]) -> None:
     """Set this process's generators from rng.json; a missing or malformed entry is a StateError."""
     try:
-        state = _read_json(path)["processes"][process_index]
+        state = read_json(path)["processes"][process_index]
         version, mt_state, gauss = state["python"]
         random.setstate((version, tuple(mt_state), gauss))
         name, keys, position, has_gauss, cached = state["numpy"]
@@ -217,19 +215,14 @@ def restore_rng_state(path: Path, process_index: int, generators: dict[str, torc
         raise
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise StateError(
-            f"{path} does not hold this run's random state ({_one_line(error)}): cannot resume exactly"
+            f"{path} does not hold this run's random state ({one_line(error)}): cannot resume exactly"
         ) from None
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise StateError(f"{path} is missing: the training state is incomplete") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise StateError(f"{path} is damaged: {_one_line(error)}") from None
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise StateError(f"{path} is damaged: {one_line(error)}") from None

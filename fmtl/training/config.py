@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,13 +42,23 @@ def parse_budget(text: str) -> float:
     return seconds
 
 
+def option(default, help: str, plain=None, **extra):  # noqa: A002 - mirrors argparse's name
+    """A TrainConfig field: its default, its ``--help`` line and, for a field a recipe may fill (default None),
+    the ``plain`` value it takes when no recipe does."""
+    return field(default=default, metadata={"help": help, "plain": plain, **extra})
 
-def option(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
-    return field(default=default, metadata={"help": help, **extra})
+
+# The options `fmtl train --help` shows first; the rest are listed under "advanced".
+EVERYDAY = ("data", "model", "budget", "strategy", "image_size", "epochs", "batch_size", "lr", "output", "resume")
+# Old option names that still work for one release (TrainConfig moves their values): old -> the new names.
+DEPRECATED = {"max_eval_samples": ("max_val_samples", "max_test_samples")}
 
 
 @dataclass
 class TrainConfig:
+    """Every training option. None means "unset": a recipe (``fmtl.training.recipe``) or the planner fills it,
+    else the field's plain default (``with_defaults``)."""
+
     # data
     data: str = option("fashion-mnist", "fashion-mnist, a Kaggle-style CSV, or an image folder")
     test_data: str | None = option(None, "a separate test CSV or folder (else the source's own test split)")
@@ -57,57 +68,67 @@ class TrainConfig:
     source_size: int = option(224, "side that folder images of mixed sizes are stored at")
     val_fraction: float = option(0.1, "share of the training data held out for validation (stratified)")
     max_train_samples: int = option(0, "train on a seeded, stratified subset of this many images (0: all)")
-    max_eval_samples: int = option(0, "validate and test on seeded, stratified subsets of this size (0: all)")
-    max_val_samples: int = option(
-        0, "validate on a seeded, stratified subset of this size (0: --max-eval-samples decides); the test set stays"
+    max_val_samples: int | None = option(
+        None, "validate on a seeded, stratified subset of this many images (unset: all)"
+    )
+    max_test_samples: int | None = option(None, "test on a seeded, stratified subset of this many images (unset: all)")
+    max_eval_samples: int | None = option(
+        None, "deprecated, goes in the next release: sets --max-val-samples and --max-test-samples", deprecated=True
     )
     recipe: str = option("auto", "defaults by data size: auto (picks by training images), few, small or large")
     # model
     model: str = option("efficientnet_lite0", "any torchvision classifier name, or efficientnet_lite0")
     weights: str = option("DEFAULT", "DEFAULT, a torchvision weights name, a .pth/.safetensors file, or none")
     head: str = option("linear", "new classification head: linear, or mlp (512 hidden, dropout 0.5)")
-    image_size: int = option(64, "side the backbone sees; cost grows with its square (0: the weights' own)")
+    image_size: int | None = option(
+        None, "side the backbone sees; cost grows with its square (0: the weights' own)", plain=64
+    )
     # strategy
     strategy: str = option("hybrid", "linear (frozen backbone), finetune (all), hybrid (head first, then unfreeze)")
     head_epochs: int = option(1, "hybrid: epochs training the head alone before the backbone unfreezes")
-    unfreeze: str = option("all", "what fine-tuning trains besides the head: all, or last:N feature blocks")
+    unfreeze: str | None = option(
+        None, "what fine-tuning trains besides the head: all, or last:N feature blocks", plain="all"
+    )
     freeze_bn: bool = option(True, "fine-tune with BatchNorm in inference mode, so features don't jump on unfreezing")
     head_cache: bool = option(True, "head-only epochs train on cached features of un-augmented images (cheap)")
     head_fit: str = option("lbfgs", "cached head phase: first solve the linear head by L-BFGS (lbfgs), or not (none)")
-    frozen_views: int = option(
-        0,
+    frozen_views: int | None = option(
+        None,
         "with --unfreeze last:N: run the frozen blocks once on this many views of each image (the first plain, "
         "the rest augmented) and fine-tune on those; 0: run them every step on fresh augmentations",
+        plain=0,
     )
     # optimisation
-    epochs: int = option(3, "total epochs, all phases together")
-    max_steps: int = option(0, "end after this many optimizer steps, the last epoch cut short (0: --epochs decides)")
+    epochs: int = option(3, "total epochs, all phases together (with --budget: the planner's)")
+    max_steps: int | None = option(
+        None, "end after this many optimizer steps, the last epoch cut short (unset: --epochs decides)"
+    )
     budget: str | None = option(None, "train within this wall time (90s, 10m, 1h): epochs planned from measured speed")
-    batch_size: int = option(128, "images per step per process")
+    batch_size: int | None = option(None, "images per step per process", plain=128)
     eval_batch_size: int = option(
         0, "images per step for validation, test and feature caching (0: 64 on a CPU, 256 on an accelerator)"
     )
     lr: float = option(1e-3, "head learning rate (peak of the schedule)")
-    backbone_lr_scale: float = option(0.1, "backbone learning rate = lr x this, when it trains")
+    backbone_lr_scale: float | None = option(None, "backbone learning rate = lr x this, when it trains", plain=0.1)
     optimizer: str = option("adamw", "adamw or sgd (momentum 0.9, nesterov)")
     weight_decay: float = option(0.01, "decoupled weight decay (not on biases and norm weights)")
     warmup_fraction: float = option(0.05, "share of each phase's steps spent warming the learning rate up")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
-    mixup: float = option(
-        0.0, "train on mixtures of two examples and their labels, weights drawn from Beta(a, a) (0: off)"
-    )
     grad_clip: float = option(1.0, "clip gradient norm to this (0: off)")
     gradient_accumulation_steps: int = option(1, "optimizer step every N batches")
     patience: int = option(0, "stop after this many epochs without a better val accuracy (0: never)")
-    eval_every: int = option(
-        1, "validate every N fine-tuning epochs and at each phase's end (with --budget: the planner's unless set)"
+    eval_every: int | None = option(
+        None, "validate every N fine-tuning epochs and at each phase's end (unset: 1, or the planner's under --budget)"
     )
+    calibrate: bool = option(True, "fit a temperature on validation at the end of training")
     augment: bool = option(True, "random flip, rotation, translation, scale, brightness/contrast")
-    augment_strength: float = option(
-        1.0, "scales rotation (15 deg), translation (0.1 of the side), scale and brightness/contrast"
+    augment_strength: float | None = option(
+        None, "scales rotation (15 deg), translation (0.1 of the side), scale and brightness/contrast", plain=1.0
     )
     flip: bool = option(True, "random horizontal flips (turn off for text, digits, anything with a handedness)")
-    flip_tta: bool = option(True, "with --flip: evaluate, and export, the mean of each image's and its mirror's logits")
+    flip_tta: bool | None = option(
+        None, "evaluate, and export, the mean of each image's and its mirror's logits (unset: on when --flip is)"
+    )
     seed: int = option(0, "seeds the split, subset, initialisation, shuffling and augmentation")
     # hardware
     mixed_precision: str | None = option(
@@ -124,6 +145,14 @@ class TrainConfig:
     save_state: bool = option(True, "save the full training state each epoch, so --resume can continue")
     quiet: bool = option(False, "no progress bars")
 
+    def __post_init__(self) -> None:
+        if self.max_eval_samples is not None:  # the deprecated name: its 0 meant all
+            self.max_val_samples = self.max_val_samples if self.max_val_samples is not None else self.max_eval_samples
+            self.max_test_samples = (
+                self.max_test_samples if self.max_test_samples is not None else self.max_eval_samples
+            )
+            self.max_eval_samples = None
+
     def validate(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("recipe", self.recipe, ("auto", "few", "small", "large"))
@@ -131,32 +160,41 @@ class TrainConfig:
             _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("optimizer", self.optimizer, ("adamw", "sgd"))
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_every"):
-            if getattr(self, name) < 1:
+            if _given(self, name) and getattr(self, name) < 1:
                 raise FmtlError(f"--{name.replace('_', '-')} must be at least 1")
         if self.eval_batch_size < 0:
             raise FmtlError("--eval-batch-size must be 0 (the device's default) or positive")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_val_samples", "frozen_views"):
-            if getattr(self, name) < 0:
+        for name in ("max_steps", "max_train_samples", "max_val_samples", "max_test_samples", "frozen_views"):
+            if _given(self, name) and getattr(self, name) < 0:
                 raise FmtlError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
-        if not 0 <= self.augment_strength <= 3:
+        if _given(self, "augment_strength") and not 0 <= self.augment_strength <= 3:
             raise FmtlError("--augment-strength must be between 0 (flips only) and 3")
         if self.lr <= 0:
             raise FmtlError("--lr must be positive")
-        if not 0 <= self.mixup <= 10:
-            raise FmtlError("--mixup must be between 0 (off) and 10 (the Beta distribution's a)")
         if self.budget is not None:
             parse_budget(self.budget)
-        # With --budget the planner sets --epochs; only the head epochs must make sense.
+        # With --budget the planner sets the epochs; only the head epochs must make sense.
         if self.strategy == "hybrid" and not 0 < self.head_epochs < (self.epochs if self.budget is None else math.inf):
             raise FmtlError(f"hybrid needs 0 < --head-epochs < --epochs (got {self.head_epochs} of {self.epochs})")
         # Checked here, before a run folder or an Accelerator exists, not when the model is built.
         _choice("head", self.head, HEADS)
         _choice("head_fit", self.head_fit, ("lbfgs", "none"))
-        if self.unfreeze != "all" and not _is_last_n(self.unfreeze):
+        if _given(self, "unfreeze") and self.unfreeze != "all" and not _is_last_n(self.unfreeze):
             raise ConfigError(f"--unfreeze {self.unfreeze!r} is not all or last:N (N >= 1)")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _given(cfg: TrainConfig, name: str) -> bool:
+    return getattr(cfg, name) is not None
+
+
+def with_defaults(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every option a recipe may fill that is still unset at its plain default."""
+    plain = {f.name: f.metadata["plain"] for f in dataclasses.fields(cfg) if f.metadata.get("plain") is not None}
+    missing = {name: value for name, value in plain.items() if getattr(cfg, name) is None}
+    return dataclasses.replace(cfg, **missing) if missing else cfg
 
 
 # --eval-batch-size 0: images per pass without gradients, by device type. On the 2-core CPU here a 128 px
@@ -167,13 +205,10 @@ EVAL_BATCH_ACCELERATOR = 256
 
 
 def with_eval_batch(cfg: TrainConfig, device_type: str) -> TrainConfig:
-    """``cfg`` with --eval-batch-size 0 resolved for the device it runs on (``given`` kept: the planner reads it)."""
+    """``cfg`` with --eval-batch-size 0 resolved for the device it runs on."""
     if cfg.eval_batch_size:
         return cfg
-    resolved = dataclasses.replace(cfg, eval_batch_size=EVAL_BATCH.get(device_type, EVAL_BATCH_ACCELERATOR))
-    if hasattr(cfg, "given"):
-        resolved.given = cfg.given
-    return resolved
+    return dataclasses.replace(cfg, eval_batch_size=EVAL_BATCH.get(device_type, EVAL_BATCH_ACCELERATOR))
 
 
 def _is_last_n(policy: str) -> bool:
@@ -198,18 +233,34 @@ def closest(key: str, prefix: str = "") -> str:
 
 
 def build_parser(prog: str = "fmtl train") -> argparse.ArgumentParser:
+    """Every TrainConfig field as ``--option``: the everyday ones first, the rest under "advanced"."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="Fine-tune a pretrained CNN on your classes.", allow_abbrev=False
+        prog=prog,
+        usage="%(prog)s [--data DATA] [--model MODEL] [--budget 10m | --epochs N] [OPTIONS]",
+        description="Fine-tune a pretrained CNN on your classes.",
+        allow_abbrev=False,
     )
-    parser.add_argument("--config", help="YAML file of options (the command line overrides it)")
+    everyday = parser.add_argument_group("everyday options")
+    advanced = parser.add_argument_group("advanced options")
+    everyday.add_argument("--config", help="YAML file of options (the command line overrides it)")
+    for name in EVERYDAY:
+        _add_option(everyday, FIELDS[name])
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = {"bool": None, "int": int, "float": float}.get(str(f.type), str)
-        extra = {"action": argparse.BooleanOptionalAction} if f.type in ("bool", bool) else {"type": kind}
-        parser.add_argument(
-            flag, dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} [{f.default}]", **extra
-        )
+        if f.name not in EVERYDAY:
+            _add_option(advanced, f)
     return parser
+
+
+def _add_option(group, f: dataclasses.Field) -> None:
+    kinds = str(f.type).replace(" ", "").split("|")
+    kind = {"bool": None, "int": int, "float": float}.get(kinds[0], str)
+    extra = {"action": argparse.BooleanOptionalAction} if kinds[0] == "bool" else {"type": kind}
+    plain = f.metadata.get("plain")
+    shown = (
+        f.default if f.default is not None else ("the recipe's, else " + str(plain) if plain is not None else "unset")
+    )
+    shown = argparse.SUPPRESS if f.metadata.get("deprecated") else f"{f.metadata['help']} [{shown}]"
+    group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, help=shown, **extra)
 
 
 def load_config(argv: list[str] | None = None, prog: str = "fmtl train") -> TrainConfig:
@@ -228,9 +279,13 @@ def load_config(argv: list[str] | None = None, prog: str = "fmtl train") -> Trai
         values.update(read_yaml(Path(given.pop("config"))))
     given.pop("config", None)
     values.update(given)
+    for old, new in DEPRECATED.items():
+        if old in values:
+            news = " ".join(f"--{name.replace('_', '-')} N" for name in new)
+            print(f"fmtl: note: --{old.replace('_', '-')} is deprecated and goes in the next release: use {news}",
+                  file=sys.stderr)  # fmt: skip
     config = TrainConfig(**values)
     config.validate()
-    config.given = frozenset(values)  # what the user set: the recipe (fmtl.training.recipe) fills in the rest
     return config
 
 

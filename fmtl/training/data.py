@@ -127,7 +127,7 @@ def load_run_split(options: DataOptions, split: str) -> ImageSet:
     )  # fmt: skip
     if split == "train":
         return data
-    count = options.max_val_samples if split == "val" and options.max_val_samples else options.max_eval_samples
+    count = options.max_val_samples if split == "val" else options.max_eval_samples  # 0: all
     return seeded_subset(data, count, options.seed)
 
 

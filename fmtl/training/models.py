@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fmtl.errors import ModelConfigError
+from fmtl.errors import ModelConfigError, one_line
 from fmtl.training.depthwise import fast_depthwise_grads
 from fmtl.training.efficientnet_lite import LITE0_MEAN, LITE0_STD, VARIANTS, efficientnet_lite
 from fmtl.training.scratch import SCRATCH_CNN, SCRATCH_IMAGE_SIZE, SCRATCH_MEAN, SCRATCH_STD, scratch_cnn
@@ -175,7 +175,7 @@ def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Input
         return torchvision.models.get_model(name, weights=chosen), _defaults_from_weights(chosen)
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise ModelConfigError(
-            f"cannot download {name} weights {chosen} ({_short(error)}): pass --weights PATH to a downloaded "
+            f"cannot download {name} weights {chosen} ({one_line(error)}): pass --weights PATH to a downloaded "
             f".pth/.safetensors file, --weights none to train from scratch, or use --model {LITE0}, "
             "whose ImageNet weights ship with fmtl"
         ) from None
@@ -206,11 +206,7 @@ def load_state_dict_file(network: nn.Module, path: str | Path) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
         network.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     except Exception as error:  # noqa: BLE001 - any failure is the same user error
-        raise ModelConfigError(f"cannot load weights from {path}: {_short(error)}") from None
-
-
-def _short(error: Exception) -> str:
-    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ModelConfigError(f"cannot load weights from {path}: {one_line(error)}") from None
 
 
 # ---------------------------------------------------------------- heads
@@ -280,18 +276,40 @@ def frozen_prefix_blocks(model: FmtlModel, policy: str) -> int:
 
 
 def cached_view_blocks(cfg, model: FmtlModel) -> int:
-    """Frozen first blocks whose outputs --frozen-views caches (0: none, it is off or does not apply).
-
-    A recipe's --frozen-views (not the user's) gives way silently where the backbone cannot run apart."""
+    """Frozen first blocks whose outputs --frozen-views caches (0: it is off); a ModelConfigError where the
+    backbone cannot run them apart (a recipe sets --frozen-views only where it can: ``backbone_layout``)."""
     if not cfg.frozen_views or cfg.strategy == "linear":
         return 0
+    return frozen_prefix_blocks(model, cfg.unfreeze)
+
+
+@dataclass(frozen=True)
+class BackboneLayout:
+    """What recipes need to know of a backbone: its feature blocks (0: none fmtl knows), and whether they
+    form a ``features`` sequence whose first blocks can run apart (``--frozen-views``)."""
+
+    blocks: int
+    sequential: bool
+
+
+def backbone_layout(name: str) -> BackboneLayout:
+    """``name``'s layout, read off a weightless copy built on the meta device (no memory, no random draws)."""
+    with torch.device("meta"):
+        model = create_model(name, 2, weights=None)
     try:
-        return frozen_prefix_blocks(model, cfg.unfreeze)
+        blocks = len(feature_blocks(model))
     except ModelConfigError:
-        given = getattr(cfg, "given", None)
-        if given is None or "frozen_views" in given:
-            raise
-        return 0
+        blocks = 0
+    return BackboneLayout(blocks, isinstance(getattr(model.backbone, "features", None), nn.Sequential))
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """BatchNorm layers of ``module`` in inference mode: their running statistics stay put. Fine-tuning keeps
+    them so (--freeze-bn, Keras' transfer-learning advice), because batch statistics of a new domain would
+    shift every feature the head was trained on."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
 
 
 def apply_freeze(model: FmtlModel, policy: str) -> None:

@@ -1,0 +1,91 @@
+"""What a run computes once and trains on many times: backbone features, frozen-block views, the solved head.
+
+- Features: a frozen backbone without augmentation gives every image the same features each epoch, so
+  head-only epochs train on features computed once (``plan.head_on_cached_features``).
+- Views (``--frozen-views V``): with ``--unfreeze last:N`` the first blocks are frozen; their outputs for V
+  views of each image (the first plain, the rest augmented) are computed once, and fine-tuning runs only
+  the blocks after them.
+- The head fit (``--head-fit lbfgs``): on cached features the linear head is a convex problem, solved
+  before its epochs (``fmtl.training.headfit``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from fmtl.errors import ConfigError
+from fmtl.training.augment import Augment, Preprocess
+from fmtl.training.headfit import fit_linear_head
+from fmtl.training.models import FmtlModel
+
+MAX_VIEW_BYTES = 8 * 2**30  # --frozen-views: the most activation memory its cache may hold
+
+Batch = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (images, indices, augment) -> model input
+
+
+@torch.no_grad()
+def extract_features(net: FmtlModel, accelerator: Accelerator, batch: Batch, sets: dict, quiet: bool) -> dict:
+    """Backbone features of every image of each set (``name: (images, loader)``), computed once: each process
+    its shard, then gathered in order."""
+    net.eval()
+    features = {}
+    for name, (images, loader) in sets.items():
+        parts, order = [], []
+        for indices in tqdm(loader, desc=f"caching {name} features", leave=False,
+                            disable=quiet or not accelerator.is_local_main_process):  # fmt: skip
+            feats, idx = accelerator.gather_for_metrics((net.features(batch(images, indices, False)), indices))
+            parts.append(feats.float())
+            order.append(idx)
+        stacked, order = torch.cat(parts), torch.cat(order)
+        features[name] = torch.empty_like(stacked).index_copy_(0, order.to(stacked.device), stacked)
+    return features
+
+
+@torch.no_grad()
+def cache_views(
+    net: FmtlModel, preprocess: Preprocess, images: torch.Tensor, blocks: int, views: int, augment: Augment | None,
+    eval_batch_size: int, channels_last: bool, quiet: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """The first ``blocks`` blocks' output for ``views`` views of every image, ``[V, N, ...]``.
+
+    The first view is the plain image, the others augmented by ``augment`` (its own generator, seeded by
+    --seed alone, so a resumed run rebuilds the same views).
+    """
+    net.eval()
+    chunks = torch.arange(len(images)).split(eval_batch_size)
+    result = []
+    for view in tqdm(range(views), desc="caching views", leave=False, disable=quiet):
+        parts = []
+        for indices in chunks:
+            x = preprocess(images[indices.to(images.device)], augment if view else None)
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            parts.append(net.prefix(x, blocks).float())
+        result.append(torch.cat(parts))
+    return torch.stack(result)
+
+
+@torch.no_grad()
+def check_views_fit(net: FmtlModel, one_image: torch.Tensor, blocks: int, views: int, n_images: int) -> None:
+    """Refuse, before training, a --frozen-views cache that would not fit in MAX_VIEW_BYTES."""
+    need = net.eval().prefix(one_image, blocks).numel() * 4 * n_images * views
+    if need > MAX_VIEW_BYTES:
+        raise ConfigError(
+            f"--frozen-views {views} on {n_images:,} images would hold {need / 2**30:.1f} GiB of activations "
+            f"(at most {MAX_VIEW_BYTES / 2**30:.0f}): fewer views, fewer images or a smaller --image-size, "
+            "or --frozen-views 0"
+        )
+
+
+def fit_head(net: FmtlModel, cached: dict, train_labels: torch.Tensor, val_labels: torch.Tensor) -> str | None:
+    """Solve a linear head by L-BFGS on the cached features; a line saying what was chosen (None: not linear)."""
+    if not isinstance(net.head, torch.nn.Linear):
+        return None
+    chosen = fit_linear_head(net.head, cached["train"], train_labels, cached["val"], val_labels)
+    return (
+        f"head solved by L-BFGS on cached features: val acc {chosen['val_acc']:.4f} "
+        f"(weight decay {chosen['weight_decay']:g}, chosen on val)"
+    )
