@@ -124,20 +124,25 @@ def post_head(path: str, body: bytes, content_type: str, host: str = "127.0.0.1"
 # --- the attacks: each returns (what the attacker got, extra figures) and runs for ``seconds`` -----------
 
 
-async def stalled_uploads(port: int, seconds: float) -> tuple[str, dict]:
+async def stalled_uploads(port: int, seconds: float, ready: asyncio.Event) -> tuple[str, dict]:
+    """Open them all, let the server take them in, then hold them for ``seconds`` (the client's window)."""
     connections = []
     for _ in range(STALLED):
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(post_head("/v1/classify", b"x" * 1_000_000, "image/png").encode() + b"\r\nx")
+        await writer.drain()
         connections.append(writer)
+    await asyncio.sleep(0.5)
+    ready.set()
     await asyncio.sleep(seconds)
     for writer in connections:
         writer.close()
     return f"{STALLED} held open", {}
 
 
-async def repeated(port: int, seconds: float, head: str, body: bytes = b"") -> tuple[str, dict]:
+async def repeated(port: int, seconds: float, ready: asyncio.Event, head: str, body: bytes = b"") -> tuple[str, dict]:
     """The same request, one after another, for ``seconds``: status counts and the slowest answer."""
+    ready.set()
     deadline, codes, times = time.perf_counter() + seconds, {}, []
     while time.perf_counter() < deadline:
         code, took = await raw_request(port, head, body)
@@ -157,7 +162,8 @@ def multipart_parts(count: int = 100_000) -> bytes:
     return b"--b\r\nContent-Disposition: form-data; name=f; filename=a.png\r\n\r\n\r\n" * count + b"--b--\r\n"
 
 
-async def bad_k(port: int, seconds: float, body: bytes) -> tuple[str, dict]:
+async def bad_k(port: int, seconds: float, ready: asyncio.Event, body: bytes) -> tuple[str, dict]:
+    ready.set()
     deadline, codes = time.perf_counter() + seconds, {}
     while time.perf_counter() < deadline:
         for k in ("%C2%B2", "9" * 5000):
@@ -166,7 +172,10 @@ async def bad_k(port: int, seconds: float, body: bytes) -> tuple[str, dict]:
     return ", ".join(f"{count}x {code}" for code, count in sorted(codes.items(), key=str)), {"codes": codes}
 
 
-async def overload(port: int, bodies: list[bytes], seconds: float, capacity: float) -> tuple[str, dict]:
+async def overload(
+    port: int, bodies: list[bytes], seconds: float, ready: asyncio.Event, capacity: float
+) -> tuple[str, dict]:
+    ready.set()
     level = await open_loop(port, bodies, 2 * capacity, seconds)
     goodput = level.codes[200] / level.seconds
     codes = ", ".join(f"{count}x {code}" for code, count in sorted(level.codes.items(), key=str))
@@ -186,14 +195,17 @@ class Row:
     extra: dict
 
 
-async def attacked(port: int, bodies: list[bytes], seconds: float, attack) -> tuple[Probe, tuple[str, dict]]:
-    """The normal client during the attack (it starts a moment after the attack does)."""
+async def attacked(port: int, bodies: list[bytes], seconds: float, make_attack) -> tuple[Probe, tuple[str, dict]]:
+    """The normal client during the attack: from a moment after the attack is under way (for stalled
+    uploads: once all are open) until a moment before it ends."""
+    ready = asyncio.Event()
 
     async def client_later() -> Probe:
-        await asyncio.sleep(min(1.0, seconds / 4))
-        return await normal_client(port, bodies, seconds - min(1.0, seconds / 4))
+        await ready.wait()
+        await asyncio.sleep(0.25)
+        return await normal_client(port, bodies, seconds - 0.5)
 
-    probe, outcome = await asyncio.gather(client_later(), attack)
+    probe, outcome = await asyncio.gather(client_later(), make_attack(port, ready))
     return probe, outcome
 
 
@@ -201,7 +213,7 @@ def run_attack(model: Path, name: str, make_attack, bodies: list[bytes], seconds
     server = Server(model)
     try:
         rss_start = peak_rss_mib(server.pid)
-        probe, (attacker, extra) = asyncio.run(attacked(server.port, bodies, seconds, make_attack(server.port)))
+        probe, (attacker, extra) = asyncio.run(attacked(server.port, bodies, seconds, make_attack))
         return Row(name, attacker, rss_start, peak_rss_mib(server.pid), probe, extra)
     finally:
         server.stop()
@@ -293,15 +305,15 @@ def main() -> None:
         print(f"capacity (closed loop, 16 clients): {capacity:.0f} images/s")
         tiff, parts = float_tiff(), multipart_parts()
         attacks = {
-            "stalled": ("200 stalled uploads", lambda port: stalled_uploads(port, s)),
+            "stalled": ("200 stalled uploads", lambda port, ready: stalled_uploads(port, s, ready)),
             "tiff": (f"float TIFF 8000x8000 ({len(tiff) // 1024} KB)",
-                     lambda port: repeated(port, s, post_head("/v1/classify", tiff, "image/tiff"), tiff)),
-            "parts": ("100,000 multipart parts", lambda port: repeated(port, s, post_head(
+                     lambda port, ready: repeated(port, s, ready, post_head("/v1/classify", tiff, "image/tiff"), tiff)),
+            "parts": ("100,000 multipart parts", lambda port, ready: repeated(port, s, ready, post_head(
                 "/v1/classify", parts, "multipart/form-data; boundary=b"), parts)),
-            "k": ("bad k (k=²; 5,000 digits)", lambda port: bad_k(port, s, bodies[0])),
-            "host": ("Host: evil.example", lambda port: repeated(port, s, post_head(
+            "k": ("bad k (k=²; 5,000 digits)", lambda port, ready: bad_k(port, s, ready, bodies[0])),
+            "host": ("Host: evil.example", lambda port, ready: repeated(port, s, ready, post_head(
                 "/v1/classify", bodies[0], "image/png", host="evil.example"), bodies[0])),
-            "overload": ("2x open-loop overload", lambda port: overload(port, bodies, s, capacity)),
+            "overload": ("2x open-loop overload", lambda port, ready: overload(port, bodies, s, ready, capacity)),
         }  # fmt: skip
         rows = {"idle": idle}
         for key, (name, attack) in attacks.items():
