@@ -137,12 +137,15 @@ HEADER = (
 
 def main() -> None:
     args = parse_args()
-    print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}")
+    load_at_start = os.getloadavg()[0]
+    print(f"machine: {machine()}; load average at start {load_at_start:.2f}")
     with tempfile.TemporaryDirectory(prefix="fmtl-serve-ray-bench-") as folder, model_file(args, Path(folder)) as model:
         bodies = [path.read_bytes() for path in fashion_mnist_pngs(args.images, Path(folder))]
         print(f"{len(bodies)} Fashion-MNIST test images as PNG, {np.mean([len(b) for b in bodies]):.0f} bytes each\n")
         print(HEADER)
         rows = run_engine("fmtl serve", lambda: Server(model), bodies, args)
+        # one onnxruntime thread, as each Ray replica of 1 CPU has: separates the engine from the threading
+        rows += run_engine("fmtl serve --threads 1", lambda: Server(model, "--threads", "1"), bodies, args)
         for replicas in (1, 2):
             rows += run_engine(f"ray, {replicas} replica{'s' * (replicas > 1)}",
                                lambda replicas=replicas: RayServer(model, replicas), bodies, args)  # fmt: skip
@@ -154,8 +157,9 @@ def main() -> None:
         note = (f"Model: {model.name if args.model else 'a tiny EfficientNet-Lite0 (head only in --quick)'}; "
                 f"{len(bodies)} PNG images, one per request, closed loop, {args.seconds:g} s per level, "
                 f"loopback only, the client in the same machine. Ray Serve: a local cluster per run, replicas "
-                f"of 1 CPU, max_batch_size 16. Load average at the end: {load:.2f} (other processes shared "
-                "the cores). On one machine Ray Serve is not expected to win: the figures say by how much.")  # fmt: skip
+                f"of 1 CPU (one onnxruntime thread each), max_batch_size 16. Load average at the start "
+                f"{load_at_start:.2f}, at the end {load:.2f}: other processes shared the cores. The "
+                "`fmtl serve --threads 1` rows have the threads of one Ray replica.")  # fmt: skip
         write_results("serve_ray", "fmtl serve against Ray Serve (1 and 2 replicas), one machine",
                       f"{HEADER}\n" + "\n".join(rows), versions=f"ray {ray.__version__}", note=note)  # fmt: skip
 

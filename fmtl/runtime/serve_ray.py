@@ -154,15 +154,17 @@ class ModelReplica:
         """Write ``model`` to a private scratch file, open it, run the warm-up batches, then answer.
 
         Ray routes requests to a replica only once this returns, so a replica is never reachable cold."""
-        self.scratch = tempfile.TemporaryDirectory(prefix="fmtl-serve-ray-")
-        path = Path(self.scratch.name) / config.model.name  # the same name: URLs say /v2/models/NAME
-        path.write_bytes(model)
-        self.config = dataclasses.replace(config, model=path)
-        self.asgi_app = create_app(self.config, load=False)  # fmtl serve's routes, limits, errors and metrics
+        self.config = config
+        self.asgi_app = create_app(config, load=False)  # fmtl serve's routes, limits, errors and metrics
         self.server = self.asgi_app.model_server
         self.model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fmtl-model")
-        loop = asyncio.get_running_loop()
-        self.classifier, self.warmup_seconds = await loop.run_in_executor(self.model_thread, self._open_and_warm_up)
+        with tempfile.TemporaryDirectory(prefix="fmtl-serve-ray-") as scratch:  # only while onnxruntime loads it
+            path = Path(scratch) / config.model.name
+            path.write_bytes(model)
+            loop = asyncio.get_running_loop()
+            self.classifier, self.warmup_seconds = await loop.run_in_executor(
+                self.model_thread, self._open_and_warm_up, path
+            )
         self.predict.set_max_batch_size(config.max_batch_size)
         self.predict.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
         self.server.classifier = self.classifier
@@ -172,8 +174,8 @@ class ModelReplica:
         self.server.ready = True
         self.server.metrics.ready.set(1)
 
-    def _open_and_warm_up(self) -> tuple[Classifier, float]:
-        classifier = Classifier(self.config.model, threads=self.config.threads)
+    def _open_and_warm_up(self, path: Path) -> tuple[Classifier, float]:
+        classifier = Classifier(path, threads=self.config.threads)
         started = time.perf_counter()
         # the largest batch first (allocates its buffers), then one image (the low-load path), as fmtl serve does
         for size in (self.config.max_batch_size, 1):
@@ -196,14 +198,8 @@ class ModelReplica:
 
     def check_health(self) -> None:
         """Ray Serve calls this periodically; raising makes it replace the replica."""
-        if not self.server.ready or self.model_thread._shutdown:
+        if not self.server.ready or self.server.classifier is None:
             raise RuntimeError("the model is not loaded")
-
-    def info(self) -> dict:
-        """Facts about this replica (its process id, warm-up time, threads), for tests and operators."""
-        import os
-
-        return {"pid": os.getpid(), "warmup_seconds": self.warmup_seconds, "threads": self.config.threads}
 
 
 def deployment_options(config: ServeConfig, options: RayServeOptions) -> dict:
