@@ -29,10 +29,9 @@ def keep_freed_memory() -> bool:
     """On a CPU with glibc, keep freed memory in the process instead of handing it back each batch.
 
     By default every batch's activations (about 1 GB for ResNet-18 at 224 px, batch 64) are fresh
-    mmap'ed pages that the kernel faults in and zeroes, then takes back: ~300k page faults per batch.
-    Measured by benchmarks/train_throughput.py: 1.30x faster steps, page faults to zero, for about
-    100 MB more resident memory. Process-wide, so only entry points call it; returns whether glibc
-    took both settings (False where mallopt does not exist).
+    mmap'ed pages that the kernel faults in and zeroes, then takes back; kept, they are reused
+    (benchmarks/train_throughput.py measures the gain). Process-wide, so only entry points call it;
+    returns whether glibc took both settings (False where mallopt does not exist).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

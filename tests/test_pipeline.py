@@ -26,8 +26,9 @@ def fmtl(*args, cwd) -> subprocess.CompletedProcess:
 
 
 def test_train_export_infer_evaluate(tmp_path):
-    fmtl("train", "--image-size", "32", "--max-train-samples", "1500", "--max-eval-samples", "600", "--epochs", "2",
-         "--strategy", "linear", "--no-augment", "--lr", "0.01", "--quiet", "--output", "runs/tiny", cwd=tmp_path)  # fmt: skip
+    fmtl("train", "--image-size", "32", "--max-train-samples", "1500", "--max-val-samples", "600",
+         "--max-test-samples", "600", "--epochs", "2", "--strategy", "linear", "--no-augment", "--lr", "0.01",
+         "--quiet", "--output", "runs/tiny", cwd=tmp_path)  # fmt: skip
     fmtl("export", "--onnx", "runs/tiny", cwd=tmp_path)
     model = tmp_path / "export" / "tiny.onnx"
     assert model.is_file()

@@ -30,7 +30,19 @@ REPO = Path(__file__).resolve().parents[1]
 # Random weights: BatchNorm must learn its statistics and the backbone trains at the head's rate.
 SCRATCH = ["--no-freeze-bn", "--backbone-lr-scale", "1"]
 # One thread: on a CPU that other jobs share, two OpenMP threads measured 5-100x slower per step than one.
-SMALL = ["--max-train-samples", "1000", "--max-eval-samples", "500", "--image-size", "32", "--threads", "1", "--quiet"]
+SMALL = [
+    "--max-train-samples",
+    "1000",
+    "--max-val-samples",
+    "500",
+    "--max-test-samples",
+    "500",
+    "--image-size",
+    "32",
+    "--threads",
+    "1",
+    "--quiet",
+]
 
 
 def _options(argv: list[str]):
@@ -406,7 +418,7 @@ def test_forced_recipe_is_applied_and_saved(tmp_path):
 
 def test_max_val_samples_validates_on_fewer_images_and_tests_on_all_asked(tmp_path):
     run = tmp_path / "run"
-    args = ["--max-train-samples", "300", "--max-eval-samples", "400", "--max-val-samples", "100"]
+    args = ["--max-train-samples", "300", "--max-test-samples", "400", "--max-val-samples", "100"]
     args += ["--image-size", "32", "--threads", "1", "--quiet", "--strategy", "linear", "--epochs", "1"]
     assert train_main([*args, "--no-save-state", "--output", str(run)]) == 0
     assert [int(row["val_images"]) for row in _rows(run)] == [100]

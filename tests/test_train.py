@@ -78,7 +78,8 @@ def test_linear_leaves_the_backbone_bit_for_bit_unchanged(linear_run):
 
 def test_resume_continues_and_extends(tmp_path):
     run = tmp_path / "hybrid"
-    assert train("--epochs", "2", "--head-epochs", "1", "--max-eval-samples", "500", "--output", str(run)) == 0
+    args = ["--epochs", "2", "--head-epochs", "1", "--max-val-samples", "500", "--max-test-samples", "500"]
+    assert train(*args, "--output", str(run)) == 0
     before = read_results(run)
     assert [r["phase"] for r in before] == ["linear", "finetune"]
     assert train("--resume", str(run), "--epochs", "3") == 0
@@ -89,14 +90,17 @@ def test_resume_continues_and_extends(tmp_path):
 
 def test_resume_goes_on_with_the_plan_its_state_was_saved_under(tmp_path):
     run = tmp_path / "replanned"
-    assert train("--epochs", "2", "--head-epochs", "1", "--max-eval-samples", "200", "--output", str(run)) == 0
+    args = ["--epochs", "2", "--head-epochs", "1", "--max-val-samples", "200", "--max-test-samples", "200"]
+    assert train(*args, "--output", str(run)) == 0
     before = read_results(run)
-    # a --budget re-plan writes config.yaml just before the epoch's state: as if the run had stopped in between
+    saved_plan = json.loads((run / "state" / "trainer.json").read_text())["plan"]
+    assert (saved_plan["strategy"], saved_plan["epochs"], saved_plan["head_epochs"]) == ("hybrid", 2, 1)
+    # config.yaml holds the options, the state the plan (a budget run's re-plans go there): the state decides
     config = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "epochs": 3}))
     assert train("--resume", str(run)) == 0
     assert read_results(run) == before  # no third epoch: the state was saved under a 2-epoch plan
-    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
+    assert json.loads((run / "state" / "trainer.json").read_text())["plan"] == saved_plan
 
 
 def test_existing_run_folder_is_not_overwritten(linear_run, capsys):
@@ -120,7 +124,7 @@ def test_two_processes_count_each_validation_image_once(tmp_path):
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(ROOT / "launch/cpu-multiprocess.yaml"),
         str(ROOT / "fmtl/train.py"), *SMALL, "--val-fraction", "0.0507", "--eval-batch-size", "101", "--epochs", "2",
-        "--output", str(run), "--max-eval-samples", "1918",
+        "--output", str(run), "--max-val-samples", "1918", "--max-test-samples", "1918",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -165,8 +169,8 @@ def test_image_folder_and_csv_sources_train(tmp_path):
 def test_other_recipes_train_and_are_recorded(tmp_path):
     run = tmp_path / "recipe"
     assert train("--strategy", "finetune", "--optimizer", "sgd", "--head", "mlp", "--no-freeze-bn", "--unfreeze",
-                 "last:2", "--patience", "1", "--epochs", "3", "--max-train-samples", "500", "--max-eval-samples",
-                 "300", "--output", str(run)) == 0  # fmt: skip
+                 "last:2", "--patience", "1", "--epochs", "3", "--max-train-samples", "500", "--max-val-samples", "300",
+                 "--max-test-samples", "300", "--output", str(run)) == 0  # fmt: skip
     config = (run / "config.yaml").read_text()
     for line in ("optimizer: sgd", "head: mlp", "freeze_bn: false", "unfreeze: last:2", "patience: 1"):
         assert line in config

@@ -315,8 +315,8 @@ def plan_epochs(
     forward = costs.forward_image / num_processes
     head_cached = cfg.strategy != "finetune" and head_on_cached_features(cfg)
     val_pass = counts["val"] * forward
-    # An epoch's batches are not all full: 100 images at batch 128 are one step of 100 (a step's cost is
-    # about proportional to its images here), which a full step's time would overestimate by 28 %.
+    # An epoch's batches are not all full: 100 images at batch 128 are one step of 100, and a step's cost is
+    # about proportional to its images, so epochs are priced by their images, not by whole steps.
     batches = counts["train"] / num_processes / cfg.batch_size
     head_epoch = batches * costs.head_step + (0.0 if head_cached else val_pass) + costs.save
     every = _eval_every(cfg, val_pass, batches * costs.finetune_step)

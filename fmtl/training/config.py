@@ -197,9 +197,8 @@ def with_defaults(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **missing) if missing else cfg
 
 
-# --eval-batch-size 0: images per pass without gradients, by device type. On the 2-core CPU here a 128 px
-# Lite0 pass with flip averaging cost about 10 ms an image in batches of 32 to 64, 13 in batches of 256 and
-# 33 to 41 in batches of 512 (its activations outgrow the caches); accelerators want large batches.
+# --eval-batch-size 0: images per pass without gradients, by device type. On a CPU an image costs more in
+# large batches (their activations outgrow the caches); accelerators want large batches.
 EVAL_BATCH = {"cpu": 64}
 EVAL_BATCH_ACCELERATOR = 256
 

@@ -1,11 +1,9 @@
 """Depthwise convolutions whose weight gradient is fast on CPUs.
 
 On CPU, PyTorch's depthwise convolution backward goes to oneDNN, whose *weight* gradient is
-10 to 35 times slower than the input gradient when the feature map is small: for
-EfficientNet-Lite0 at 32 px it took 80 % of a training step (a 1152-channel 5x5 depthwise
-layer on 1x1 maps: 80 ms for 4 million multiply-adds). Those small maps are exactly the late
-stages of a mobile network fed small images, so fine-tuning them cost four times what it
-should. Here the weight gradient of small maps is the sum, for each of the k x k kernel
+many times slower than the input gradient when the feature map is small. Those small maps are
+exactly the late stages of a mobile network fed small images, where it dominates a fine-tuning
+step (``benchmarks/depthwise.py`` measures it). Here the weight gradient of small maps is the sum, for each of the k x k kernel
 offsets, of the output gradient times the shifted input: a few element-wise products,
 memory-bound and cheap. Large maps keep oneDNN's kernel, which is faster there. The
 forward pass and the input gradient are PyTorch's own, so results agree with plain

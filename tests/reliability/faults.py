@@ -18,8 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_PY = str(ROOT / "fmtl" / "train.py")
 # Lite0 at 32 px on a few hundred Fashion-MNIST images: seconds per epoch, every code path of a real run.
-SMALL = ["--image-size", "32", "--max-train-samples", "256", "--val-fraction", "0.05", "--max-eval-samples", "96",
-         "--batch-size", "64", "--eval-batch-size", "96", "--quiet"]  # fmt: skip
+SMALL = ["--image-size", "32", "--max-train-samples", "256", "--val-fraction", "0.05", "--max-val-samples", "96",
+         "--max-test-samples", "96", "--batch-size", "64", "--eval-batch-size", "96", "--quiet"]  # fmt: skip
 # fine-tuning with augmentation and an MLP head (dropout): every random generator matters
 RECIPE = ["--strategy", "hybrid", "--head-epochs", "1", "--epochs", "3", "--head", "mlp"]
 
