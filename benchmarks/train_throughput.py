@@ -518,8 +518,8 @@ DEVICE_DEFAULTS = {  # what a run measures on each device when not told otherwis
             "images": 48, "ceiling": "fp32"},
 }  # fmt: skip
 TABLE_HEADER = (
-    "| contender | precision | compile | batch | images/s | ms/step | peak memory (MiB) | vs ceiling |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| contender | precision | compile | batch | images/s | ms/step | peak memory (MiB) | vs ceiling | wall (s) |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
@@ -774,7 +774,7 @@ def device_rows(args: argparse.Namespace, on_row: Callable[[list[dict]], None]) 
                 start_memory(torch.device(args.device))
             row["wall_s"] = time.perf_counter() - started
             rows.append(row)
-            print(format_row(row, rows), f"  ({row['wall_s']:.0f} s)", flush=True)
+            print(format_row(row, rows), flush=True)
             on_row(rows)
     return rows
 
@@ -791,11 +791,11 @@ def format_row(row: dict, rows: list[dict]) -> str:
     compiled = "yes" if row["compile"] else "no"
     head = f"| {row['contender']} | {row['precision']} | {compiled} | {row['batch']} |"
     if "rate" not in row:
-        return f"{head} failed: {row['error']} | | | |"
+        return f"{head} failed: {row['error']} | | | | {row['wall_s']:.0f} |"
     ceiling = ceiling_of(row, rows)
     versus = f"{row['rate'] / ceiling:.2f}" if ceiling else "n/a"
-    peak = f"{row['peak']:,.0f}" if row["peak"] is not None else "n/a"
-    return f"{head} {row['rate']:.1f} | {row['step_ms']:.1f} | {peak} | {versus} |"
+    peak = f"{row['peak']:.0f}" if row["peak"] is not None else "n/a"
+    return f"{head} {row['rate']:.1f} | {row['step_ms']:.1f} | {peak} | {versus} | {row['wall_s']:.0f} |"
 
 
 def device_table(rows: list[dict]) -> str:
@@ -816,7 +816,9 @@ def write_device_report(args: argparse.Namespace, rows: list[dict], argv: list[s
         f"(augmentation on the device, schedule, clipping, loss checks); compile: torch.compile "
         f"({args.compile_backend}) through Accelerate's dynamo plugin. Ceiling: a minimal plain-PyTorch loop on "
         f"the same model and images ({ceiling_how(args)}, no augmentation); 'vs ceiling' is images/s over the "
-        f"ceiling's at the same batch size. Peak memory: the most torch's allocator held on the GPU."
+        f"ceiling's at the same batch size. fmtl keeps BatchNorm in inference mode while fine-tuning (its "
+        f"--freeze-bn default); the ceiling trains it. Peak memory: the most torch's allocator held on the GPU. "
+        f"Wall: the whole row, building, warm-up (compiling) and timed epoch."
     )
     text = (
         "# Training throughput: fmtl's step against a plain-PyTorch ceiling\n\n"

@@ -38,8 +38,9 @@ def test_a_cpu_run_writes_rates_and_ratios_computed_from_them(tmp_path):
     assert [(row[0], row[3]) for row in rows] == [(CEILING, "4"), ("fmtl", "4"), (CEILING, "8"), ("fmtl", "8")]
     assert table_rows(result.stdout) == rows  # what it printed is what it wrote
     ceiling = {row[3]: float(row[4]) for row in rows if row[0] == CEILING}
-    for name, precision, compiled, batch, rate, step_ms, memory, versus in rows:
+    for name, precision, compiled, batch, rate, step_ms, memory, versus, wall in rows:
         rate, step_ms, versus = float(rate), float(step_ms), float(versus)
+        assert float(wall) + 0.5 >= 2 * 16 / rate  # the row's wall time holds its warm-up and its timed epoch
         assert (precision, compiled, memory) == ("fp32", "no", "n/a")  # no GPU: no GPU memory to report
         assert rate > 0 and int(batch) * 1000 / step_ms == pytest.approx(rate, rel=0.02)
         # the ratio comes from the unrounded rates: allow the table's rounding of both to 0.1 image/s
