@@ -118,9 +118,9 @@ provenance() {  # the header of a results file: what ran where, when, how
 
 # ---------------------------------------------------------------- throughput
 step_throughput() {
-    local device=cuda options=(--max-seconds 330)
+    local device=cuda options=(--max-seconds 270)  # starts no row after 270 s: the whole check within 9 minutes
     ((REHEARSE)) && device=cpu options=(--image-size 32 --batch-sizes 4 --images 8 --precisions fp32 --threads 1)
-    if timeout 420 "$PY" benchmarks/train_throughput.py --device $device "${options[@]}" --report --results-dir "$RESULTS" 2>&1 \
+    if timeout 380 "$PY" benchmarks/train_throughput.py --device $device "${options[@]}" --report --results-dir "$RESULTS" 2>&1 \
             | tee "$WORK/throughput.log"; then
         record "ok   throughput: $RESULTS/train_throughput_$device.md"
     else

@@ -759,7 +759,9 @@ def device_rows(args: argparse.Namespace, on_row: Callable[[list[dict]], None]) 
         for done, (name, precision, compiled, batch_size) in enumerate(plan):
             if args.max_seconds and time.perf_counter() - began > args.max_seconds:
                 left = ", ".join(f"{n} {p}{' compiled' if c else ''} b{b}" for n, p, c, b in plan[done:])
-                print(f"--max-seconds {args.max_seconds:g} passed: not measured: {left}", flush=True)
+                args.not_measured = f"Not measured (--max-seconds {args.max_seconds:g} had passed): {left}."
+                print(args.not_measured, flush=True)
+                on_row(rows)
                 break
             row = {"contender": name, "precision": precision, "compile": compiled, "batch": batch_size}
             started = time.perf_counter()
@@ -826,6 +828,7 @@ def write_device_report(args: argparse.Namespace, rows: list[dict], argv: list[s
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} (UTC)\n"
         f"- command: `{command}`\n\n"
         f"{workload}\n\n{device_table(rows)}\n"
+        + (f"\n{args.not_measured}\n" if getattr(args, "not_measured", None) else "")
     )
     atomic_write_text(path, text)
     return path

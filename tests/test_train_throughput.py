@@ -72,3 +72,14 @@ def test_cuda_without_a_gpu_is_one_line_and_non_zero():
 def test_an_unknown_precision_is_a_usage_error():
     result = run("--device", "cpu", "--precisions", "fp32,fp64", timeout=120)
     assert result.returncode == 2 and "unknown precision 'fp64'" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_max_seconds_stops_starting_rows_and_the_report_says_which(tmp_path):
+    result = run(*TINY, "--batch-sizes", "4,8", "--max-seconds", "0.001", "--report", "--results-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (tmp_path / "train_throughput_cpu.md").read_text()
+    assert [row[0] for row in table_rows(text)] == [CEILING]  # the first row always runs
+    assert text.rstrip().endswith(
+        "Not measured (--max-seconds 0.001 had passed): fmtl fp32 b4, plain PyTorch loop (ceiling) fp32 b8, fmtl fp32 b8."
+    )
