@@ -9,8 +9,8 @@
 #                                                            # checks the script itself before a GPU is spent on it
 #     bash benchmarks/gpu_check.sh --prepare [ort]  # beforehand, on a machine with a network: the files below
 #
-# Steps (each writes benchmarks/results/gpu_check_<step>.md; the summary lists every step, and any failure
-# makes the exit status non-zero):
+# Steps (each writes benchmarks/results/gpu_check_<step>.md; the summary, printed last and written to
+# benchmarks/results/gpu_check.md, lists every step, and any failure makes the exit status non-zero):
 #   throughput    benchmarks/train_throughput.py --device cuda --report: fmtl's training step for Lite0 at 224 px
 #                 in fp32/bf16/fp16, batches of 128/256/512, with and without torch.compile, against a plain
 #                 PyTorch loop in the same run (benchmarks/results/train_throughput_cuda.md).
@@ -111,7 +111,7 @@ setup() {  # wheels carried in .whl/ (not onnxruntime-gpu: the ort step keeps th
 
 provenance() {  # the header of a results file: what ran where, when, how
     printf '# %s\n\n- machine: %s; %s x %s; %s\n- date: %s (UTC)\n- command: `bash benchmarks/gpu_check.sh %s`\n\n' \
-        "$1" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores" "$GPUS" "$GPU_LINE" \
+        "$1" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(env -u OMP_NUM_THREADS nproc) cores" "$GPUS" "$GPU_LINE" \
         "$("$PY" -c 'import torch, accelerate; print(f"torch {torch.__version__}, accelerate {accelerate.__version__}")')" \
         "$(date -u +%F)" "$2"
 }
@@ -325,4 +325,5 @@ done
 echo
 say "summary"
 printf '  %s\n' "${SUMMARY[@]}"
+{ provenance "GPU check: summary" "${STEPS[*]}"; printf -- '- %s\n' "${SUMMARY[@]}"; } >"$RESULTS/gpu_check.md"
 exit $FAILED
