@@ -261,7 +261,7 @@ def table(rows: dict[str, Row]) -> str:
     return "\n".join(lines)
 
 
-def write_report(text: str) -> None:
+def write_report(text: str, model: str) -> None:
     script = Path(sys.argv[0]).resolve()
     with_root = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
     command = shlex.join([".venv/bin/python", str(with_root), *sys.argv[1:]])
@@ -271,15 +271,16 @@ def write_report(text: str) -> None:
         f"- machine: {machine()}, {platform.system()} {platform.machine()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} (UTC)",
         f"- command: `{command}`",
+        f"- model: {model}",
         f"- load average at the start: {os.getloadavg()[0]:.2f} (the client shares the cores with the server)",
         "",
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     partial = RESULTS.with_suffix(".md.partial")
-    partial.write_text("\n".join(header) + text + "\n", encoding="utf-8")
+    partial.write_text("\n".join(header) + "\n" + text + "\n", encoding="utf-8")
     partial.replace(RESULTS)
     print(f"\nwrote {RESULTS}")
-    include_in_docs("\n".join(header[2:]) + text)
+    include_in_docs("\n".join(header[2:]) + "\n" + text)
 
 
 def include_in_docs(block: str) -> None:
@@ -293,6 +294,14 @@ def include_in_docs(block: str) -> None:
     partial.write_text(f"{before}{begin}\n{block.strip()}\n{end}{after}", encoding="utf-8")
     partial.replace(DOCS)
     print(f"updated {DOCS}")
+
+
+def describe(model: Path, args: argparse.Namespace) -> str:
+    from fmtl.runtime.classifier import Classifier
+
+    clf = Classifier(model)
+    made = "given with --model" if args.model else "a tiny Lite0 trained and exported by the benchmark"
+    return f"{clf.architecture}, input {list(clf.input_shape)}, {clf.num_classes} classes ({made})"
 
 
 def main() -> None:
@@ -322,7 +331,7 @@ def main() -> None:
         text = table(rows) + "\n\n" + "\n".join(f"- {line}" for line in targets(rows, capacity)) + "\n"
         print("\n" + text)
         if args.report:
-            write_report(text)
+            write_report(text, describe(model, args))
 
 
 if __name__ == "__main__":

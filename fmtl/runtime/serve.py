@@ -8,7 +8,11 @@ the Open Inference Protocol (KServe v2) basics under ``/v2``, ``GET /metrics`` (
 and ``GET /`` (a page to try an image). Decoding runs in a thread pool with fmtl's own
 rules (fmtl.runtime.images), inference in dynamic batches on one worker thread
 (fmtl.runtime.serve_batching). Every queue and body is bounded; what does not fit gets a
-clear status code (413, 503 + Retry-After) instead of growing memory or latency.
+clear status code (413, 503 + Retry-After) instead of growing memory or latency. Requests
+still arriving hold a connection, not queue room: each has --request-timeout to arrive
+(fmtl.runtime.serve_http), and connections are capped by --limit-concurrency. Host headers
+other than --allowed-hosts get 400. The request handling that does not depend on the HTTP
+engine (parameters, multipart, the answer) is in fmtl.runtime.serve_requests.
 
 Lifecycle: the server listens at once (liveness 200), loads the model and runs a warm-up
 batch in the background, and only then reports ready. A model that fails to load ends the
