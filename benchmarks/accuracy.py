@@ -111,9 +111,11 @@ def run_fmtl(
     if per_class != ALL:
         args += ["--max-train-samples", str(per_class * 10)]
     if eval_images:
-        args += ["--max-eval-samples", str(eval_images)]
+        args += ["--max-test-samples", str(eval_images)]
     if val_images and per_class != ALL:
         args += ["--max-val-samples", str(val_images)]
+    elif eval_images:
+        args += ["--max-val-samples", str(eval_images)]
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     started, before = time.perf_counter(), load()
@@ -310,7 +312,7 @@ def main() -> None:
               f"(wall {row.get('wall_s', 0):.0f}s, epochs {row.get('epochs', '-')}, load {row.get('load')})", flush=True)  # fmt: skip
     images = (
         f"test images per run: {eval_images or 'all 10,000'}; fmtl's val images below all the data: "
-        f"{args.val_images or eval_images or 'all'}"  # --max-val-samples, else --max-eval-samples (run_fmtl)
+        f"{args.val_images or eval_images or 'all'}"  # as run_fmtl passes --max-val-samples
     )
     tables = "\n\n".join([table(results, sizes, budgets, keys), *([wall_table(results)] if args.wall else [])])
     text = f"{header}; load at end {load()}\n{images}\n\n{tables}"

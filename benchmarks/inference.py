@@ -176,7 +176,7 @@ class Load:
 def train_run(args: argparse.Namespace, folder: Path) -> Path:
     command = [sys.executable, "-m", "fmtl.train", "--model", args.model, "--weights", "none",
                "--strategy", "linear", "--no-augment", "--image-size", str(args.image_size), "--epochs", "1",
-               "--max-train-samples", str(args.train_samples), "--max-eval-samples", "500", "--quiet",
+               "--max-train-samples", str(args.train_samples), "--max-val-samples", "500", "--max-test-samples", "500", "--quiet",
                "--no-save-state", "--output", str(folder)]  # fmt: skip
     print(f"training: {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
