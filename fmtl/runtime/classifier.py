@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from fmtl.errors import FmtlError
+from fmtl.errors import FmtlError, one_line
 from fmtl.runtime.images import DecodeError, Source, decode_many
 from fmtl.spec import (
     META_ARCHITECTURE,
@@ -204,8 +204,7 @@ def open_session(
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
     except Exception as error:  # onnxruntime raises its own exception types for bad files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"not a valid ONNX model: {path} ({reason})") from None
+        raise ModelError(f"not a valid ONNX model: {path} ({one_line(error)})") from None
 
 
 def _read_metadata(path: Path, metadata: dict[str, str]) -> tuple[list[str], InputSpec]:

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from fmtl.errors import FmtlError
+from fmtl.errors import FmtlError, one_line
 from fmtl.runtime.image_files import IMAGE_EXTENSIONS, collect_image_paths, folder_images, is_image_path
 
 # Finding image files lives in fmtl.runtime.image_files; its names stay importable from here.
@@ -155,9 +155,9 @@ def _decode_file(
     except OSError as error:
         if "truncated" in str(error).lower():
             raise DecodeError("truncated image") from None
-        raise DecodeError(f"unreadable image ({_first_line(error)})") from None
+        raise DecodeError(f"unreadable image ({one_line(error)})") from None
     except Exception as error:  # corrupt files raise anything from a plugin: never crash a folder run
-        raise DecodeError(f"corrupt image ({type(error).__name__}: {_first_line(error)})") from None
+        raise DecodeError(f"corrupt image ({type(error).__name__}: {one_line(error)})") from None
 
 
 def _check_pixels(wh: tuple[int, int], max_pixels: int, mode: str = "L") -> None:
@@ -185,11 +185,6 @@ def _bomb_pixels(error: Exception) -> str:
     found = re.search(r"\((\d+) pixels\)", str(error))
     count = found.group(1) if found else "too many"
     return f"{count} pixels (over PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS)"
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _draft_size(image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
