@@ -334,3 +334,31 @@ def test_export_without_temperature_metadata_still_loads_and_evaluates(exported,
     onnx.save(model, str(old))
     report = evaluate(old, echo=lambda _: None)
     assert report["calibration"]["temperature"] == 1.0 and 0 <= report["calibration"]["ece"] <= 1
+
+
+# --- calibration at the end of training ------------------------------------------------------------
+
+
+def test_temperature_is_fitted_on_validation_only(run_dir) -> None:
+    """The same run tested on other images fits the same temperature: the test split takes no part."""
+    folder = run_dir.parent
+    other = _train(folder, "other-test", _write_csv(folder / "other.csv", "test", 500, start=5000))
+    first, second = read_model_info(run_dir), read_model_info(other)
+    assert first.temperature != 1.0 and second.temperature == pytest.approx(first.temperature, rel=1e-6)
+    calibration = json.loads((other / "metrics.json").read_text())["calibration"]
+    assert calibration["fitted"] and calibration["val"]["images"] == 600
+    assert calibration["test"]["after"]["nll"] != calibration["test"]["before"]["nll"]
+    assert json.loads((other / "metrics.json").read_text())["num_images"] == 500
+    assert (other / "calibration.png").is_file()
+
+
+def test_no_calibrate_keeps_temperature_one_and_the_same_predictions(run_dir) -> None:
+    folder = run_dir.parent
+    plain = _train(folder, "uncalibrated", folder / "test.csv", "--no-calibrate")
+    assert read_model_info(plain).temperature == 1.0
+    metrics = json.loads((plain / "metrics.json").read_text())
+    calibration = metrics["calibration"]
+    assert not calibration["fitted"] and "--no-calibrate" in calibration["note"]
+    assert calibration["test"]["before"] == calibration["test"]["after"]
+    calibrated = json.loads((run_dir / "metrics.json").read_text())
+    assert calibrated["confusion_matrix"] == metrics["confusion_matrix"]  # the temperature changes no prediction

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from fmtl.atomic import atomic_write_text
 from fmtl.errors import ERROR_PREFIX, EXIT_USER_ERROR, FmtlError
 from fmtl.spec import RunInfo
-from fmtl.training import budget, caches, divergence, reports
+from fmtl.training import budget, caches, calibrate, divergence, reports
 from fmtl.training.augment import Preprocess, augment_for
 from fmtl.training.budget import BudgetController
 from fmtl.training.checkpoint import MODEL_WEIGHTS
@@ -359,10 +359,14 @@ def run(cfg: TrainConfig) -> dict | None:
     if budget_plan is not None:  # --budget covers training; the test pass and the reports follow it
         budget_plan.finished_s = round(time.perf_counter() - clock, 1)
     trainer.restore_best()  # the end of training: the best epoch's weights are back in the model
+    # the temperature, from the best model's validation probabilities (flip-TTA included, as exported)
+    calibration = calibrate.for_run(
+        lambda: trainer.predict(splits.val.images), splits.val.labels.numpy(), cfg.calibrate
+    )
     probs = trainer.predict(splits.test.images)
     metrics = None
     if accelerator.is_main_process:
-        metrics = reports.finish(run_dir, outcome_of(trainer, probs), trainer.recorder.rows(), seconds)
+        metrics = reports.finish(run_dir, outcome_of(trainer, probs), trainer.recorder.rows(), seconds, calibration)
         accelerator.print(
             reports.summary(run_dir, metrics, trainer.classes, trainer.best, len(trainer.history), seconds)
         )
