@@ -147,6 +147,24 @@ class ServeBatchQueue:
             self.queued_images -= len(images)
 
 
+def _replica_grpc_on_loopback() -> None:
+    """Bind this replica's inter-deployment gRPC server to 127.0.0.1 instead of every interface.
+
+    Ray Serve (2.60) starts it on ``[::]:0``, hard-coded, once the constructor has returned; on a
+    cluster of one machine on loopback (fmtl's local cluster) nothing else may listen beyond it.
+    Versions without that server lack the name and are left alone."""
+    from ray.serve._private import replica as ray_replica
+
+    bind = getattr(ray_replica, "add_port_to_grpc_server", None)
+    if bind is not None and not getattr(bind, "fmtl_loopback", False):
+
+        def bind_loopback(server, address: str):
+            return bind(server, address.replace("[::]", "127.0.0.1"))
+
+        bind_loopback.fmtl_loopback = True
+        ray_replica.add_port_to_grpc_server = bind_loopback
+
+
 class ModelReplica:
     """One Ray Serve replica: fmtl serve's app around one Classifier opened from the model's bytes."""
 
@@ -154,6 +172,8 @@ class ModelReplica:
         """Write ``model`` to a private scratch file, open it, run the warm-up batches, then answer.
 
         Ray routes requests to a replica only once this returns, so a replica is never reachable cold."""
+        if ray.util.get_node_ip_address() == "127.0.0.1":
+            _replica_grpc_on_loopback()
         self.config = config
         self.asgi_app = create_app(config, load=False)  # fmtl serve's routes, limits, errors and metrics
         self.server = self.asgi_app.model_server

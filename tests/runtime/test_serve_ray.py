@@ -311,6 +311,34 @@ def test_no_replica_answers_before_its_warm_up_and_ready_means_both_are_warm(ser
         assert values["fmtl_ready"] == 1 and values["fmtl_warmup_seconds"] > 0
 
 
+def listening_addresses(pids: list[int]) -> set[str]:
+    """The local addresses of the TCP sockets in LISTEN state that any of ``pids`` holds."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:  # gone, or not ours to read
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(fields[1].rsplit(":", 1)[0])
+    return found
+
+
+@pytest.mark.ray
+def test_the_local_cluster_and_the_proxy_listen_on_loopback_only(server: Server) -> None:
+    addresses = listening_addresses([server.process.pid, *descendants(server.process.pid)])
+    # 127.0.0.1, ::ffff:127.0.0.1 and ::1 as /proc/net writes them (every interface: 00000000 or all zeros)
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+    assert addresses and addresses <= loopback, addresses
+
+
 @pytest.mark.ray
 def test_answers_are_fmtl_serves_byte_for_byte(server: Server) -> None:
     requests = requests_to_compare(server.model.stem, fashion_pngs(4))
