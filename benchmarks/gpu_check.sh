@@ -19,6 +19,8 @@
 #                 saved model.
 #   ort           onnxruntime-gpu installed into a throwaway folder from a wheel on this machine; the exported
 #                 model on its CUDA provider against its CPU provider, and `fmtl infer` on CUDA.
+#   resume        (not in the default set) a bf16 run SIGKILLed after its first saved epoch, then --resume: 3 epochs,
+#                 the first epoch's row unchanged.
 #   accuracy      `fmtl train --budget 10m` on all of Fashion-MNIST: test accuracy (target >= 95.5 %) and the
 #                 plan's training end inside the budget.
 #
@@ -258,6 +260,36 @@ print(Classifier(sys.argv[1]).session.get_providers()[0])" "$model" 2>"$WORK/pro
     { provenance "GPU check: onnxruntime CUDA against CPU" ort; tail -1 "$WORK/ort.log"; } >"$RESULTS/gpu_check_ort.md"
 }
 
+# ---------------------------------------------------------------- resume (not in the default set: time)
+# A bf16 run SIGKILLed once its first epoch is saved, then --resume: all 3 epochs, the first epoch's row unchanged.
+RESUME=(--model efficientnet_lite0 --weights none --image-size 224 --max-train-samples 6000 --max-eval-samples 1000
+        --strategy finetune --batch-size 128 --epochs 3 --quiet)
+
+step_resume() {
+    local run=$WORK/killed pid first_row config=launch/gpu.yaml
+    ((REHEARSE)) && config=launch/cpu.yaml RESUME+=(--image-size 32 --max-train-samples 512 --max-eval-samples 128)
+    # its own session and process group (setsid), so one signal reaches the launcher and the training process
+    setsid "${LAUNCH[@]}" --config_file $config fmtl/train.py "${RESUME[@]}" --output "$run" >"$run.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 1200); do  # up to 120 s for the first epoch's state
+        [[ -f "$run/state/trainer.json" ]] && break
+        sleep 0.1
+    done
+    kill -KILL -- -"$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    if [[ ! -f "$run/state/trainer.json" ]]; then
+        fail "resume: no state saved within 120 s (see $run.log)"
+        return
+    fi
+    first_row=$(sed -n 2p "$run/results.csv")
+    if timeout 200 "${LAUNCH[@]}" --config_file $config fmtl/train.py "${RESUME[@]}" --resume "$run" >>"$run.log" 2>&1 \
+        && [[ $(($(wc -l <"$run/results.csv") - 1)) -eq 3 && $(sed -n 2p "$run/results.csv") == "$first_row" ]]; then
+        record "ok   resume: SIGKILL after epoch 1, then --resume: 3 epochs, epoch 1's row unchanged"
+    else
+        fail "resume: see $run.log"
+    fi
+}
+
 # ---------------------------------------------------------------- accuracy (separate: longer than one call)
 ACCURACY_RUN=/tmp/fmtl-gpu-accuracy  # fixed, so that accuracy-wait in a later call finds it
 
@@ -307,9 +339,9 @@ STEPS=("$@")
 ((${#STEPS[@]})) || STEPS=(throughput multiprocess ort)
 for step in "${STEPS[@]}"; do
     case $step in
-        throughput | multiprocess | ort | accuracy) ;;
-        accuracy-wait) ;;
-        *) echo "gpu_check: unknown step '$step' (throughput, multiprocess, ort, accuracy, accuracy-wait)" >&2; exit 2 ;;
+        throughput | multiprocess | ort | resume | accuracy | accuracy-wait) ;;
+        *) echo "gpu_check: unknown step '$step' (throughput, multiprocess, ort, resume, accuracy, accuracy-wait)" >&2
+           exit 2 ;;
     esac
 done
 WORK=$(mktemp -d /tmp/fmtl-gpu-check.XXXXXX)
