@@ -328,7 +328,11 @@ def check_model(config: ServeConfig) -> None:
         raise ServeError(str(error)) from None
 
 
-def serve_ray(config: ServeConfig, options: RayServeOptions, echo: Callable[[str], object] = print) -> int:
+def _say(line: str) -> None:
+    print(line, flush=True)  # at once, also into a pipe: "ready" is what a supervisor waits for
+
+
+def serve_ray(config: ServeConfig, options: RayServeOptions, echo: Callable[[str], object] = _say) -> int:
     """Serve ``config.model`` on Ray Serve until SIGTERM/SIGINT has drained it; return the exit code.
 
     Raises:
