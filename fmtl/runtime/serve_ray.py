@@ -35,6 +35,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -58,6 +59,7 @@ except Exception as error:  # ray_infer's own InferError for a missing pyarrow, 
 
 APP_NAME = "fmtl"  # the Ray Serve application (one per cluster: its proxies listen on one port)
 DRAIN_POLL_S = 0.2
+METRICS_FETCH_TIMEOUT_S = 2.0  # a /metrics answer waits at most this long for the node's Ray metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +205,7 @@ class ModelReplica:
         return classifier, time.perf_counter() - started
 
     def __serve_build_asgi_app__(self):
-        return self.asgi_app
+        return WithRayServeMetrics(self.asgi_app, node_metrics_url())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config in __init__
     async def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -220,6 +222,60 @@ class ModelReplica:
         """Ray Serve calls this periodically; raising makes it replace the replica."""
         if not self.server.ready or self.server.classifier is None:
             raise RuntimeError("the model is not loaded")
+
+
+def node_metrics_url() -> str | None:
+    """Where this node's Ray metrics agent serves Prometheus text (Ray Serve's own metrics among them)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None
+
+
+def ray_serve_families(text: str) -> str:
+    """The ``ray_serve_*`` metric families (HELP, TYPE and samples) of a Prometheus text exposition."""
+    kept = []
+    for line in text.splitlines():
+        name = line.split()[2] if line.startswith("# ") and len(line.split()) > 2 else line.split("{")[0].split(" ")[0]
+        if name.startswith("ray_serve_"):
+            kept.append(line)
+    return "\n".join(kept) + ("\n" if kept else "")
+
+
+def _fetch_ray_serve_metrics(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=METRICS_FETCH_TIMEOUT_S) as answer:
+            return ray_serve_families(answer.read().decode("utf-8", "replace")).encode()
+    except OSError as error:
+        return f"# Ray Serve's metrics are unavailable at {url}: {error}\n".encode()
+
+
+class WithRayServeMetrics:
+    """Pure ASGI wrapper: ``GET /metrics`` answers fmtl's metrics of this replica, then Ray Serve's own
+    (``ray_serve_*``: requests, latencies, queues and health of every replica) as this node's Ray
+    metrics agent has them. Every other request goes to the app untouched."""
+
+    def __init__(self, app, metrics_url: str | None):
+        self.app = app
+        self.metrics_url = metrics_url
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] != "/metrics" or self.metrics_url is None:
+            await self.app(scope, receive, send)
+            return
+        messages: list[dict] = []
+
+        async def keep(message: dict) -> None:
+            messages.append(message)
+
+        await self.app(scope, receive, keep)
+        start, body = messages[0], b"".join(m.get("body", b"") for m in messages[1:])
+        if start["status"] == 200:
+            body += await asyncio.get_running_loop().run_in_executor(None, _fetch_ray_serve_metrics, self.metrics_url)
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def deployment_options(config: ServeConfig, options: RayServeOptions) -> dict:

@@ -311,6 +311,16 @@ def test_no_replica_answers_before_its_warm_up_and_ready_means_both_are_warm(ser
         assert values["fmtl_ready"] == 1 and values["fmtl_warmup_seconds"] > 0
 
 
+@pytest.mark.ray
+def test_metrics_has_fmtl_s_and_ray_serves_own(server: Server) -> None:
+    deadline = time.monotonic() + 60  # Ray's agent exports what the replicas recorded every few seconds
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        while "ray_serve_" not in (text := client.get("/metrics").text) and time.monotonic() < deadline:
+            time.sleep(1)
+    assert re.search(r'^ray_serve_\w+\{.*deployment="model"', text, re.M), text[-2000:]
+    assert metric(text, "fmtl_ready") == 1
+
+
 def listening_addresses(pids: list[int]) -> set[str]:
     """The local addresses of the TCP sockets in LISTEN state that any of ``pids`` holds."""
     inodes = set()
