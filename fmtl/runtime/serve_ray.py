@@ -14,12 +14,14 @@ match the replica's CPUs. Only the batcher differs: images go through Ray Serve'
 bytes travel with the deployment, so no node needs the file. Ray Serve's HTTP proxy on every node
 routes to the replicas; overload is its backpressure (``max_ongoing_requests`` per replica,
 ``max_queued_requests`` per proxy: 503), plus fmtl's own per-replica image queue (``--max-queue``).
+``GET /metrics`` gives the answering replica's ``fmtl_`` metrics, then Ray Serve's own (``ray_serve_*``).
 
 Lifecycle: a replica is ready only after it has loaded the model and run a warm-up batch (its
 constructor; ``check_health`` then keeps checking it), and ``serve.run`` returns only when every
 replica is. A model that fails to load ends the command with one line before anything is
 deployed, and a deployment that fails is deleted, never left half up. SIGTERM or Ctrl-C drains
-(``serve.shutdown``: every accepted request is answered) and exits 0.
+(the application is deleted while the proxies still run, so every accepted request is answered,
+then ``serve.shutdown``) and exits 0.
 """
 
 from __future__ import annotations
