@@ -89,7 +89,7 @@ lint: setup
 # The documentation site (docs/, mkdocs.yml) into build/site; --strict fails on a broken link or anchor.
 # tests/test_docs.py checks the relative links of README.md and of the other READMEs, which mkdocs does not see.
 docs: setup
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site  # not --quiet: it hides the warnings --strict fails on
 
 format: setup
 	$(VENV)/bin/ruff check --fix $(LINTED)

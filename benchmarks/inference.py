@@ -247,10 +247,10 @@ def runtime_session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def contenders(run_dir: Path, fp32: Path, int8: Path, threads: int) -> dict[str, Run]:
-    model, _, spec = load_model(run_dir)
-    return {
-        "torch eager": eager(Probabilities(Preprocess(spec), model)),
-        "torch eager channels_last": eager(Probabilities(Preprocess(spec), ChannelsLast(model))),
+    model, info, spec = load_model(run_dir)
+    return {  # the exported graph divides by the run's fitted temperature: eager does the same
+        "torch eager": eager(Probabilities(Preprocess(spec), model, info.temperature)),
+        "torch eager channels_last": eager(Probabilities(Preprocess(spec), ChannelsLast(model), info.temperature)),
         "ort fp32 (Classifier)": session_run(runtime_session(fp32, threads)),
         "ort int8 (Classifier)": session_run(runtime_session(int8, threads)),
     }
@@ -398,7 +398,7 @@ def print_ratios(timed: dict) -> list[str]:
 
 
 def option_variants(run_dir: Path, fp32: Path, int8: Path, threads: int) -> dict[str, Run]:
-    model, _, spec = load_model(run_dir)
+    model, info, spec = load_model(run_dir)
     level = ort.GraphOptimizationLevel
     sessions = {
         "ort fp32 as Classifier: ENABLE_ALL, spin on": runtime_session(fp32, threads),
@@ -416,8 +416,8 @@ def option_variants(run_dir: Path, fp32: Path, int8: Path, threads: int) -> dict
         "  int8 ORT_ENABLE_EXTENDED": open_session(int8, threads, graph_optimization_level=level.ORT_ENABLE_EXTENDED),
     }  # fmt: skip
     return {
-        "torch eager": eager(Probabilities(Preprocess(spec), model)),
-        "torch eager channels_last": eager(Probabilities(Preprocess(spec), ChannelsLast(model))),
+        "torch eager": eager(Probabilities(Preprocess(spec), model, info.temperature)),
+        "torch eager channels_last": eager(Probabilities(Preprocess(spec), ChannelsLast(model), info.temperature)),
         **{name: session_run(s) for name, s in sessions.items()},
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -259,13 +260,23 @@ def test_results_tables_are_copies_of_what_the_benchmarks_wrote():
     assert checked >= 3
 
 
+def mkdocs_build(root: Path, site: Path) -> subprocess.CompletedProcess:
+    """`make docs`'s command. Not --quiet: it hides the warnings --strict turns into a failure."""
+    command = [str(BIN / "mkdocs"), "build", "--strict", "--site-dir", str(site)]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+
+
 def test_the_docs_site_builds_strictly(tmp_path):
     """mkdocs --strict: every link and anchor between the pages of docs/ resolves."""
-    done = subprocess.run(
-        [str(BIN / "mkdocs"), "build", "--strict", "--quiet", "--site-dir", str(tmp_path / "site")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = mkdocs_build(REPO, tmp_path / "site")
     assert done.returncode == 0, done.stderr
+
+
+def test_a_broken_link_fails_the_docs_build(tmp_path):
+    """The link check can fail: the same configuration on a page with a broken link and a broken anchor."""
+    shutil.copy(REPO / "mkdocs.yml", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text("# Home\n\n[gone](missing.md), [here](#no-such-heading)\n")
+    done = mkdocs_build(tmp_path, tmp_path / "site")
+    assert done.returncode != 0
+    assert "missing.md" in done.stderr and "no-such-heading" in done.stderr
