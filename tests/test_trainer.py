@@ -294,8 +294,12 @@ import fmtl.training.prepare as prepare
 from fmtl.training.config import TrainConfig
 prepare.cpu_has_native_bf16 = lambda: False  # as on a CPU without AVX512-BF16/AMX
 accelerator = prepare.make_accelerator(TrainConfig(mixed_precision="bf16", force_bf16=True), sys.argv[1])
-model = accelerator.prepare(torch.nn.Linear(4, 4))
-print(accelerator.mixed_precision, model(torch.randn(2, 4)).dtype)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+inside = []  # the layer's output dtype inside the prepared model (Accelerate hands the model's out as fp32)
+model[0].register_forward_hook(lambda module, args, out: inside.append(out.dtype))
+model = accelerator.prepare(model)
+model(torch.randn(2, 4))
+print(accelerator.mixed_precision, inside[0])
 """
 
 
