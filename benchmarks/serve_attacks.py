@@ -17,7 +17,8 @@ The server's peak RSS (VmHWM) is read from /proc. Attacks:
   for twice as long as the other attacks: a full queue takes seconds to drain, and goodput is counted
   until the last answer.
 
-Targets (printed as met or not): under 200 stalled uploads the normal client gets >= 99 % 200s and a
+Then what shedding costs: the server's CPU per request refused because the queue is full (503) against
+per request served, sequential requests on one connection. Targets (printed as met or not): under 200 stalled uploads the normal client gets >= 99 % 200s and a
 p99 within 2x of idle; at 2x overload the goodput is >= 80 % of capacity; the float TIFF costs at most
 256 MiB of RSS and 1 s, or is refused with 413/400. Every attack is bounded in count and time; the
 client shares the machine's cores with the server, as any loopback test does.
@@ -41,7 +42,17 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from serve import Connection, Server, closed_loop, fashion_mnist_pngs, machine, model_file, open_loop
+from serve import (
+    TICKS,
+    Connection,
+    Server,
+    closed_loop,
+    fashion_mnist_pngs,
+    machine,
+    model_file,
+    open_loop,
+    process_ticks,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_attacks.md"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "serving.md"  # its attack section is this table
@@ -233,7 +244,45 @@ def capacity_of(model: Path, bodies: list[bytes], seconds: float) -> tuple[float
         server.stop()
 
 
-def targets(rows: dict[str, Row], capacity: float) -> list[str]:
+async def sequential(port: int, body: bytes, count: int) -> dict:
+    connection, codes = Connection(port), {}
+    for _ in range(count):
+        status, _ = await connection.request("POST", "/v1/classify", body)
+        codes[status] = codes.get(status, 0) + 1
+    connection.close()
+    return codes
+
+
+def server_cpu_ms(model: Path, body: bytes, count: int, options: tuple[str, ...], hold: bool) -> float:
+    """Server CPU milliseconds per request over ``count`` sequential requests on one connection; with
+    ``hold``, one request parked in a batch wait first fills the one-image queue, so every one is refused."""
+    server = Server(model, *options)
+    loop = asyncio.new_event_loop()
+    try:
+        if hold:
+            _, writer = loop.run_until_complete(asyncio.open_connection("127.0.0.1", server.port))
+            writer.write(post_head("/v1/classify", body, "image/png").encode() + b"\r\n" + body)
+            loop.run_until_complete(writer.drain())
+            time.sleep(0.5)
+        before = process_ticks(server.pid)
+        codes = asyncio.run(sequential(server.port, body, count))
+        expected = 503 if hold else 200
+        if codes.get(expected) != count:
+            raise SystemExit(f"shedding cost: expected {count}x {expected}, got {codes}")
+        return (process_ticks(server.pid) - before) / TICKS / count * 1000
+    finally:
+        server.stop(5)
+        loop.close()
+
+
+def shedding_cost(model: Path, body: bytes, count: int) -> tuple[float, float]:
+    """Server CPU per refused (queue full, 503) and per served request, milliseconds."""
+    parked = ("--max-queue", "1", "--max-images", "1", "--max-batch-size", "64", "--batch-wait-ms", "600000",
+              "--queue-timeout-ms", "600000")  # fmt: skip
+    return server_cpu_ms(model, body, count, parked, hold=True), server_cpu_ms(model, body, count // 2, (), False)
+
+
+def targets(rows: dict[str, Row], capacity: float, shed: tuple[float, float]) -> list[str]:
     idle, stalled = rows["idle"].probe, rows["stalled"].probe
     tiff = rows["tiff"]
     refused = set(tiff.extra["codes"]) <= {400, 413}
@@ -243,6 +292,8 @@ def targets(rows: dict[str, Row], capacity: float) -> list[str]:
         f"{'met' if stalled.success >= 0.99 and stalled.ms(99) <= 2 * idle.ms(99) else 'NOT met'}: "
         f"200 stalled uploads: normal client {stalled.success:.1%} success (>= 99 %), p99 {stalled.ms(99):.1f} ms "
         f"= {stalled.ms(99) / idle.ms(99):.2f}x idle (<= 2x)",
+        f"shedding: a refused request (queue full) costs the server {shed[0]:.2f} ms of CPU, a served one "
+        f"{shed[1]:.2f} ms ({shed[1] / shed[0]:.0f}x)",
         f"{'met' if goodput >= 0.8 * capacity else 'NOT met'}: 2x overload: goodput {goodput:.0f} images/s = "
         f"{goodput / capacity:.0%} of capacity {capacity:.0f} (>= 80 %)",
         f"{'met' if tiff_ok else 'NOT met'}: float TIFF 8000x8000: "
@@ -330,7 +381,8 @@ def main() -> None:
         for key, (name, attack) in attacks.items():
             rows[key] = run_attack(model, name, attack, bodies, 2 * s if key == "overload" else s)
             print(f"{name}: {rows[key].attacker}; normal client {rows[key].probe.success:.1%}", flush=True)
-        text = table(rows) + "\n\n" + "\n".join(f"- {line}" for line in targets(rows, capacity)) + "\n"
+        shed = shedding_cost(model, bodies[0], 400 if args.quick else 2000)
+        text = table(rows) + "\n\n" + "\n".join(f"- {line}" for line in targets(rows, capacity, shed)) + "\n"
         print("\n" + text)
         if args.report:
             write_report(text, describe(model, args))
