@@ -230,7 +230,7 @@ def test_evaluate_onnx_and_run_folder_agree_on_the_runs_own_test_data(run_dir, e
     assert mismatch <= 2 and abs(by_onnx["accuracy"] - by_torch["accuracy"]) <= 0.001
     trained = json.loads((run_dir / "model.json").read_text())["metrics"]["test"]["accuracy"]
     assert abs(by_onnx["accuracy"] - trained) <= 0.001  # training's own test pass
-    assert lines[-1].splitlines()[-1].startswith("accuracy 0.")
+    assert lines[-2].splitlines()[-1].startswith("accuracy 0.") and lines[-1].startswith("calibration: ECE")
 
 
 PLAIN_SCRIPT = """
