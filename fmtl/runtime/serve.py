@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import html
 import ipaddress
+import json
 import math
 import os
 import secrets
@@ -481,6 +482,72 @@ async def api_error(request: Request, error: Exception) -> Response:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+class QueueFullShedder:
+    """Pure ASGI: while the queue is full, refuse new inference requests (503, the same JSON as
+    ``ModelServer.admit``) from the scope alone, before Starlette builds a Request, routes it and
+    runs its exception handling. Under overload most requests are refused, and every one of them
+    costs event-loop time that the served ones need: this is the cheapest refusal there is.
+    Anything it does not decide (another route, a Host not plainly allowed) goes to the app."""
+
+    def __init__(self, app: Starlette, server: ModelServer, inference_routes: dict[str, Route], hosts: list[str]):
+        self.app, self.server, self.routes = app, server, inference_routes
+        self.hosts = None if "*" in hosts else {host.encode() for host in hosts}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        route = self._full_for(scope)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route  # the metrics label, as Starlette's router would set it
+        server = self.server
+        server.metrics.rejected.labels("queue_full").inc()
+        waiting = server.batcher.queued_images + server.pending
+        body = json.dumps({"error": f"overloaded: queue full ({waiting} images waiting)"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"retry-after", server._retry_after().encode())]  # fmt: skip
+        if not await _drop_small_body(scope, receive):
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _full_for(self, scope: dict) -> Route | None:
+        """The inference route this request is for, if the queue is full and the request is plain enough."""
+        server = self.server
+        if scope["type"] != "http" or not server.ready or server.batcher is None:
+            return None
+        if server.batcher.queued_images + server.pending < server.config.max_queue:
+            return None
+        path, method = scope["path"], scope["method"]
+        if path == "/v1/classify" and method in ("POST", "PUT"):
+            route = self.routes["classify"]
+        elif method == "POST" and path.startswith("/v2/models/") and path.endswith("/infer"):
+            route = self.routes["infer"]
+        else:
+            return None
+        if self.hosts is not None:
+            host = dict(scope["headers"]).get(b"host", b"").split(b":")[0]
+            if host not in self.hosts:
+                return None  # TrustedHostMiddleware answers it
+        return route
+
+
+async def _drop_small_body(scope: dict, receive: Callable) -> bool:
+    """Read and drop a body of at most DISCARD_BYTES that says its length (True when done)."""
+    declared = dict(scope["headers"]).get(b"content-length", b"")
+    if not (declared.isdigit() and len(declared) <= 6 and int(declared) <= DISCARD_BYTES):
+        return False
+    try:
+        async with asyncio.timeout(0.5) if hasattr(asyncio, "timeout") else contextlib.nullcontext():
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return False
+                if not message.get("more_body", False):
+                    return True
+    except TimeoutError:
+        return False
+
+
 def create_app(config: ServeConfig, load: bool = True) -> MetricsMiddleware:
     """The ASGI app. With ``load`` its lifespan starts loading the model in the background;
     without, the caller awaits ``app.model_server.load()`` itself (as tests with httpx do)."""
@@ -511,7 +578,9 @@ def create_app(config: ServeConfig, load: bool = True) -> MetricsMiddleware:
     app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware,
                     lifespan=contextlib.asynccontextmanager(lifespan))  # fmt: skip
     app.state.model_server = server
-    wrapped = MetricsMiddleware(app, server.metrics, closing=lambda: server.draining)
+    inference = {"classify": routes[1], "infer": routes[8]}
+    shedder = QueueFullShedder(app, server, inference, hosts)
+    wrapped = MetricsMiddleware(shedder, server.metrics, closing=lambda: server.draining)
     wrapped.model_server = server
     return wrapped
 

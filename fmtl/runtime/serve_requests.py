@@ -186,9 +186,14 @@ def no_readable_image(names: Sequence[str | None], decoded: Sequence[object]) ->
     if any(isinstance(item, np.ndarray) for item in decoded):
         return None
     if len(decoded) == 1:
-        return ApiError(400, f"not a readable image: {decoded[0]}", "bad_image")
+        return ApiError(400, one_line(f"not a readable image: {decoded[0]}"), "bad_image")
     reasons = "; ".join(f"{name}: {item}" for name, item in zip(names, decoded, strict=True))
-    return ApiError(400, f"no readable image ({reasons})", "bad_image")
+    return ApiError(400, one_line(f"no readable image ({reasons})"), "bad_image")
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters (from file names) backslash-escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def default_max_pixels(input_pixels: int) -> int:

@@ -261,3 +261,26 @@ def test_the_drain_reads_of_uvicorn_internals_degrade_to_nothing():
         assert open_connections(server) == []
         close_listeners(server)
         close_connections(server)
+
+
+def test_while_the_queue_is_full_new_requests_are_refused_before_the_app_and_hosts_still_checked(grey):
+    import asyncio
+
+    async def scenario(client, server):
+        parked = asyncio.create_task(client.post("/v1/classify", content=png(grey_images(1)[0])))
+        while server.batcher.queued_images < 1:
+            await asyncio.sleep(0.01)
+        for path in ("/v1/classify", "/v2/models/grey/infer"):
+            refused = await client.post(path, content=b"not even read")
+            assert refused.status_code == 503 and "queue full" in refused.json()["error"], path
+            assert int(refused.headers["retry-after"]) >= 1
+        assert (await client.post("/v1/classify", content=b"x", headers={"Host": "evil.example"})).status_code == 400
+        assert (await client.get("/v2/health/live")).status_code == 200  # other routes are not shed
+        assert (await parked).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric(text, "fmtl_requests_total", route="/v1/classify", code="503") == 1
+        assert metric(text, "fmtl_requests_total", route="/v2/models/{name}/infer", code="503") == 1
+        assert metric(text, "fmtl_rejected_requests_total", reason="queue_full") == 2
+
+    config = ServeConfig(grey, max_queue=1, max_images=1, batch_wait_ms=1000, max_batch_size=64)
+    run_app(config, scenario)
