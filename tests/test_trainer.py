@@ -335,7 +335,8 @@ def test_log_with_writes_the_trackers_files_or_refuses_a_missing_tracker(tmp_pat
     assert train_main(args) == 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events,) = {path.parent for path in run.rglob("events.out.tfevents.*")}
-    scalars = EventAccumulator(str(events)).Reload()
+    folders = {path.parent for path in run.rglob("events.out.tfevents.*")}  # the run's, and its config's
+    logs = [EventAccumulator(str(folder)).Reload() for folder in folders]
+    (scalars,) = [log for log in logs if "val_acc" in log.Tags()["scalars"]]
     assert [event.step for event in scalars.Scalars("val_acc")] == [1, 2]  # one point per epoch
     assert {"train_loss", "lr", "images_per_s"} <= set(scalars.Tags()["scalars"])
