@@ -1,0 +1,121 @@
+"""`fmtl serve` as a process: uvicorn (h11 with a deadline per request, fmtl.runtime.serve_http) running
+the app, printing its address and readiness, ending with one error line when the model fails to load,
+and draining on SIGTERM or Ctrl-C: readiness and new requests get 503, every accepted request is
+answered (within --drain-timeout), then it exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+
+import uvicorn
+
+from fmtl.runtime.serve_app import create_app
+from fmtl.runtime.serve_config import ServeConfig, ServeError
+from fmtl.runtime.serve_http import DeadlineH11Protocol, close_connections, close_listeners, open_connections
+from fmtl.runtime.serve_metrics import MetricsMiddleware
+
+DRAIN_GRACE_S = 1.0  # after SIGTERM, how long idle keep-alive connections may stay open at most
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with fmtl's lifecycle: print the address, exit on a failed load, drain on SIGTERM."""
+
+    def __init__(self, config: uvicorn.Config, app: MetricsMiddleware, drain_timeout: float, echo: Callable):
+        super().__init__(config)
+        self.app = app
+        self.drain_timeout = drain_timeout
+        self.echo = echo
+        self.draining_since: float | None = None
+        self.failure: str | None = None
+        self.said_ready = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.listening_closed_at: float | None = None  # seconds into the drain
+
+    async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.config.host, self.config.port
+            with contextlib.suppress(AttributeError, IndexError, TypeError):  # uvicorn's listeners, if it says
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.echo(f"fmtl serve: {self.app.model_server.config.model} on http://{host}:{port} (loading)")
+
+    def handle_exit(self, sig, frame) -> None:
+        # unlike uvicorn's, this neither stops at once nor re-raises the signal afterwards (so the exit is 0)
+        if self.draining_since is not None or self.loop is None:  # a second signal, or not started: stop now
+            self.should_exit = self.force_exit = True
+            return
+        self.draining_since = time.monotonic()
+        # a signal handler runs between any two bytecodes: let the event loop itself switch the state
+        self.loop.call_soon_threadsafe(self.app.model_server.start_draining)
+
+    async def on_tick(self, counter: int) -> bool:
+        server = self.app.model_server
+        if server.load_error and not self.should_exit:
+            self.failure = server.load_error
+            self.should_exit = True
+        if server.ready and not self.said_ready:
+            self.said_ready = True
+            self.echo(f"ready: warm-up took {server.warmup_seconds * 1000:.0f} ms")
+        if self.draining_since is not None and not self.should_exit:
+            self._drain_step(time.monotonic() - self.draining_since)
+        return await super().on_tick(counter)
+
+    def _drain_step(self, draining: float) -> None:
+        """One tick of the drain. Every answer now says Connection: close, so clients leave by
+        themselves; closing a connection a client is sending on would lose that request (the
+        keep-alive race). So: once nothing is in flight and the clients have left (or
+        DRAIN_GRACE_S has passed), stop listening first; requests already on accepted connections
+        are still read and answered; then exit when those have left too (or after another grace)."""
+        grace = min(DRAIN_GRACE_S, self.drain_timeout)
+        idle = self.app.in_flight == 0
+        if idle and self.listening_closed_at is None and (not open_connections(self) or draining >= grace):
+            close_listeners(self)  # new connections are refused from here on
+            self.listening_closed_at = draining
+        elif idle and self.listening_closed_at is not None:
+            if not open_connections(self) or draining - self.listening_closed_at >= grace:
+                self.should_exit = True
+        elif not idle and draining > self.drain_timeout:
+            self.failure = f"drain timeout: {self.app.in_flight} requests were still in flight after {draining:.0f} s"
+            # closing the sockets ends requests still reading a body (as a disconnect) without tracebacks
+            close_connections(self)
+            self.should_exit = True
+
+
+def serve(config: ServeConfig, echo: Callable[[str], object] = print) -> int:
+    """Run the server until SIGTERM/SIGINT has drained it; return the exit code.
+
+    Raises:
+        ServeError: bad options, a model that fails to load, or a drain that timed out.
+    """
+    config.check()
+    app = create_app(config)
+    _, warning = config.trusted_hosts()
+    if warning:
+        print(warning, file=sys.stderr)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        http=DeadlineH11Protocol.with_deadline(config.request_timeout),  # h11, with a deadline per request
+        limit_concurrency=config.limit_concurrency,  # more open connections than this: 503 at once
+        timeout_keep_alive=config.keep_alive_timeout,  # idle keep-alive connections closed after this
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most (h11's default)
+        backlog=min(2048, config.limit_concurrency * 2),
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    server = _Server(uv_config, app, config.drain_timeout, lambda line: echo(line) or sys.stdout.flush())
+    server.run()
+    if server.failure:
+        raise ServeError(server.failure)
+    if not server.started:
+        raise ServeError(f"could not listen on {config.host}:{config.port} (in use, or not allowed)")
+    return 0
