@@ -153,31 +153,45 @@ def infer(paths, model, k, batch_size, fmt, output, recursive, min_probability, 
                  min_probability=min_probability, max_pixels=max_pixels))  # fmt: skip
 
 
+class ServeOption(click.Option):
+    """A `fmtl serve` option whose default is ServeConfig's field of the same name: the defaults are written
+    once, there. It is looked up only when `fmtl serve` parses or shows its help, so other commands never
+    import the runtime."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, show_default=True, **kwargs)
+
+    def get_default(self, ctx: click.Context, call: bool = True):
+        from fmtl.runtime.serve_config import ServeConfig
+
+        return ServeConfig.__dataclass_fields__[self.name].default
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
-@click.option("--max-batch-size", type=click.IntRange(1), default=16, show_default=True,
+@click.option("--host", cls=ServeOption, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", cls=ServeOption, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--max-batch-size", cls=ServeOption, type=click.IntRange(1),
               help="Most images per model call (dynamic batching).")  # fmt: skip
-@click.option("--batch-wait-ms", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--batch-wait-ms", cls=ServeOption, type=click.FloatRange(0),
               help="Wait this long for a fuller batch (0: never wait, no added latency).")  # fmt: skip
-@click.option("--max-queue", type=click.IntRange(1), default=128, show_default=True,
+@click.option("--max-queue", cls=ServeOption, type=click.IntRange(1),
               help="Images waiting at most; more get 503 + Retry-After.")  # fmt: skip
-@click.option("--queue-timeout-ms", type=click.FloatRange(0, min_open=True), default=5000.0, show_default=True,
+@click.option("--queue-timeout-ms", cls=ServeOption, type=click.FloatRange(0, min_open=True),
               help="A request queued longer gets 503.")  # fmt: skip
-@click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=16.0, show_default=True,
+@click.option("--max-body-mb", cls=ServeOption, type=click.FloatRange(0, min_open=True),
               help="Larger request bodies get 413.")  # fmt: skip
-@click.option("--max-images", type=click.IntRange(1), default=64, show_default=True, help="Images per request at most.")
-@click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+@click.option("--max-images", cls=ServeOption, type=click.IntRange(1), help="Images per request at most.")
+@click.option("--drain-timeout", cls=ServeOption, type=click.FloatRange(0),
               help="Seconds to answer accepted requests after SIGTERM.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime threads [the CPUs this process may use].")
 @click.option("--max-pixels", type=click.IntRange(1),
               help="Images with more pixels are refused before decoding [1,024x the model's input, 16-64 MP].")  # fmt: skip
-@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
+@click.option("--request-timeout", cls=ServeOption, type=click.FloatRange(0, min_open=True),
               help="Seconds for a whole request (headers and body) to arrive; slower ones get 408.")  # fmt: skip
-@click.option("--limit-concurrency", type=click.IntRange(1), default=512, show_default=True,
+@click.option("--limit-concurrency", cls=ServeOption, type=click.IntRange(1),
               help="Open connections at most; more get 503 at once.")  # fmt: skip
-@click.option("--keep-alive-timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
+@click.option("--keep-alive-timeout", cls=ServeOption, type=click.FloatRange(0, min_open=True),
               help="Seconds an idle keep-alive connection stays open.")  # fmt: skip
 @click.option("--allowed-hosts", metavar="NAME,...",
               help="Host headers to answer, '*' for any [loopback names on loopback; any on 0.0.0.0].")  # fmt: skip
