@@ -59,7 +59,8 @@ def test_training_runs_only_the_blocks_after_the_cached_ones(tmp_path, splits) -
     trainer.cache_views()
     assert trainer.views.shape[:2] == (3, len(splits.train))
     plain = net.prefix(trainer.batch(trainer.train_images, torch.arange(8), augment=False), trainer.prefix_blocks)
-    assert torch.allclose(trainer.views[0, :8], plain, rtol=1e-4, atol=1e-5)  # the first view: the images as they are
+    # the first view: the images as they are (to float rounding, which oneDNN's kernels differ in by batch and threads)
+    assert torch.allclose(trainer.views[0, :8], plain, rtol=1e-4, atol=1e-5 * plain.abs().max().item())
     assert not torch.allclose(trainer.views[1], trainer.views[0])  # the others: augmented
     blocks = feature_blocks(net)
     early, late = torch.nn.ModuleList(blocks[:-3]), torch.nn.ModuleList(blocks[-3:])
