@@ -167,6 +167,26 @@ class ServeOption(click.Option):
         return ServeConfig.__dataclass_fields__[self.name].default
 
 
+RAY_SERVE_OPTIONS = ("address", "replicas", "autoscale", "cpus_per_replica", "gpus_per_replica")
+
+
+def ray_serve_options(command):
+    """`fmtl serve`'s options for --engine ray; all default to None so the local engine can refuse them."""
+    options = [
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help='local: this process; ray: Ray Serve replicas on a Ray cluster (needs pip install "fmtl[ray]").'),
+        click.option("--address", help="Ray: join this cluster (auto, HOST:6379, ray://HOST:10001) [a local one, loopback only]."),
+        click.option("--replicas", type=click.IntRange(1), help="Ray: replicas of the model [1]."),
+        click.option("--autoscale", metavar="MIN:MAX", help="Ray: Ray Serve adds and removes replicas between MIN and MAX."),
+        click.option("--cpus-per-replica", type=click.FloatRange(0, min_open=True),
+                     help="Ray: CPUs per replica, also its onnxruntime threads [1]."),
+        click.option("--gpus-per-replica", type=click.FloatRange(0), help="Ray: GPUs per replica [0]."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--host", cls=ServeOption, help="Address to listen on (0.0.0.0: every interface).")
@@ -195,17 +215,26 @@ class ServeOption(click.Option):
               help="Seconds an idle keep-alive connection stays open.")  # fmt: skip
 @click.option("--allowed-hosts", metavar="NAME,...",
               help="Host headers to answer, '*' for any [loopback names on loopback; any on 0.0.0.0].")  # fmt: skip
+@ray_serve_options
 @user_errors
-def serve(model, allowed_hosts, **options) -> None:
+def serve(model, allowed_hosts, engine, **options) -> None:
     """Serve an exported model over HTTP (newest in export/ by default): /v1/classify, KServe v2, /metrics."""
     from pathlib import Path
 
     from fmtl.runtime.infer import find_newest_model
-    from fmtl.runtime.serve import ServeConfig
+    from fmtl.runtime.serve import ServeConfig, ServeError
     from fmtl.runtime.serve import serve as run_server
 
     hosts = tuple(name.strip() for name in allowed_hosts.split(",") if name.strip()) if allowed_hosts else None
+    cluster = {name: options.pop(name) for name in RAY_SERVE_OPTIONS}
     config = ServeConfig(Path(model) if model else find_newest_model(), allowed_hosts=hosts, **options)
+    if engine == "ray":
+        from fmtl.runtime import serve_ray  # says in one line what to install when ray is missing
+
+        sys.exit(serve_ray.serve_ray(config, serve_ray.RayServeOptions.from_cli(**cluster)))
+    for name, value in cluster.items():
+        if value is not None:
+            raise ServeError(f"--{name.replace('_', '-')} needs --engine ray")
     sys.exit(run_server(config))
 
 
