@@ -1,8 +1,9 @@
 """`fmtl serve --engine ray` (fmtl.runtime.serve_ray): one real server process for the whole module.
 
-The process starts its own local Ray cluster (loopback only) with one Ray Serve application of two
-replicas, as a user's command would; the tests talk HTTP to Ray Serve's proxy on a free loopback
-port, find the replicas' processes under it, kill one, and finally SIGTERM the server. Answers are
+The process (`fmtl serve --engine ray`) starts its own local Ray cluster (loopback only) with one
+Ray Serve application of two replicas, as a user's command would; the tests talk HTTP to Ray Serve's
+proxy on a free loopback port, find the replicas' processes under it, kill one, and finally SIGTERM
+the server. Answers are
 compared byte for byte with `fmtl serve`'s own app (in process, through httpx) on real PNGs.
 
 Without ray (the runtime-only venv) only the "missing extra" test runs.
@@ -35,17 +36,9 @@ from fmtl.runtime.serve import ServeConfig, create_app
 
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 REPLICA_TITLE = "ray::ServeReplica:fmtl:model"  # the process title Ray gives the deployment's replicas
-SERVER = """
-import sys
-from pathlib import Path
-from fmtl.runtime.serve import ServeConfig
-from fmtl.runtime.serve_ray import RayServeOptions, serve_ray
-
-model, port = sys.argv[1], int(sys.argv[2])
-config = ServeConfig(Path(model), port=port, max_batch_size=4, batch_wait_ms=150, max_queue=16, max_images=16)
-sys.exit(serve_ray(config, RayServeOptions(replicas=2, cpus_per_replica=0.5), echo=lambda line: print(line, flush=True)))
-"""
-CONFIG = {"max_batch_size": 4, "max_queue": 16, "max_images": 16}  # as SERVER's, for fmtl serve's own app
+SERVER_OPTIONS = ["--engine", "ray", "--replicas", "2", "--cpus-per-replica", "0.5", "--max-batch-size", "4",
+                  "--batch-wait-ms", "150", "--max-queue", "16", "--max-images", "16"]  # fmt: skip
+CONFIG = {"max_batch_size": 4, "max_queue": 16, "max_images": 16}  # as SERVER_OPTIONS, for fmtl serve's own app
 
 
 # --- without the extra ----------------------------------------------------------------------------
@@ -72,6 +65,23 @@ def test_engine_ray_without_the_extra_says_what_to_install_in_one_line(tmp_path:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert 'pip install "fmtl[ray]"' in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--replicas", "2"], "--replicas needs --engine ray"),
+        (["--autoscale", "1:2", "--engine", "local"], "--autoscale needs --engine ray"),
+    ],
+)
+def test_ray_options_need_engine_ray(tmp_path: Path, extra: list[str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from fmtl.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(grey_model(tmp_path)), *extra])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 @pytest.mark.ray
@@ -234,8 +244,8 @@ class Server:
     def __init__(self, model: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-c", SERVER, str(model), str(self.port)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        command = [sys.executable, "-m", "fmtl.cli", "serve", str(model), "--port", str(self.port), *SERVER_OPTIONS]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.ready_at: float | None = None
         threading.Thread(target=self._read, daemon=True).start()
