@@ -104,6 +104,17 @@ def test_plan_times_feature_caching_on_one_view():
     assert plan.after_s["test"] == pytest.approx(10_000 * 0.002, abs=0.1)  # after the budget, predicted too
 
 
+def test_plan_predicts_the_temperature_pass_only_when_calibrating():
+    """Calibration runs the best model over the validation split once after training: priced when on."""
+    counts = {"train": 54_000, "val": 6_000, "test": 10_000}
+    costs = Costs(finetune_step=0.5, head_step=0.002, forward_image=0.002, save=0.2)
+    on = plan_epochs(_options(["--budget", "1200s"]), costs, counts, available_s=1195, budget_s=1200)
+    off = plan_epochs(_options(["--budget", "1200s", "--no-calibrate"]), costs, counts, available_s=1195, budget_s=1200)
+    assert on.after_s["calibration"] == pytest.approx(6_000 * 0.002, abs=0.1)
+    assert off.after_s["calibration"] == 0
+    assert on.epochs == off.epochs  # it follows the budget, like the test pass: training time is unchanged
+
+
 def test_plan_prices_an_epoch_smaller_than_one_batch_by_its_images():
     """100 images at batch 128: one step of 100 images, priced at 100/128 of a timed 128-image step."""
     cfg = _options(["--strategy", "finetune", "--budget", "100s"])

@@ -3,8 +3,8 @@
 A short warm-up times a few real steps of each kind the run will take (a fine-tuning step, a head
 step, an evaluation forward pass, a checkpoint save) on the run's own model, input size and batch
 size. The budget covers training: the warm-up, feature caching, the epochs and their validation
-passes; the test pass and the reports follow it (the plan predicts them too). The planner fits
-epochs into what is left after the parts every run pays once and a safety margin, the last
+passes; the temperature's validation pass, the test pass and the reports follow it (the plan
+predicts them too). The planner fits epochs into what is left after the parts every run pays once and a safety margin, the last
 fine-tuning epoch cut short where a whole one would not fit, so the learning-rate schedule ends
 completed rather than cut off mid-cosine. As the run goes, ``BudgetController`` returns a new plan
 fitted to the measured pace; the training state records the plan in force, so --resume continues it.
@@ -139,7 +139,9 @@ class Plan:
     predicted_s: float  # warm-up included, margin excluded
     parts_s: dict
     costs: dict
-    after_s: dict = dataclasses.field(default_factory=dict)  # predicted: the test pass and reports, after training
+    after_s: dict = dataclasses.field(
+        default_factory=dict
+    )  # predicted: calibration, the test pass and reports, after training
     replans: list = dataclasses.field(default_factory=list)  # how the run re-planned itself from its pace
     finished_s: float | None = None  # filled in at the end of training: the budget's clock then
     total_s: float | None = None  # and after the test pass and reports
@@ -329,7 +331,11 @@ def plan_epochs(
         "head fit": costs.head_fit,
         "views": cfg.frozen_views * counts["train"] * costs.view_image if cfg.strategy != "linear" else 0.0,
     }
-    after = {"test": counts["test"] * forward, "reports": FIXED_SECONDS}  # once training has ended
+    after = {  # once training has ended: the temperature's validation pass, the test pass, the reports
+        "calibration": counts["val"] * forward if cfg.calibrate else 0.0,
+        "test": counts["test"] * forward,
+        "reports": FIXED_SECONDS,
+    }
     spare = available_s - budget_s * SAFETY - sum(once.values())
     head_epochs, epochs = _fit(cfg, spare, head_epoch, finetune_epoch)
     partial = 0  # steps of one more, shortened, fine-tuning epoch
