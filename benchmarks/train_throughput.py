@@ -204,7 +204,7 @@ def throughput_config(args: argparse.Namespace, output: str) -> TrainConfig:
     return TrainConfig(
         model="resnet18", weights="none", strategy="linear", image_size=args.image_size,
         batch_size=args.batch_size, augment=True, quiet=True, save_state=False, output=output,
-        max_train_samples=10_000, max_eval_samples=256, data_dir=args.data_dir,
+        max_train_samples=10_000, max_val_samples=256, max_test_samples=256, data_dir=args.data_dir,
     )  # fmt: skip
 
 
@@ -323,7 +323,8 @@ def cache_epochs(accelerator: Accelerator, args: argparse.Namespace, output: str
     """Seconds of an epoch that extracts the backbone features, and of one on the cached features."""
     cfg = TrainConfig(
         model="efficientnet_lite0", strategy="linear", image_size=args.cache_size, augment=False, epochs=4,
-        max_train_samples=args.cache_samples, max_eval_samples=max(args.cache_samples // 10, 100),
+        max_train_samples=args.cache_samples, max_val_samples=max(args.cache_samples // 10, 100),
+        max_test_samples=max(args.cache_samples // 10, 100),
         quiet=True, save_state=False, output=output, data_dir=args.data_dir,
     )  # fmt: skip
     trainer = Trainer(cfg, accelerator, Path(output), load_splits(cfg))

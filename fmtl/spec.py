@@ -78,8 +78,8 @@ class DataOptions:
     val_fraction: float = 0.1  # stratified share of the training data held out for validation
     seed: int = 0  # seeds the split and the evaluation subsets
     source_size: int = 224  # side folder images are stored at
-    max_eval_samples: int = 0  # val and test were seeded stratified subsets of this size (0: all)
-    max_val_samples: int = 0  # val was a seeded stratified subset of this size (0: max_eval_samples decides)
+    max_eval_samples: int = 0  # test was a seeded stratified subset of this size (0: all; the name predates val's own)
+    max_val_samples: int = 0  # val was a seeded stratified subset of this size (0: all)
 
     @classmethod
     def from_dict(cls, d: dict) -> DataOptions:
