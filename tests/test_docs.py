@@ -62,6 +62,10 @@ ELSEWHERE = {
         "tests/runtime/test_ray.py",
         '"--engine", "ray"',
     ),
+    "fmtl serve export/fashion.onnx --engine ray --replicas 2": (
+        "tests/runtime/test_serve_ray.py",
+        '"--engine", "ray", "--replicas", "2"',
+    ),
 }
 # README commands run here, in README order, in one scratch folder (export/fashion.onnx is a small real
 # fmtl-format model, as `fmtl export` would have left it).
