@@ -418,6 +418,3 @@ def plan_run(cfg, model, spec: InputSpec, counts: dict[str, int], device, starte
         )
         plan.note = "too short for one fine-tuning epoch here: frozen backbone, head only"
     return plan
-
-
-_timed = timed  # the old private name, still imported by benchmarks/depthwise.py
