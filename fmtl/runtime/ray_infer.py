@@ -316,28 +316,36 @@ def _connect(address: str | None, progress: bool) -> bool:
     ray.data.DataContext.get_current().enable_progress_bars = progress
     if not progress:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return connect_cluster(address, InferError)
+
+
+def connect_cluster(address: str | None, error: type[Exception]) -> bool:
+    """Join ``address`` or start a local cluster (loopback only); True when this process started it.
+
+    A connection this process already has is reused. Failing to reach the cluster raises ``error``
+    (the calling command's one-line error class)."""
     if ray.is_initialized():
         return False
     try:
         if address:
             if address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
-                _loopback_mode()  # a cluster of this machine started by start_local_cluster or `ray start`
+                loopback_mode()  # a cluster of this machine started by start_local_cluster or `ray start`
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             start_local_cluster()
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        raise InferError(f"cannot reach the Ray cluster at {address or 'a new local cluster'}: {error}") from None
+    except (ConnectionError, RuntimeError, ValueError) as failure:
+        raise error(f"cannot reach the Ray cluster at {address or 'a new local cluster'}: {failure}") from None
     return True
 
 
 def start_local_cluster(num_cpus: int | None = None) -> str:
     """Start a one-machine Ray cluster in this process, listening on loopback only; return its address."""
-    _loopback_mode()
+    loopback_mode()
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return ray.get_runtime_context().gcs_address
 
 
-def _loopback_mode() -> None:
+def loopback_mode() -> None:
     """Make Ray use 127.0.0.1 as this node's address, as it does on macOS and Windows.
 
     By default Ray's servers listen on every interface and Ray rewrites 127.0.0.1 to the host's

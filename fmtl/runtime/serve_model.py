@@ -74,8 +74,15 @@ class ModelServer:
             self.load_error = f"cannot run the model {self.config.model}: {type(error).__name__}: {error}"
             return
         config = self.config
-        self.batcher = Batcher(self.classifier.predict_proba, config.max_batch_size, config.batch_wait_ms / 1000,
-                               config.max_queue, config.queue_timeout_ms / 1000, self._on_batch)  # fmt: skip
+        batcher = Batcher(self.classifier.predict_proba, config.max_batch_size, config.batch_wait_ms / 1000,
+                          config.max_queue, config.queue_timeout_ms / 1000, self.on_batch)  # fmt: skip
+        self.attach(self.classifier, batcher, self.warmup_seconds)
+
+    def attach(self, classifier: Classifier, batcher, warmup_seconds: float) -> None:
+        """Serve with an open, warmed-up classifier through ``batcher`` (fmtl's Batcher, or another engine's
+        with the same submit/queued_images/start/flush/stop), then turn ready: the end of ``load``."""
+        self.classifier, self.batcher, self.warmup_seconds = classifier, batcher, warmup_seconds
+        self.metrics.warmup_seconds.set(warmup_seconds)
         self.batcher.start()
         self.ready = not self.draining
         self.metrics.ready.set(int(self.ready))
@@ -90,7 +97,8 @@ class ModelServer:
         self.metrics.warmup_seconds.set(self.warmup_seconds)
         return classifier
 
-    def _on_batch(self, stats: BatchStats) -> None:
+    def on_batch(self, stats: BatchStats) -> None:
+        """Count a finished batch (metrics, and the pace Retry-After is priced from)."""
         self.metrics.observe_batch(stats)
         self._served = (self._served[0] + stats.size, self._served[1] + stats.compute)
 

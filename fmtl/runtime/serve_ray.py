@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import logging
 import math
 import re
 import signal
@@ -51,7 +50,7 @@ try:
     import ray
     from ray import serve
 
-    from fmtl.runtime.ray_infer import _loopback_mode, start_local_cluster
+    from fmtl.runtime.ray_infer import connect_cluster
 except ImportError as error:  # the extra is missing: the CLI prints this one line and exits non-zero
     raise ServeError(
         f'--engine ray needs the ray extra: pip install "fmtl[ray]" ({error.name or "ray"} is not installed)'
@@ -191,12 +190,7 @@ class ModelReplica:
             )
         self.predict.set_max_batch_size(config.max_batch_size)
         self.predict.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
-        self.server.classifier = self.classifier
-        self.server.batcher = ServeBatchQueue(self.predict, config.max_queue)
-        self.server.warmup_seconds = self.warmup_seconds
-        self.server.metrics.warmup_seconds.set(self.warmup_seconds)
-        self.server.ready = True
-        self.server.metrics.ready.set(1)
+        self.server.attach(self.classifier, ServeBatchQueue(self.predict, config.max_queue), self.warmup_seconds)
 
     def _open_and_warm_up(self, path: Path) -> tuple[Classifier, float]:
         classifier = Classifier(path, threads=self.config.threads)
@@ -217,7 +211,7 @@ class ModelReplica:
         probs = await asyncio.get_running_loop().run_in_executor(
             self.model_thread, self.classifier.predict_proba, batch, len(batch)
         )
-        self.server._on_batch(BatchStats(len(batch), [], time.perf_counter() - started))
+        self.server.on_batch(BatchStats(len(batch), [], time.perf_counter() - started))
         return list(probs)
 
     def check_health(self) -> None:
@@ -329,18 +323,7 @@ def build_application(config: ServeConfig, options: RayServeOptions) -> serve.Ap
 
 def connect(address: str | None) -> bool:
     """Join ``address`` or start a local cluster (loopback only); True when this process started it."""
-    if ray.is_initialized():
-        return False
-    try:
-        if address:
-            if address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
-                _loopback_mode()
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            start_local_cluster()
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        raise ServeError(f"cannot reach the Ray cluster at {address or 'a new local cluster'}: {error}") from None
-    return True
+    return connect_cluster(address, ServeError)
 
 
 def free_port(host: str) -> int:
