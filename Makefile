@@ -23,7 +23,7 @@ LINTED := fmtl tests benchmarks
 # A real browser for the serve page test (Debian's chromium + chromedriver); skipped where it cannot install.
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
-		echo "browser: $$(chromium --version)"; \
+		echo "browser: $$(chromium --version 2>/dev/null)"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "browser: installing Debian's chromium and chromium-driver"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
