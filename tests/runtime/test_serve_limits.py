@@ -103,10 +103,17 @@ def test_a_request_that_does_not_arrive_in_time_gets_408_and_is_closed(grey, tmp
 
 @pytest.mark.slow
 def test_limit_concurrency_refuses_the_excess_at_once(grey, tmp_path):
+    """uvicorn counts open connections, the new one included: 7 stalled uploads + 1 reach the limit of 8.
+
+    The uploads open one at a time: a burst accepted together would see each other and all be refused."""
     server = ServerProcess([str(grey), "--limit-concurrency", "8"], tmp_path).start()
     body = png(grey_images(1)[0])
-    uploads = [stalled_upload(*address(server)) for _ in range(8)]
+    uploads = []
     try:
+        for held in range(1, 7):  # each scrape is a connection too: 6 uploads + 1 scrape stay under 8
+            uploads.append(stalled_upload(*address(server)))
+            wait_in_flight(server, held)
+        uploads.append(stalled_upload(*address(server)))
         time.sleep(0.5)
         refused = httpx.post(f"{server.url}/v1/classify", content=body, timeout=5)
         assert refused.status_code == 503
