@@ -72,15 +72,17 @@ ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 
 class MetricsMiddleware:
     """Pure ASGI middleware: counts every HTTP request by route template and status, times it,
-    and keeps the in-flight gauge (which the server's drain waits on). While ``closing()`` is
-    true (draining) every response says ``Connection: close``, so clients stop reusing a
-    connection the server is about to close (the keep-alive race that loses requests)."""
+    and keeps the in-flight gauge. While ``closing()`` is true (draining) every response says
+    ``Connection: close``, so clients stop reusing a connection the server is about to close (the
+    keep-alive race that loses requests). The drain waits on ``in_flight_before_closing``: requests
+    that began before it, the ones with work to finish (later ones are refused at once)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, closing: Callable[[], bool] = lambda: False):
         self.app = app
         self.metrics = metrics
         self.closing = closing
         self.in_flight = 0
+        self.in_flight_before_closing = 0
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -98,12 +100,15 @@ class MetricsMiddleware:
                     message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
+        before_closing = not self.closing()
         self.in_flight += 1
+        self.in_flight_before_closing += before_closing
         self.metrics.in_flight.set(self.in_flight)
         try:
             await self.app(scope, receive, send_and_note)
         finally:
             self.in_flight -= 1
+            self.in_flight_before_closing -= before_closing
             self.metrics.in_flight.set(self.in_flight)
             route = getattr(scope.get("route"), "path", "other")  # the template, so labels stay few
             self.metrics.requests.labels(route, str(status)).inc()

@@ -69,21 +69,25 @@ class _Server(uvicorn.Server):
     def _drain_step(self, draining: float) -> None:
         """One tick of the drain. Every answer now says Connection: close, so clients leave by
         themselves; closing a connection a client is sending on would lose that request (the
-        keep-alive race). So: once nothing is in flight and the clients have left (or
-        DRAIN_GRACE_S has passed), stop listening first; requests already on accepted connections
-        are still read and answered; then exit when those have left too (or after another grace)."""
+        keep-alive race). So: once the requests that began before the signal are answered, and the
+        clients have left (or DRAIN_GRACE_S has passed: probes and late requests get their 503
+        meanwhile), stop listening; requests already on accepted connections are still read and
+        answered; then exit when those have left too (or after another grace). Requests that
+        arrive during the drain are refused at once, so a steady stream of them cannot hold it open."""
         grace = min(DRAIN_GRACE_S, self.drain_timeout)
-        idle = self.app.in_flight == 0
-        if idle and self.listening_closed_at is None and (not open_connections(self) or draining >= grace):
-            close_listeners(self)  # new connections are refused from here on
-            self.listening_closed_at = draining
-        elif idle and self.listening_closed_at is not None:
-            if not open_connections(self) or draining - self.listening_closed_at >= grace:
-                self.should_exit = True
-        elif not idle and draining > self.drain_timeout:
-            self.failure = f"drain timeout: {self.app.in_flight} requests were still in flight after {draining:.0f} s"
+        pending = self.app.in_flight_before_closing
+        if pending and draining > self.drain_timeout:
+            self.failure = f"drain timeout: {pending} requests were still in flight after {draining:.0f} s"
             # closing the sockets ends requests still reading a body (as a disconnect) without tracebacks
             close_connections(self)
+            self.should_exit = True
+        elif pending:
+            return
+        elif self.listening_closed_at is None:
+            if not open_connections(self) or draining >= grace:
+                close_listeners(self)  # new connections are refused from here on
+                self.listening_closed_at = draining
+        elif not open_connections(self) or draining - self.listening_closed_at >= grace:
             self.should_exit = True
 
 

@@ -403,6 +403,49 @@ def test_sigterm_drains_requests_in_flight(tmp_path):
         assert answer.startswith("HTTP/1.1 200") and '"top_k"' in answer, answer
 
 
+def slow_requests_until_refused(host: str, port: int, body: bytes, statuses: list[str], stop: float) -> None:
+    """Upload ``body`` in two halves 0.25 s apart, again and again, until the server refuses to connect."""
+    head = f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\nContent-Length: {len(body)}"
+    while time.monotonic() < stop:
+        try:
+            with socket.create_connection((host, port), timeout=10) as upload:
+                upload.sendall(f"{head}\r\n\r\n".encode() + body[: len(body) // 2])
+                time.sleep(0.25)
+                upload.sendall(body[len(body) // 2 :])
+                statuses.append(upload.makefile("rb").readline().decode("latin-1").strip())
+        except ConnectionRefusedError:
+            return
+        except OSError as error:  # reset while waiting in the kernel's accept queue when listening stops
+            statuses.append(type(error).__name__)
+
+
+@pytest.mark.slow
+def test_a_stream_of_requests_after_sigterm_does_not_hold_the_drain_open(tmp_path):
+    """Requests that arrive during the drain are refused, not waited for: however many keep coming,
+    the server stops listening and exits 0 soon after the requests it had before the signal."""
+    server = ServerProcess([str(grey_model(tmp_path)), "--drain-timeout", "30"], tmp_path).start()
+    host, port = server.url.removeprefix("http://").split(":")
+    body = png(grey_images(1)[0])
+    statuses: list[str] = []
+    try:
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        clients = []
+        for _ in range(4):  # staggered, so one of them is always mid-upload
+            args = (host, int(port), body, statuses, signalled + 15)
+            clients.append(threading.Thread(target=slow_requests_until_refused, args=args, daemon=True))
+            clients[-1].start()
+            time.sleep(0.07)
+        assert server.process.wait(8) == 0
+        exited = time.monotonic() - signalled
+        for client in clients:
+            client.join(15)
+    finally:
+        server.stop()
+    assert exited < 5, f"the drain took {exited:.1f} s"
+    assert statuses and all(s.startswith("HTTP/1.1 503") or s == "ConnectionResetError" for s in statuses), statuses
+
+
 @pytest.mark.slow
 def test_a_model_that_fails_to_load_exits_with_one_line(tmp_path):
     bad = tmp_path / "bad.onnx"
