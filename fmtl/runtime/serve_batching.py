@@ -1,11 +1,18 @@
-"""Dynamic batching for `fmtl serve`: one inference worker, a bounded queue, per-request deadlines.
+"""Dynamic batching for `fmtl serve`: a bounded queue, per-request deadlines, one batch at a time
+until a backlog builds, then several side by side.
 
-Requests put their decoded images in a queue and await a future. One worker (an asyncio
-task whose model calls run on one dedicated thread, so the event loop never blocks) takes
-whatever is queued each time it is free, whole requests up to ``max_batch_size`` images,
-and runs them as one batch. With ``batch_wait_s`` 0 (the default) it never waits for more:
-at low load every request runs at once, and batches grow by themselves as load rises,
-because requests queue up while the previous batch computes.
+Requests put their decoded images in a queue and await a future. A worker (an asyncio task whose
+model calls run on a dedicated thread, so the event loop never blocks) takes whatever is queued
+each time it is free, whole requests up to ``max_batch_size`` images, and runs them as one batch.
+With ``batch_wait_s`` 0 (the default) it never waits for more: at low load every request runs at
+once, and batches grow by themselves as load rises, because requests queue up while the previous
+batch computes.
+
+Under a backlog (the queue at least ``BACKLOG_SHARE`` full) the batch call that uses every core
+(onnxruntime's threads meeting at each operator) is the wrong shape: any other work on the
+machine, the event loop answering and refusing requests included, stalls one of its threads and
+so all of them. There, ``lanes`` workers run batches side by side through ``backlog_predict``
+(one thread each): a stall slows one batch, not every core.
 
 All queue state lives on the event loop thread; only ``predict`` runs elsewhere.
 """
@@ -20,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+BACKLOG_SHARE = 0.25  # of max_queue: from this many images waiting, batches run side by side
 
 
 class QueueFull(Exception):
@@ -58,6 +67,9 @@ class Batcher:
         max_queue: most images waiting; a request that would go over gets QueueFull.
         queue_timeout_s: a request still queued after this long gets QueueTimeout.
         on_batch: called on the event loop with each batch's BatchStats.
+        backlog_predict: like ``predict`` (the same model), for the batches run side by side under
+            a backlog; safe to call from ``lanes`` threads at once.
+        lanes: most batches at once under a backlog (1, or no ``backlog_predict``: one at a time).
     """
 
     def __init__(
@@ -68,8 +80,12 @@ class Batcher:
         max_queue: int,
         queue_timeout_s: float,
         on_batch: Callable[[BatchStats], object] = lambda stats: None,
+        backlog_predict: Callable[[np.ndarray], np.ndarray] | None = None,
+        lanes: int = 1,
     ):
         self._predict = predict
+        self._backlog_predict = backlog_predict
+        self.lanes = lanes if backlog_predict is not None else 1
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.max_queue = max_queue
@@ -78,23 +94,24 @@ class Batcher:
         self._queue: deque[_Job] = deque()
         self.queued_images = 0  # images waiting (not yet in a running batch)
         self._wakeup = asyncio.Event()
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmtl-infer")
-        self._worker: asyncio.Task | None = None
+        self._threads = concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="fmtl-infer")
+        self._workers: list[asyncio.Task] = []
 
     def start(self) -> None:
-        """Start the worker task on the running event loop."""
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="fmtl-batcher")
+        """Start the worker tasks on the running event loop."""
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(self._run(lane), name=f"fmtl-batcher-{lane}") for lane in range(self.lanes)]
 
     async def stop(self) -> None:
-        """Stop the worker (after its current batch) and fail whatever is still queued."""
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        """Stop the workers (after their current batches) and fail whatever is still queued."""
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
         while self._queue:
             job = self._queue.popleft()
             if not job.future.done():
                 job.future.set_exception(QueueTimeout("the server stopped"))
-        self._thread.shutdown(wait=True)
+        self._threads.shutdown(wait=True)
 
     def flush(self) -> None:
         """From now on never wait for fuller batches (the server is draining: answer what is queued now)."""
@@ -135,28 +152,38 @@ class Batcher:
                 waited = time.perf_counter() - job.enqueued
                 job.future.set_exception(QueueTimeout(f"waited {waited * 1000:.0f} ms in the queue"))
 
-    async def _run(self) -> None:
+    @property
+    def backlogged(self) -> bool:
+        """Enough images waiting that batches run side by side."""
+        return self.lanes > 1 and self.queued_images >= BACKLOG_SHARE * self.max_queue
+
+    async def _run(self, lane: int) -> None:
+        """Worker ``lane``: lane 0 always runs, with ``predict`` or (under a backlog) ``backlog_predict``;
+        the other lanes only under a backlog."""
         loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            if lane > 0 and not self.backlogged:
+                continue  # a waiting lane 0 was woken by the same event
             if self.batch_wait_s > 0:
                 await self._wait_for_more()
+            predict = self._backlog_predict if self.backlogged else self._predict
             jobs = self._take_batch()
             if not jobs:
                 continue
             try:
-                await self._run_batch(loop, jobs)
+                await self._run_batch(loop, jobs, predict)
             finally:
                 if self._queue:
                     self._wakeup.set()  # requests queued behind this batch, whether it succeeded or failed
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], predict: Callable) -> None:
         """One model call for ``jobs``; its rows (or its exception) go to their futures."""
         started = time.perf_counter()
         batch = jobs[0].images if len(jobs) == 1 else np.concatenate([job.images for job in jobs])
         try:
-            rows = await loop.run_in_executor(self._thread, self._predict, batch)
+            rows = await loop.run_in_executor(self._threads, predict, batch)
         except Exception as error:  # a failing model fails its requests, never the worker
             for job in jobs:
                 if not job.future.done():

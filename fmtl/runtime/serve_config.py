@@ -34,6 +34,7 @@ class ServeConfig:
     max_images: int = 64  # images in one request at most (413 above)
     drain_timeout: float = 30.0  # seconds to answer accepted requests after SIGTERM
     threads: int | None = None  # onnxruntime intra-op threads [the CPUs this process may use]
+    parallel_batches: int | None = None  # under a backlog, batches at once, one thread each [the CPUs]
     max_pixels: int | None = None  # images with more pixels are refused before decoding [sized to the model]
     request_timeout: float = 10.0  # a whole request (headers and body) must arrive within this many seconds
     limit_concurrency: int = 512  # open connections at most; more get 503 at once (uvicorn's setting)
@@ -47,12 +48,18 @@ class ServeConfig:
         for name in ("max_batch_size", "max_queue", "max_images"):
             if getattr(self, name) < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.parallel_batches is not None and self.parallel_batches < 1:
+            raise ServeError("--parallel-batches must be at least 1")
         if self.max_body_mb <= 0 or self.queue_timeout_ms <= 0:
             raise ServeError("--max-body-mb and --queue-timeout-ms must be positive")
         if self.request_timeout <= 0 or self.keep_alive_timeout <= 0 or self.limit_concurrency < 1:
             raise ServeError("--request-timeout, --keep-alive-timeout and --limit-concurrency must be positive")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ServeError("--max-pixels must be at least 1")
+
+    def lanes(self) -> int:
+        """Batches run side by side under a backlog (fmtl.runtime.serve_batching): --parallel-batches, or one per CPU."""
+        return self.parallel_batches or usable_cpus()
 
     def trusted_hosts(self) -> tuple[list[str], str | None]:
         """The Host names to answer, and a warning line when that is any name at all.

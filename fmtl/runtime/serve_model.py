@@ -51,6 +51,7 @@ class ModelServer:
         self.name = config.model.stem  # the model's name in URLs (/v2/models/NAME)
         self.metrics = Metrics(config.max_batch_size)
         self.classifier: Classifier | None = None
+        self.backlog_classifier: Classifier | None = None  # one thread, for batches run side by side
         self.batcher: Batcher | None = None
         self.ready = False
         self.draining = False
@@ -66,7 +67,7 @@ class ModelServer:
         A failure is kept in ``load_error`` (the process then exits with it), never raised."""
         loop = asyncio.get_running_loop()
         try:
-            self.classifier = await loop.run_in_executor(None, self._open_and_warm_up)
+            self.classifier, self.backlog_classifier = await loop.run_in_executor(None, self._open_and_warm_up)
         except ModelError as error:
             self.load_error = str(error)
             return
@@ -74,8 +75,10 @@ class ModelServer:
             self.load_error = f"cannot run the model {self.config.model}: {type(error).__name__}: {error}"
             return
         config = self.config
+        backlog_predict = self.backlog_classifier.predict_proba if self.backlog_classifier else None
         batcher = Batcher(self.classifier.predict_proba, config.max_batch_size, config.batch_wait_ms / 1000,
-                          config.max_queue, config.queue_timeout_ms / 1000, self.on_batch)  # fmt: skip
+                          config.max_queue, config.queue_timeout_ms / 1000, self.on_batch,
+                          backlog_predict, config.lanes())  # fmt: skip
         self.attach(self.classifier, batcher, self.warmup_seconds)
 
     def attach(self, classifier: Classifier, batcher, warmup_seconds: float) -> None:
@@ -87,15 +90,20 @@ class ModelServer:
         self.ready = not self.draining
         self.metrics.ready.set(int(self.ready))
 
-    def _open_and_warm_up(self) -> Classifier:
-        classifier = Classifier(self.config.model, threads=self.config.threads or usable_cpus())
+    def _open_and_warm_up(self) -> tuple[Classifier, Classifier | None]:
+        """The classifier (--threads), and with more than one lane the backlog's (one thread, run
+        from every lane at once), both warmed up."""
+        config = self.config
+        classifier = Classifier(config.model, threads=config.threads or usable_cpus())
+        backlog = Classifier(config.model, threads=1) if config.lanes() > 1 else None
         started = time.perf_counter()
-        # the largest batch first (allocates its buffers), then one image (the low-load path)
-        for size in (self.config.max_batch_size, 1):
-            classifier.predict_proba(np.zeros((size, *classifier.input_shape), dtype=np.uint8), size)
+        for session in filter(None, (classifier, backlog)):
+            # the largest batch first (allocates its buffers), then one image (the low-load path)
+            for size in (config.max_batch_size, 1):
+                session.predict_proba(np.zeros((size, *session.input_shape), dtype=np.uint8), size)
         self.warmup_seconds = time.perf_counter() - started
         self.metrics.warmup_seconds.set(self.warmup_seconds)
-        return classifier
+        return classifier, backlog
 
     def on_batch(self, stats: BatchStats) -> None:
         """Count a finished batch (metrics, and the pace Retry-After is priced from)."""

@@ -510,6 +510,28 @@ def test_onnxruntime_threads_follow_the_cpu_affinity(tmp_path):
     assert done.stdout.split() == ["1", "3"]
 
 
+def test_parallel_batches_get_a_one_thread_session_and_one_cpu_gets_none(tmp_path):
+    """--parallel-batches N: a second session with one onnxruntime thread and N lanes; pinned to one CPU
+    the default is one lane and no second session."""
+    model = grey_model(tmp_path)
+    code = (
+        "import asyncio, os, sys\n"
+        "from pathlib import Path\n"
+        "from fmtl.runtime.serve import ServeConfig, create_app\n"
+        "def lanes(**options):\n"
+        "    server = create_app(ServeConfig(Path(sys.argv[1]), **options), load=False).model_server\n"
+        "    asyncio.run(server.load())\n"
+        "    backlog = server.backlog_classifier\n"
+        "    threads = backlog.session.get_session_options().intra_op_num_threads if backlog else None\n"
+        "    return server.batcher.lanes, threads\n"
+        "print(lanes(parallel_batches=3), lanes(parallel_batches=1))\n"
+        "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+        "print(lanes())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == ["(3, 1) (1, None)", "(1, None)"]
+
+
 def test_impossible_options_are_one_line_errors(tmp_path):
     model = grey_model(tmp_path)
     done = subprocess.run([sys.executable, "-m", "fmtl.cli", "serve", str(model), "--max-images", "10",

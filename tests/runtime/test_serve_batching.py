@@ -47,3 +47,48 @@ def test_a_failing_batch_does_not_strand_the_requests_queued_behind_it():
             await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_one_batch_at_a_time_until_a_backlog_then_batches_side_by_side():
+    """Below a quarter of max_queue every batch goes through ``predict`` alone; from there, up to
+    ``lanes`` batches run at once through ``backlog_predict``, and each answer stays with its request."""
+    lock = threading.Lock()
+    running = {"predict": 0, "backlog": 0}
+    peaks = {"predict": 0, "backlog": 0, "both": 0}
+
+    def counted(name: str):
+        def predict(batch: np.ndarray) -> np.ndarray:
+            with lock:
+                running[name] += 1
+                peaks[name] = max(peaks[name], running[name])
+                peaks["both"] = max(peaks["both"], sum(running.values()))
+            threading.Event().wait(0.05)
+            with lock:
+                running[name] -= 1
+            return batch.astype(np.float32) * 2
+
+        return predict
+
+    async def main():
+        batcher = Batcher(counted("predict"), max_batch_size=1, batch_wait_s=0.0, max_queue=8, queue_timeout_s=30.0,
+                          backlog_predict=counted("backlog"), lanes=3)  # fmt: skip
+        batcher.start()
+        try:
+            submit = lambda value: batcher.submit(np.full((1, 2), value, np.uint8))  # noqa: E731
+            for value in range(4):  # one at a time: never a backlog
+                assert (await submit(value)).tolist() == [[2.0 * value] * 2]
+            assert peaks == {"predict": 1, "backlog": 0, "both": 1}
+            rows = await asyncio.gather(*(submit(value) for value in range(8)))  # 8 queued: a backlog
+            assert [row.tolist() for row in rows] == [[[2.0 * value] * 2] for value in range(8)]
+            assert peaks["backlog"] == 3 and peaks["both"] <= 3, peaks
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_without_a_backlog_predict_there_is_one_lane():
+    batcher = Batcher(
+        lambda batch: batch, max_batch_size=4, batch_wait_s=0.0, max_queue=8, queue_timeout_s=1.0, lanes=4
+    )
+    assert batcher.lanes == 1 and not batcher.backlogged
