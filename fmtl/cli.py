@@ -232,6 +232,8 @@ def serve(model, allowed_hosts, engine, **options) -> None:
     cluster = {name: options.pop(name) for name in RAY_SERVE_OPTIONS}
     config = ServeConfig(Path(model) if model else find_newest_model(), allowed_hosts=hosts, **options)
     if engine == "ray":
+        if config.parallel_batches is not None:
+            raise ServeError("--parallel-batches is fmtl's own batcher's: with --engine ray, add replicas instead")
         from fmtl.runtime import serve_ray  # says in one line what to install when ray is missing
 
         sys.exit(serve_ray.serve_ray(config, serve_ray.RayServeOptions.from_cli(**cluster)))

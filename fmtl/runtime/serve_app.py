@@ -269,8 +269,9 @@ class QueueFullShedder:
         else:
             return None
         if self.hosts is not None:
-            host = dict(scope["headers"]).get(b"host", b"").split(b":")[0]
-            if host not in self.hosts:
+            host = dict(scope["headers"]).get(b"host", b"")
+            name = host[: host.find(b"]") + 1] if host.startswith(b"[") else host.split(b":")[0]  # [::1]:8000
+            if name not in self.hosts:
                 return None  # TrustedHostMiddleware answers it
         return route
 

@@ -93,7 +93,8 @@ class Batcher:
         self._on_batch = on_batch
         self._queue: deque[_Job] = deque()
         self.queued_images = 0  # images waiting (not yet in a running batch)
-        self._wakeup = asyncio.Event()
+        self._wakeup = asyncio.Event()  # lane 0: something is queued
+        self._backlog_wakeup = asyncio.Event()  # the other lanes: a backlog is queued
         self._threads = concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="fmtl-infer")
         self._workers: list[asyncio.Task] = []
 
@@ -140,8 +141,15 @@ class Batcher:
         job.timer = loop.call_later(left, self._expire, job)
         self._queue.append(job)
         self.queued_images += len(images)
-        self._wakeup.set()
+        self._wake()
         return await job.future
+
+    def _wake(self) -> None:
+        """Wake lane 0 when anything is queued, and the other lanes only under a backlog."""
+        if self._queue:
+            self._wakeup.set()
+        if self.backlogged:
+            self._backlog_wakeup.set()
 
     def _expire(self, job: _Job) -> None:
         """The queue timeout fired: fail the job if it is still waiting (a running one finishes)."""
@@ -161,11 +169,12 @@ class Batcher:
         """Worker ``lane``: lane 0 always runs, with ``predict`` or (under a backlog) ``backlog_predict``;
         the other lanes only under a backlog."""
         loop = asyncio.get_running_loop()
+        wakeup = self._wakeup if lane == 0 else self._backlog_wakeup
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            await wakeup.wait()
+            wakeup.clear()
             if lane > 0 and not self.backlogged:
-                continue  # a waiting lane 0 was woken by the same event
+                continue
             if self.batch_wait_s > 0:
                 await self._wait_for_more()
             predict = self._backlog_predict if self.backlogged else self._predict
@@ -175,8 +184,7 @@ class Batcher:
             try:
                 await self._run_batch(loop, jobs, predict)
             finally:
-                if self._queue:
-                    self._wakeup.set()  # requests queued behind this batch, whether it succeeded or failed
+                self._wake()  # requests queued behind this batch, whether it succeeded or failed
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], predict: Callable) -> None:
         """One model call for ``jobs``; its rows (or its exception) go to their futures."""

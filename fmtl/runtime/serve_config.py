@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fmtl.errors import FmtlError
 
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")  # the Host names a loopback-only server answers by default
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback-only server answers by default
 
 
 class ServeError(FmtlError):
@@ -68,7 +68,7 @@ class ServeConfig:
         names (a web page on another origin cannot reach it through DNS rebinding); one bound to every
         interface cannot know its public names, so it answers any, with a warning."""
         if self.allowed_hosts:
-            return list(self.allowed_hosts), None
+            return [host_name(name) for name in self.allowed_hosts], None
         if self.host in ("", "0.0.0.0", "::"):
             return ["*"], (f"warning: bound to {self.host or 'every interface'} and answering any Host header: "
                            "pass --allowed-hosts NAME,... to refuse DNS rebinding")  # fmt: skip
@@ -76,7 +76,15 @@ class ServeConfig:
             loopback = ipaddress.ip_address(self.host).is_loopback
         except ValueError:  # a host name
             loopback = self.host == "localhost"
-        return [*LOOPBACK_NAMES] if loopback else [self.host, *LOOPBACK_NAMES], None
+        return [*LOOPBACK_NAMES] if loopback else [host_name(self.host), *LOOPBACK_NAMES], None
+
+
+def host_name(address: str) -> str:
+    """``address`` as a Host header carries it: an IPv6 literal in brackets ("::1" -> "[::1]")."""
+    try:
+        return f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    except ValueError:  # a name, a pattern such as *.example.com, or already in brackets
+        return address
 
 
 def usable_cpus() -> int:

@@ -537,3 +537,6 @@ def test_impossible_options_are_one_line_errors(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fmtl.cli", "serve", str(model), "--max-images", "10",
                            "--max-queue", "5"], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode != 0 and done.stderr.strip().count("\n") == 0 and "--max-queue" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "fmtl.cli", "serve", str(model), "--engine", "ray",
+                           "--parallel-batches", "2"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0 and done.stderr.strip().count("\n") == 0 and "add replicas" in done.stderr

@@ -229,10 +229,13 @@ def test_hosts_other_than_the_allowed_ones_get_400(grey):
         for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
             answer = await client.get("/v2/models/grey", headers={"Host": host})
             assert answer.status_code == 400, host
-        for host in ("127.0.0.1:8000", "localhost", "localhost:1234"):
+        for host in ("127.0.0.1:8000", "localhost", "localhost:1234", "[::1]", "[::1]:8000"):
             assert (await client.post("/v1/classify", content=image, headers={"Host": host})).status_code == 200
 
     run_app(ServeConfig(grey), scenario)
+    assert ServeConfig(grey, host="::1").trusted_hosts()[0] == ["127.0.0.1", "localhost", "[::1]"]
+    assert ServeConfig(grey, host="2001:db8::1").trusted_hosts()[0][0] == "[2001:db8::1]"  # as Host headers carry it
+    assert ServeConfig(grey, allowed_hosts=("::1", "*.example.com")).trusted_hosts()[0] == ["[::1]", "*.example.com"]
     assert ServeConfig(grey, host="0.0.0.0").trusted_hosts()[0] == ["*"]
     assert "warning" in ServeConfig(grey, host="0.0.0.0").trusted_hosts()[1]
     assert ServeConfig(grey, host="0.0.0.0", allowed_hosts=("models.example",)).trusted_hosts() == (
