@@ -15,7 +15,7 @@ from collections.abc import Callable
 import uvicorn
 
 from fmtl.runtime.serve_app import create_app
-from fmtl.runtime.serve_config import ServeConfig, ServeError
+from fmtl.runtime.serve_config import ServeConfig, ServeError, host_name
 from fmtl.runtime.serve_http import DeadlineH11Protocol, close_connections, close_listeners, open_connections
 from fmtl.runtime.serve_metrics import MetricsMiddleware
 
@@ -43,7 +43,7 @@ class _Server(uvicorn.Server):
             host, port = self.config.host, self.config.port
             with contextlib.suppress(AttributeError, IndexError, TypeError):  # uvicorn's listeners, if it says
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
-            self.echo(f"fmtl serve: {self.app.model_server.config.model} on http://{host}:{port} (loading)")
+            self.echo(f"fmtl serve: {self.app.model_server.config.model} on http://{host_name(host)}:{port} (loading)")
 
     def handle_exit(self, sig, frame) -> None:
         # unlike uvicorn's, this neither stops at once nor re-raises the signal afterwards (so the exit is 0)

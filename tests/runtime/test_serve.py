@@ -532,6 +532,25 @@ def test_parallel_batches_get_a_one_thread_session_and_one_cpu_gets_none(tmp_pat
     assert done.stdout.splitlines() == ["(3, 1) (1, None)", "(1, None)"]
 
 
+@pytest.mark.slow
+def test_a_server_on_ipv6_loopback_prints_a_usable_url_and_answers_it(tmp_path):
+    """--host ::1: the printed address is http://[::1]:PORT, and requests addressed to it (Host: [::1]:PORT) are
+    answered, not refused as a foreign host."""
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server = ServerProcess([str(grey_model(tmp_path)), "--host", "::1"], tmp_path)
+    try:
+        url = server.wait_for(r"on (http://\S+) ").group(1)
+        server.wait_for(r"^ready")
+        assert re.fullmatch(r"http://\[::1\]:\d+", url), url
+        answer = httpx.post(f"{url}/v1/classify", content=png(grey_images(1)[0]), headers={"Content-Type": "image/png"})
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["top_k"], answer.text
+    finally:
+        server.stop()
+
+
 def test_impossible_options_are_one_line_errors(tmp_path):
     model = grey_model(tmp_path)
     done = subprocess.run([sys.executable, "-m", "fmtl.cli", "serve", str(model), "--max-images", "10",
