@@ -175,7 +175,7 @@ class Batcher:
             wakeup.clear()
             if lane > 0 and not self.backlogged:
                 continue
-            if self.batch_wait_s > 0:
+            if self.batch_wait_s > 0 and not self.backlogged:  # under a backlog there is no waiting for more
                 await self._wait_for_more()
             predict = self._backlog_predict if self.backlogged else self._predict
             jobs = self._take_batch()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -33,11 +34,14 @@ class DeadlineH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus a deadline per request (``request_timeout``, set by ``with_deadline``)."""
 
     request_timeout: float = 10.0
+    on_header_timeout: Callable[[], object] = staticmethod(lambda: None)  # counts the 408s given here
 
     @classmethod
-    def with_deadline(cls, seconds: float) -> type[DeadlineH11Protocol]:
-        """This protocol class with its deadline set (uvicorn builds one protocol per connection from it)."""
-        return type(cls.__name__, (cls,), {"request_timeout": float(seconds)})
+    def with_deadline(cls, seconds: float, on_header_timeout: Callable[[], object]) -> type[DeadlineH11Protocol]:
+        """This protocol class with its deadline set, calling ``on_header_timeout`` for each 408 it gives
+        (uvicorn builds one protocol per connection from it)."""
+        attributes = {"request_timeout": float(seconds), "on_header_timeout": staticmethod(on_header_timeout)}
+        return type(cls.__name__, (cls,), attributes)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
@@ -71,6 +75,7 @@ class DeadlineH11Protocol(H11Protocol):
         if self.conn.their_state is h11.IDLE:  # headers still incomplete: no app is involved yet
             self.transport.write(HEADER_TIMEOUT_RESPONSE)
             self.transport.close()
+            self.on_header_timeout()
         elif self.conn.their_state is h11.SEND_BODY:  # the app has its own deadline for the body; a backstop
             self._arm(self.request_timeout, self._body_expired)
 

@@ -91,6 +91,12 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
+def header_timeouts(app: MetricsMiddleware) -> Callable[[], None]:
+    """Count a request whose headers came too late (answered 408 below the app) as the app counts its refusals."""
+    rejected = app.model_server.metrics.rejected.labels("header_timeout")
+    return rejected.inc
+
+
 def serve(config: ServeConfig, echo: Callable[[str], object] = print) -> int:
     """Run the server until SIGTERM/SIGINT has drained it; return the exit code.
 
@@ -106,7 +112,7 @@ def serve(config: ServeConfig, echo: Callable[[str], object] = print) -> int:
         app,
         host=config.host,
         port=config.port,
-        http=DeadlineH11Protocol.with_deadline(config.request_timeout),  # h11, with a deadline per request
+        http=DeadlineH11Protocol.with_deadline(config.request_timeout, header_timeouts(app)),  # h11, with a deadline
         limit_concurrency=config.limit_concurrency,  # more open connections than this: 503 at once
         timeout_keep_alive=config.keep_alive_timeout,  # idle keep-alive connections closed after this
         h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most (h11's default)

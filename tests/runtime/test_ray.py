@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from onnx_fixtures import grey_model, rgb_model
 from PIL import Image
+from without_ray import fmtl_without_ray
 
 from fmtl.runtime.infer import run as local_run
 
@@ -32,27 +33,12 @@ FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ub
 
 # --- without the extra ----------------------------------------------------------------------------
 
-HIDE_RAY = """
-import sys
-
-class HideRay:  # as if fmtl[ray] were not installed: ray and pyarrow cannot be imported
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("ray", "pyarrow"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, HideRay())
-from fmtl.cli import main
-main()
-"""
-
 
 def test_engine_ray_without_the_extra_says_what_to_install_in_one_line(tmp_path: Path) -> None:
     model = grey_model(tmp_path)
     Image.new("L", (28, 28), 90).save(tmp_path / "a.png")
     argv = ["infer", str(tmp_path / "a.png"), "--model", str(model), "--engine", "ray", "--out", str(tmp_path / "o")]
-    result = subprocess.run(
-        [sys.executable, "-c", HIDE_RAY, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
+    result = fmtl_without_ray(argv, cwd=tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -493,43 +493,25 @@ def test_drain_timeout_ends_a_stuck_drain_with_one_line(tmp_path):
         server.stop()
 
 
-def test_onnxruntime_threads_follow_the_cpu_affinity(tmp_path):
-    """Pinned to one CPU (taskset, cgroup CPU sets), the session gets one intra-op thread, not one per host core."""
+def test_onnxruntime_threads_follow_the_cpu_affinity_and_parallel_batches(tmp_path):
+    """Pinned to one CPU (taskset, cgroup CPU sets), the session gets one intra-op thread, not one per host core,
+    and one lane (no second session). --parallel-batches N: N lanes on a second session of one thread."""
     model = grey_model(tmp_path)
     code = (
         "import asyncio, os, sys\n"
         "from pathlib import Path\n"
         "from fmtl.runtime.serve import ServeConfig, create_app\n"
-        "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
-        "for threads in (None, 3):\n"
-        "    server = create_app(ServeConfig(Path(sys.argv[1]), threads=threads), load=False).model_server\n"
-        "    asyncio.run(server.load())\n"
-        "    print(server.classifier.session.get_session_options().intra_op_num_threads)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["1", "3"]
-
-
-def test_parallel_batches_get_a_one_thread_session_and_one_cpu_gets_none(tmp_path):
-    """--parallel-batches N: a second session with one onnxruntime thread and N lanes; pinned to one CPU
-    the default is one lane and no second session."""
-    model = grey_model(tmp_path)
-    code = (
-        "import asyncio, os, sys\n"
-        "from pathlib import Path\n"
-        "from fmtl.runtime.serve import ServeConfig, create_app\n"
-        "def lanes(**options):\n"
+        "def sessions(**options):\n"
         "    server = create_app(ServeConfig(Path(sys.argv[1]), **options), load=False).model_server\n"
         "    asyncio.run(server.load())\n"
-        "    backlog = server.backlog_classifier\n"
-        "    threads = backlog.session.get_session_options().intra_op_num_threads if backlog else None\n"
-        "    return server.batcher.lanes, threads\n"
-        "print(lanes(parallel_batches=3), lanes(parallel_batches=1))\n"
+        "    threads = lambda c: c.session.get_session_options().intra_op_num_threads if c else None\n"
+        "    return threads(server.classifier), server.batcher.lanes, threads(server.backlog_classifier)\n"
+        "print(sessions(threads=2, parallel_batches=3), sessions(threads=2, parallel_batches=1))\n"
         "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
-        "print(lanes())\n"
+        "print(sessions(), sessions(threads=3))\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, check=True)
-    assert done.stdout.splitlines() == ["(3, 1) (1, None)", "(1, None)"]
+    assert done.stdout.splitlines() == ["(2, 3, 1) (2, 1, None)", "(1, 1, None) (3, 1, None)"]
 
 
 @pytest.mark.slow

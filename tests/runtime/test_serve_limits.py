@@ -94,8 +94,9 @@ def test_a_request_that_does_not_arrive_in_time_gets_408_and_is_closed(grey, tmp
         for answer in answers:
             assert answer.startswith(b"HTTP/1.1 408 "), answer
             assert b"connection: close" in answer.lower() and b"--request-timeout" in answer
-        assert metric(httpx.get(f"{server.url}/metrics").text, "fmtl_rejected_requests_total",
-                      reason="request_timeout") == 1  # fmt: skip
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert metric(metrics, "fmtl_rejected_requests_total", reason="request_timeout") == 1  # the body, late
+        assert metric(metrics, "fmtl_rejected_requests_total", reason="header_timeout") == 2  # headers, or nothing
         assert httpx.post(f"{server.url}/v1/classify", content=png(grey_images(1)[0])).status_code == 200
     finally:
         server.stop()

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 from onnx_fixtures import grey_model
 from PIL import Image
+from without_ray import fmtl_without_ray
 
 from fmtl.runtime.serve import ServeConfig, create_app
 
@@ -43,24 +44,11 @@ CONFIG = {"max_batch_size": 4, "max_queue": 16, "max_images": 16}  # as SERVER_O
 
 # --- without the extra ----------------------------------------------------------------------------
 
-HIDE_RAY = """
-import sys
-
-class HideRay:  # as if fmtl[ray] were not installed
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("ray", "pyarrow"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, HideRay())
-from fmtl.cli import main
-main()
-"""
-
 
 def test_engine_ray_without_the_extra_says_what_to_install_in_one_line(tmp_path: Path) -> None:
     model = grey_model(tmp_path)
     argv = ["serve", str(model), "--engine", "ray", "--port", "0"]
-    result = subprocess.run([sys.executable, "-c", HIDE_RAY, *argv], capture_output=True, text=True, timeout=60)
+    result = fmtl_without_ray(argv)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
