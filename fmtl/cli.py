@@ -206,7 +206,7 @@ def ray_serve_options(command):
               help="Seconds to answer accepted requests after SIGTERM.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime threads [the CPUs this process may use].")
 @click.option("--parallel-batches", type=click.IntRange(1),
-              help="With the queue a quarter full, run up to this many batches at once, one thread each "
+              help="With a backlog (a quarter of --max-queue, two full batches), run up to this many batches at once, one thread each "
                    "(1: one at a time) [the CPUs this process may use].")  # fmt: skip
 @click.option("--max-pixels", type=click.IntRange(1),
               help="Images with more pixels are refused before decoding [1,024x the model's input, 16-64 MP].")  # fmt: skip

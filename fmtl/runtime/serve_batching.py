@@ -8,7 +8,7 @@ With ``batch_wait_s`` 0 (the default) it never waits for more: at low load every
 once, and batches grow by themselves as load rises, because requests queue up while the previous
 batch computes.
 
-Under a backlog (the queue at least ``BACKLOG_SHARE`` full) the batch call that uses every core
+Under a backlog (the queue at least ``BACKLOG_SHARE`` full, and two full batches waiting) the batch call that uses every core
 (onnxruntime's threads meeting at each operator) is the wrong shape: any other work on the
 machine, the event loop answering and refusing requests included, stalls one of its threads and
 so all of them. There, ``lanes`` workers run batches side by side through ``backlog_predict``
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-BACKLOG_SHARE = 0.25  # of max_queue: from this many images waiting, batches run side by side
+BACKLOG_SHARE = 0.25  # of max_queue: from this many images waiting (and two full batches), batches run side by side
 
 
 class QueueFull(Exception):
@@ -163,7 +163,7 @@ class Batcher:
     @property
     def backlogged(self) -> bool:
         """Enough images waiting that batches run side by side."""
-        return self.lanes > 1 and self.queued_images >= BACKLOG_SHARE * self.max_queue
+        return self.lanes > 1 and self.queued_images >= max(BACKLOG_SHARE * self.max_queue, 2 * self.max_batch_size)
 
     async def _run(self, lane: int) -> None:
         """Worker ``lane``: lane 0 always runs, with ``predict`` or (under a backlog) ``backlog_predict``;

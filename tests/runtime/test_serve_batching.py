@@ -50,7 +50,7 @@ def test_a_failing_batch_does_not_strand_the_requests_queued_behind_it():
 
 
 def test_one_batch_at_a_time_until_a_backlog_then_batches_side_by_side():
-    """Below a quarter of max_queue every batch goes through ``predict`` alone; from there, up to
+    """Below a backlog (a quarter of max_queue, two full batches) every batch goes through ``predict`` alone; from there, up to
     ``lanes`` batches run at once through ``backlog_predict``, and each answer stays with its request."""
     lock = threading.Lock()
     running = {"predict": 0, "backlog": 0}
