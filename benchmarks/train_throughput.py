@@ -758,7 +758,7 @@ def device_rows(args: argparse.Namespace, on_row: Callable[[list[dict]], None]) 
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fmtl-throughput-") as tmp:
         for done, (name, precision, compiled, batch_size) in enumerate(plan):
-            if args.max_seconds and time.perf_counter() - began > args.max_seconds:
+            if done and args.max_seconds and time.perf_counter() - began > args.max_seconds:  # the first always runs
                 left = ", ".join(f"{n} {p}{' compiled' if c else ''} b{b}" for n, p, c, b in plan[done:])
                 args.not_measured = f"Not measured (--max-seconds {args.max_seconds:g} had passed): {left}."
                 print(args.not_measured, flush=True)
