@@ -67,7 +67,7 @@ class ModelServer:
         A failure is kept in ``load_error`` (the process then exits with it), never raised."""
         loop = asyncio.get_running_loop()
         try:
-            self.classifier, self.backlog_classifier = await loop.run_in_executor(None, self._open_and_warm_up)
+            classifier, self.backlog_classifier, warmup = await loop.run_in_executor(None, self._open_and_warm_up)
         except ModelError as error:
             self.load_error = str(error)
             return
@@ -76,10 +76,10 @@ class ModelServer:
             return
         config = self.config
         backlog_predict = self.backlog_classifier.predict_proba if self.backlog_classifier else None
-        batcher = Batcher(self.classifier.predict_proba, config.max_batch_size, config.batch_wait_ms / 1000,
+        batcher = Batcher(classifier.predict_proba, config.max_batch_size, config.batch_wait_ms / 1000,
                           config.max_queue, config.queue_timeout_ms / 1000, self.on_batch,
                           backlog_predict, config.lanes())  # fmt: skip
-        self.attach(self.classifier, batcher, self.warmup_seconds)
+        self.attach(classifier, batcher, warmup)
 
     def attach(self, classifier: Classifier, batcher, warmup_seconds: float) -> None:
         """Serve with an open, warmed-up classifier through ``batcher`` (fmtl's Batcher, or another engine's
@@ -90,9 +90,9 @@ class ModelServer:
         self.ready = not self.draining
         self.metrics.ready.set(int(self.ready))
 
-    def _open_and_warm_up(self) -> tuple[Classifier, Classifier | None]:
+    def _open_and_warm_up(self) -> tuple[Classifier, Classifier | None, float]:
         """The classifier (--threads), and with more than one lane the backlog's (one thread, run
-        from every lane at once), both warmed up."""
+        from every lane at once), both warmed up; and the warm-up's seconds."""
         config = self.config
         classifier = Classifier(config.model, threads=config.threads or usable_cpus())
         backlog = Classifier(config.model, threads=1) if config.lanes() > 1 else None
@@ -101,9 +101,7 @@ class ModelServer:
             # the largest batch first (allocates its buffers), then one image (the low-load path)
             for size in (config.max_batch_size, 1):
                 session.predict_proba(np.zeros((size, *session.input_shape), dtype=np.uint8), size)
-        self.warmup_seconds = time.perf_counter() - started
-        self.metrics.warmup_seconds.set(self.warmup_seconds)
-        return classifier, backlog
+        return classifier, backlog, time.perf_counter() - started
 
     def on_batch(self, stats: BatchStats) -> None:
         """Count a finished batch (metrics, and the pace Retry-After is priced from)."""

@@ -91,12 +91,6 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
-def header_timeouts(app: MetricsMiddleware) -> Callable[[], None]:
-    """Count a request whose headers came too late (answered 408 below the app) as the app counts its refusals."""
-    rejected = app.model_server.metrics.rejected.labels("header_timeout")
-    return rejected.inc
-
-
 def serve(config: ServeConfig, echo: Callable[[str], object] = print) -> int:
     """Run the server until SIGTERM/SIGINT has drained it; return the exit code.
 
@@ -108,11 +102,13 @@ def serve(config: ServeConfig, echo: Callable[[str], object] = print) -> int:
     _, warning = config.trusted_hosts()
     if warning:
         print(warning, file=sys.stderr)
+    late_headers = app.model_server.metrics.rejected.labels("header_timeout")
     uv_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
-        http=DeadlineH11Protocol.with_deadline(config.request_timeout, header_timeouts(app)),  # h11, with a deadline
+        # h11 with a deadline per request; its 408s are counted as the app counts its refusals
+        http=DeadlineH11Protocol.with_deadline(config.request_timeout, late_headers.inc),
         limit_concurrency=config.limit_concurrency,  # more open connections than this: 503 at once
         timeout_keep_alive=config.keep_alive_timeout,  # idle keep-alive connections closed after this
         h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most (h11's default)
