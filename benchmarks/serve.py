@@ -25,8 +25,8 @@
    onnxruntime thread each behind the same client (what a second worker process adds).
 
 The client is a minimal asyncio HTTP/1.1 client (keep-alive, one connection per concurrent
-request) in this process: it shares the 2 cores with the server, as any loopback test does, and
-its CPU use is printed. Traffic goes only to 127.0.0.1, each level is bounded in time and count.
+request; on uvloop, as the server) in this process: it shares the 2 cores with the server, as any
+loopback test does, and its CPU use is printed. Traffic goes only to 127.0.0.1, each level is bounded in time and count.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """Unlabelled samples (and labelled ones as name{labels}) of GET /metrics."""
-        status, body = asyncio.run(one_request(self.port, "GET", "/metrics"))
+        status, body = run_client(one_request(self.port, "GET", "/metrics"))
         values = {}
         for line in body.decode().splitlines():
             if line and not line.startswith("#"):
@@ -172,6 +172,16 @@ class Server:
         finally:
             if self.process.poll() is None:
                 self.process.kill()
+
+
+def run_client(coroutine):
+    """``asyncio.run`` on uvloop where it is installed (fmtl's runtime install has it): the client shares
+    the cores with the server, and on asyncio's own loop it costs up to twice the CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 # --- a minimal HTTP/1.1 client ---------------------------------------------------------------------
@@ -286,16 +296,15 @@ async def closed_loop(ports: list[int], bodies: list[bytes], concurrency: int, s
 
 async def open_loop(port: int, bodies: list[bytes], rate: float, seconds: float, max_connections: int = 512) -> Level:
     """Requests at fixed intended times (``rate`` per second); latency from the intended time, so a
-    stall delays every request behind it in the figures too (no coordinated omission)."""
+    stall delays every request behind it in the figures too (no coordinated omission). One task per
+    request, started at its time: a late loop starts every request due at once."""
     level = Level(f"open {rate:.0f}/s", seconds, rate)
     idle: list[Connection] = []
     opened = 0
     start = time.perf_counter() + 0.05
 
-    async def one(i: int) -> None:
+    async def one(i: int, intended: float) -> None:
         nonlocal opened
-        intended = start + i / rate
-        await asyncio.sleep(max(0.0, intended - time.perf_counter()))
         while not idle and opened >= max_connections:
             await asyncio.sleep(0.001)
         if idle:
@@ -312,7 +321,15 @@ async def open_loop(port: int, bodies: list[bytes], rate: float, seconds: float,
         level.add(time.perf_counter() - intended, status)
         idle.append(connection)
 
-    await asyncio.gather(*(one(i) for i in range(int(rate * seconds))))
+    running: set[asyncio.Task] = set()
+    for i in range(int(rate * seconds)):
+        intended = start + i / rate
+        if (delay := intended - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(i, intended))
+        running.add(task)
+        task.add_done_callback(running.discard)
+    await asyncio.gather(*running)
     level.seconds = time.perf_counter() - start  # answers to the last requests come after the sending window
     for connection in idle:
         connection.close()
@@ -383,7 +400,7 @@ def row(level: Level, split: tuple[str, str, str], rss: tuple[float, float], cpu
 def measure(server: Server, coroutine, name: str | None = None) -> tuple[Level, str]:
     before, rss_start = server.metrics(), rss_mb(server.pid)
     with CpuWatch([server.pid]) as cpu:
-        level = asyncio.run(coroutine)
+        level = run_client(coroutine)
     level.name = name or level.name
     after = server.metrics()
     line = row(level, server_split(before, after), (rss_start, rss_mb(server.pid)), cpu)
@@ -416,8 +433,8 @@ def target_check(model: Path, paths: list[Path], bodies: list[bytes], args) -> N
                 got = {"ceiling16": in_process_rate(clf, paths, 16, args.seconds),
                        "ceiling1_ms": in_process_call_ms(clf, paths, args.seconds)}  # fmt: skip
                 for name, server in servers.items():
-                    got[name] = asyncio.run(closed_loop([server.port], bodies, 16, args.seconds)).achieved
-                got["c1_p50_ms"] = asyncio.run(closed_loop([servers["batched"].port], bodies, 1, args.seconds)).ms(50)
+                    got[name] = run_client(closed_loop([server.port], bodies, 16, args.seconds)).achieved
+                got["c1_p50_ms"] = run_client(closed_loop([servers["batched"].port], bodies, 1, args.seconds)).ms(50)
             got["others"] = cpu.others / (time.perf_counter() - started)
             rounds.append(got)
             print("round: " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()), flush=True)
@@ -524,7 +541,7 @@ def sigterm_under_load(model: Path, bodies: list[bytes], seconds: float) -> None
         signalled = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
-    asyncio.run(main())
+    run_client(main())
     code = server.process.wait(30)
     drained = time.perf_counter() - signalled
     lost = sum(count for outcome, count in results.items() if outcome.startswith("LOST"))
@@ -556,7 +573,7 @@ def where_time_goes(model: Path, bodies: list[bytes], args, levels: dict[int, Le
     two = [Server(model, "--threads", "1") for _ in range(2)]
     try:
         with CpuWatch([s.pid for s in two]) as cpu:
-            level = asyncio.run(closed_loop([s.port for s in two], bodies, 16, args.seconds))
+            level = run_client(closed_loop([s.port for s in two], bodies, 16, args.seconds))
     finally:
         for s in two:
             s.stop()

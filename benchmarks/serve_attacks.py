@@ -52,6 +52,7 @@ from serve import (
     model_file,
     open_loop,
     process_ticks,
+    run_client,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_attacks.md"
@@ -226,7 +227,7 @@ def run_attack(model: Path, name: str, make_attack, bodies: list[bytes], seconds
     server = Server(model)
     try:
         rss_start = peak_rss_mib(server.pid)
-        probe, (attacker, extra) = asyncio.run(attacked(server.port, bodies, seconds, make_attack))
+        probe, (attacker, extra) = run_client(attacked(server.port, bodies, seconds, make_attack))
         return Row(name, attacker, rss_start, peak_rss_mib(server.pid), probe, extra)
     finally:
         server.stop()
@@ -238,8 +239,8 @@ def capacity_of(model: Path, bodies: list[bytes], seconds: float) -> tuple[float
     server = Server(model)
     try:
         rss_start = peak_rss_mib(server.pid)
-        idle = asyncio.run(normal_client(server.port, bodies, seconds))
-        capacity = max(asyncio.run(closed_loop([server.port], bodies, c, seconds)).achieved for c in (16, 64))
+        idle = run_client(normal_client(server.port, bodies, seconds))
+        capacity = max(run_client(closed_loop([server.port], bodies, c, seconds)).achieved for c in (16, 64))
         return capacity, Row("none (idle server)", "-", rss_start, peak_rss_mib(server.pid), idle, {})
     finally:
         server.stop()
@@ -266,7 +267,7 @@ def server_cpu_ms(model: Path, body: bytes, count: int, options: tuple[str, ...]
             loop.run_until_complete(writer.drain())
             time.sleep(0.5)
         before = process_ticks(server.pid)
-        codes = asyncio.run(sequential(server.port, body, count))
+        codes = run_client(sequential(server.port, body, count))
         expected = 503 if hold else 200
         if codes.get(expected) != count:
             raise SystemExit(f"shedding cost: expected {count}x {expected}, got {codes}")

@@ -18,7 +18,6 @@ replicas on other machines; this benchmark measures what that costs where there 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import socket
@@ -29,7 +28,18 @@ from pathlib import Path
 
 import numpy as np
 from results_file import write_results
-from serve import CONCURRENCY, PYTHON, Level, Server, closed_loop, fashion_mnist_pngs, machine, model_file, rss_mb
+from serve import (
+    CONCURRENCY,
+    PYTHON,
+    Level,
+    Server,
+    closed_loop,
+    fashion_mnist_pngs,
+    machine,
+    model_file,
+    rss_mb,
+    run_client,
+)
 
 RAY_SERVER = """
 import sys
@@ -117,7 +127,7 @@ def run_engine(name: str, start, bodies: list[bytes], args) -> list[str]:
     rows = []
     try:
         for concurrency in args.concurrency:
-            level: Level = asyncio.run(closed_loop([server.port], bodies, concurrency, args.seconds))
+            level: Level = run_client(closed_loop([server.port], bodies, concurrency, args.seconds))
             codes = ", ".join(f"{code}: {count}" for code, count in sorted(level.codes.items(), key=str))
             rows.append(f"| {name} | {startup:.1f} | {concurrency} | {level.achieved:.0f} | {level.ms(50):.1f} | "
                         f"{level.ms(99):.1f} | {codes} | {idle_rss:.0f} / {tree_rss_mb(server.pid):.0f} |")  # fmt: skip

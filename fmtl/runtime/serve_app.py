@@ -29,6 +29,7 @@ from fmtl.runtime.serve_config import ServeConfig
 from fmtl.runtime.serve_metrics import MetricsMiddleware
 from fmtl.runtime.serve_model import ModelServer
 from fmtl.runtime.serve_requests import (
+    DISCARD_BYTES,
     MULTIPART,
     ApiError,
     classify_answer,
@@ -37,10 +38,8 @@ from fmtl.runtime.serve_requests import (
     no_readable_image,
     parse_k,
     parse_min_probability,
+    small_enough_to_drop,
 )
-
-DISCARD_BYTES = 65536  # an unread body up to this size is dropped so that a refusal keeps its connection
-
 
 # --- request bodies --------------------------------------------------------------------------------
 
@@ -76,7 +75,7 @@ async def _discard_small_body(request: Request) -> bool:
     """Read and drop a small unread body (True when done), so an error answer can keep the connection:
     cheaper for both sides than a new connection per refused request. A large or slow one is not read."""
     declared = request.headers.get("content-length", "")
-    if not (declared.isdigit() and len(declared) <= 6 and int(declared) <= DISCARD_BYTES):
+    if not small_enough_to_drop(declared):
         return False
     try:
         await asyncio.wait_for(_read_stream(request, DISCARD_BYTES, ApiError(413, "", "")), 0.5)
@@ -230,8 +229,10 @@ class QueueFullShedder:
     """Pure ASGI: while the queue is full, refuse new inference requests (503, the same JSON as
     ``ModelServer.admit``) from the scope alone, before Starlette builds a Request, routes it and
     runs its exception handling. Under overload most requests are refused, and every one of them
-    costs event-loop time that the served ones need: this is the cheapest refusal there is.
-    Anything it does not decide (another route, a Host not plainly allowed) goes to the app."""
+    costs event-loop time that the served ones need: this is the cheapest refusal there is in ASGI.
+    ``early_response`` is the same refusal as raw bytes, for a connection layer that can answer
+    before any ASGI task exists (fmtl.runtime.serve_http). Anything it does not decide (another
+    route, a Host not plainly allowed) goes to the app."""
 
     def __init__(self, app: Starlette, server: ModelServer, inference_routes: dict[str, Route], hosts: list[str]):
         self.app, self.server, self.routes = app, server, inference_routes
@@ -243,16 +244,32 @@ class QueueFullShedder:
             await self.app(scope, receive, send)
             return
         scope["route"] = route  # the metrics label, as Starlette's router would set it
+        body, headers = self._refusal()
+        if not await _drop_small_body(scope, receive):
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def early_response(self, scope: dict) -> bytes | None:
+        """The whole HTTP/1.1 503 for this request if the queue is full (counted in the metrics as the
+        app counts it), else None. The caller discards the body, or closes the connection after it."""
+        route = self._full_for(scope)
+        if route is None:
+            return None
+        self.server.metrics.requests.labels(route.path, "503").inc()
+        body, headers = self._refusal()
+        head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        return b"HTTP/1.1 503 Service Unavailable\r\n" + head + b"\r\n" + body
+
+    def _refusal(self) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The 503's JSON body and headers, counted as a queue_full refusal."""
         server = self.server
         server.metrics.rejected.labels("queue_full").inc()
         waiting = server.batcher.queued_images + server.pending
         body = json.dumps({"error": f"overloaded: queue full ({waiting} images waiting)"}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"retry-after", server._retry_after().encode())]  # fmt: skip
-        if not await _drop_small_body(scope, receive):
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        return body, headers
 
     def _full_for(self, scope: dict) -> Route | None:
         """The inference route this request is for, if the queue is full and the request is plain enough."""
@@ -278,8 +295,7 @@ class QueueFullShedder:
 
 async def _drop_small_body(scope: dict, receive: Callable) -> bool:
     """Read and drop a body of at most DISCARD_BYTES that says its length (True when done)."""
-    declared = dict(scope["headers"]).get(b"content-length", b"")
-    if not (declared.isdigit() and len(declared) <= 6 and int(declared) <= DISCARD_BYTES):
+    if not small_enough_to_drop(dict(scope["headers"]).get(b"content-length", b"")):
         return False
     try:
         async with asyncio.timeout(0.5) if hasattr(asyncio, "timeout") else contextlib.nullcontext():
@@ -326,5 +342,5 @@ def create_app(config: ServeConfig, load: bool = True) -> MetricsMiddleware:
     inference = {"classify": routes[1], "infer": routes[8]}
     shedder = QueueFullShedder(app, server, inference, hosts)
     wrapped = MetricsMiddleware(shedder, server.metrics, closing=lambda: server.draining)
-    wrapped.model_server = server
+    wrapped.model_server, wrapped.shedder = server, shedder
     return wrapped

@@ -1,13 +1,16 @@
-"""The HTTP connection layer of `fmtl serve`: uvicorn's h11 protocol with a deadline for reading each
-request, and the few uvicorn internals the drain needs, read in one place.
+"""The HTTP connection layer of `fmtl serve`: uvicorn's httptools protocol with a deadline for reading
+each request and a limit on its head, and the few uvicorn internals the drain needs, read in one place.
 
 uvicorn times out idle keep-alive connections but not a request that arrives slowly: a client that
 sends half its headers, or headers and one byte of its body, then waits, holds a connection for
-ever. ``DeadlineH11Protocol`` gives every request ``request_timeout`` seconds from its first byte
-(or from the connection's opening) until its headers have arrived: past that it answers 408 and
-closes. The body's own deadline is the app's (fmtl.runtime.serve.read_body answers 408 as JSON);
-one more ``request_timeout`` after that, a body still incomplete has its connection closed, whatever
-the app does. uvicorn's own ``limit_concurrency`` caps the connections these can hold.
+ever; and uvicorn sets no size limit on headers parsed by httptools. ``DeadlineHttpToolsProtocol``
+gives every request ``request_timeout`` seconds from its first byte (or from the connection's
+opening) until its headers have arrived: past that it answers 408 and closes. A request line and
+headers over ``MAX_HEAD_BYTES`` get 431 and the connection closed. The body's own deadline is the
+app's (fmtl.runtime.serve_app.read_body answers 408 as JSON); one more ``request_timeout`` after
+that, a body still incomplete has its connection closed, whatever the app does. uvicorn's own
+``limit_concurrency`` caps the connections these can hold. httptools (llhttp, in C) rather than h11:
+parsing is a large share of a small request's cost, so it sets how much capacity overload keeps.
 
 uvicorn documents its settings but not these classes and attributes, so pyproject.toml bounds
 uvicorn to the versions tested, and each reader below degrades to "nothing known" if they move.
@@ -19,41 +22,105 @@ import asyncio
 import json
 from collections.abc import Callable
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-HEADER_TIMEOUT_BODY = json.dumps({"error": "the request headers did not arrive in time (--request-timeout)"}).encode()
-HEADER_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    + f"content-length: {len(HEADER_TIMEOUT_BODY)}\r\n\r\n".encode()
-    + HEADER_TIMEOUT_BODY
-)
+from fmtl.runtime.serve_requests import small_enough_to_drop
+
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers at most (h11's default)
+DROP_WAIT_S = 0.5  # a small body refused early is read and dropped if it comes within this, else closed
 
 
-class DeadlineH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus a deadline per request (``request_timeout``, set by ``with_deadline``)."""
+def _closing_response(status: str, error: str) -> bytes:
+    body = json.dumps({"error": error}).encode()
+    head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    return f"{head}content-length: {len(body)}\r\n\r\n".encode() + body
+
+
+HEADER_TIMEOUT_RESPONSE = _closing_response("408 Request Timeout",
+                                            "the request headers did not arrive in time (--request-timeout)")  # fmt: skip
+HEAD_TOO_LARGE_RESPONSE = _closing_response("431 Request Header Fields Too Large",
+                                            f"request line and headers over {MAX_HEAD_BYTES // 1024} KiB")  # fmt: skip
+
+
+class DeadlineHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus a deadline per request (``request_timeout``), a limit on the
+    request line and headers (``MAX_HEAD_BYTES``), and answers given before any ASGI task exists
+    (``early_response``: the app's cheapest refusals, sent as bytes). ``configured`` sets them."""
 
     request_timeout: float = 10.0
     on_header_timeout: Callable[[], object] = staticmethod(lambda: None)  # counts the 408s given here
+    early_response: Callable[[dict], bytes | None] = staticmethod(lambda scope: None)
 
     @classmethod
-    def with_deadline(cls, seconds: float, on_header_timeout: Callable[[], object]) -> type[DeadlineH11Protocol]:
-        """This protocol class with its deadline set, calling ``on_header_timeout`` for each 408 it gives
-        (uvicorn builds one protocol per connection from it)."""
-        attributes = {"request_timeout": float(seconds), "on_header_timeout": staticmethod(on_header_timeout)}
+    def configured(cls, request_timeout: float, on_header_timeout: Callable[[], object],
+                   early_response: Callable[[dict], bytes | None]) -> type[DeadlineHttpToolsProtocol]:  # fmt: skip
+        """This protocol class with its settings (uvicorn builds one protocol per connection from it).
+
+        Args:
+            request_timeout: seconds for a request's headers to arrive (and again for its body).
+            on_header_timeout: called for each 408 given here.
+            early_response: from a request's scope (no body read yet), a whole HTTP response to send
+                instead of running the app, or None. A small body is read and dropped first, so the
+                connection stays open; a large one is not read, and the connection closes."""
+        attributes = {"request_timeout": float(request_timeout), "on_header_timeout": staticmethod(on_header_timeout),
+                      "early_response": staticmethod(early_response)}  # fmt: skip
         return type(cls.__name__, (cls,), attributes)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
+        self._head_complete = False  # the current request's headers have all arrived
+        self._head_bytes = 0  # bytes received since the current request began, while its head is incomplete
+        self._early: tuple[RequestResponseCycle, bytes] | None = None  # an answer waiting for its body to pass
         super().connection_made(transport)
         self._arm(self.request_timeout, self._headers_expired)
 
     def data_received(self, data: bytes) -> None:
-        if self._deadline is None and self.conn.their_state is h11.IDLE:  # the first bytes of the next request
-            self._arm(self.request_timeout, self._headers_expired)
         super().data_received(data)
-        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # the whole request has arrived
-            self._disarm()
+        if not self._head_complete and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._close_with(HEAD_TOO_LARGE_RESPONSE)
+
+    def on_message_begin(self) -> None:  # the request's first byte (parser callback)
+        super().on_message_begin()
+        self._head_complete, self._head_bytes = False, 0
+        if self._deadline is None:
+            self._arm(self.request_timeout, self._headers_expired)
+
+    def on_headers_complete(self) -> None:
+        self._head_complete = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:  # the whole request has arrived
+        self._disarm()
+        super().on_message_complete()
+        if self._early is not None and self._early[0] is self.cycle:
+            self._answer_early()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
+        """Run the app for this request, unless ``early_response`` answers it (not uvicorn's own 503s)."""
+        response = self.early_response(cycle.scope) if app is self.app else None
+        if response is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        self._early = (cycle, response)
+        if not cycle.more_body:  # all here already (a pipelined request)
+            self._answer_early()
+        elif _small_body(cycle.scope):  # read and drop it, unless it is slow to come
+            self._arm(DROP_WAIT_S, lambda: self._answer_early(close=True))
+        else:  # not worth reading: answer now and close
+            self._answer_early(close=True)
+
+    def _answer_early(self, close: bool = False) -> None:
+        cycle, response = self._early
+        self._early = None
+        cycle.response_complete = True  # uvicorn's body callbacks now ignore this request
+        if close or not cycle.keep_alive:
+            self.transport.write(response.replace(b"\r\n", b"\r\nconnection: close\r\n", 1))
+            self.transport.close()
+        else:
+            self.transport.write(response)
+            self.on_response_complete()  # keep-alive timer, or the next pipelined request
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -68,21 +135,31 @@ class DeadlineH11Protocol(H11Protocol):
             self._deadline.cancel()
             self._deadline = None
 
+    def _close_with(self, response: bytes) -> None:
+        self._disarm()
+        self.transport.write(response)
+        self.transport.close()
+
     def _headers_expired(self) -> None:
         self._deadline = None
         if self.transport.is_closing():
             return
-        if self.conn.their_state is h11.IDLE:  # headers still incomplete: no app is involved yet
-            self.transport.write(HEADER_TIMEOUT_RESPONSE)
-            self.transport.close()
+        if not self._head_complete:  # no app is involved yet
+            self._close_with(HEADER_TIMEOUT_RESPONSE)
             self.on_header_timeout()
-        elif self.conn.their_state is h11.SEND_BODY:  # the app has its own deadline for the body; a backstop
+        else:  # the body is late: the app has its own deadline for it; this is a backstop
             self._arm(self.request_timeout, self._body_expired)
 
     def _body_expired(self) -> None:
         self._deadline = None
-        if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+        if not self.transport.is_closing():
             self.transport.close()  # the app sees a disconnect
+
+
+def _small_body(scope: dict) -> bool:
+    """The body says its length (none: empty), small enough to read and drop (fmtl.runtime.serve_requests)."""
+    headers = dict(scope["headers"])
+    return b"transfer-encoding" not in headers and small_enough_to_drop(headers.get(b"content-length", b"0"))
 
 
 def open_connections(server) -> list:

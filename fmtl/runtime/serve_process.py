@@ -1,4 +1,4 @@
-"""`fmtl serve` as a process: uvicorn (h11 with a deadline per request, fmtl.runtime.serve_http) running
+"""`fmtl serve` as a process: uvicorn (httptools with a deadline per request, fmtl.runtime.serve_http) running
 the app, printing its address and readiness, ending with one error line when the model fails to load,
 and draining on SIGTERM or Ctrl-C: readiness and new requests get 503, every accepted request is
 answered (within --drain-timeout), then it exits 0.
@@ -16,7 +16,7 @@ import uvicorn
 
 from fmtl.runtime.serve_app import create_app
 from fmtl.runtime.serve_config import ServeConfig, ServeError, host_name
-from fmtl.runtime.serve_http import DeadlineH11Protocol, close_connections, close_listeners, open_connections
+from fmtl.runtime.serve_http import DeadlineHttpToolsProtocol, close_connections, close_listeners, open_connections
 from fmtl.runtime.serve_metrics import MetricsMiddleware
 
 DRAIN_GRACE_S = 1.0  # after SIGTERM, how long idle keep-alive connections may stay open at most
@@ -107,11 +107,11 @@ def serve(config: ServeConfig, echo: Callable[[str], object] = print) -> int:
         app,
         host=config.host,
         port=config.port,
-        # h11 with a deadline per request; its 408s are counted as the app counts its refusals
-        http=DeadlineH11Protocol.with_deadline(config.request_timeout, late_headers.inc),
+        # httptools with a deadline per request (its 408s counted as the app counts its refusals), and
+        # the queue-full 503 sent before any ASGI task exists: under overload most requests get it
+        http=DeadlineHttpToolsProtocol.configured(config.request_timeout, late_headers.inc, app.shedder.early_response),
         limit_concurrency=config.limit_concurrency,  # more open connections than this: 503 at once
         timeout_keep_alive=config.keep_alive_timeout,  # idle keep-alive connections closed after this
-        h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most (h11's default)
         backlog=min(2048, config.limit_concurrency * 2),
         log_level="warning",
         access_log=False,

@@ -21,6 +21,14 @@ RAW_TYPES = ("application/octet-stream", "")  # plus image/*; no Content-Type at
 MULTIPART = "multipart/form-data"
 MAX_K = 1_000_000  # larger k is refused; any k above the number of classes lists every class
 DEFAULT_K = 5
+DISCARD_BYTES = 65536  # an unread body up to this size is dropped so that a refusal keeps its connection
+
+
+def small_enough_to_drop(content_length: str | bytes) -> bool:
+    """A Content-Length (as sent) of at most DISCARD_BYTES: a body that size is read and dropped after
+    a refusal, cheaper for both sides than making the client open a new connection."""
+    digits = content_length.isascii() and content_length.isdigit()
+    return digits and len(content_length) <= 6 and int(content_length) <= DISCARD_BYTES
 
 
 class ApiError(Exception):

@@ -4,6 +4,7 @@ lives in the connection layer; the ASGI app through httpx where it lives in the 
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -98,6 +99,91 @@ def test_a_request_that_does_not_arrive_in_time_gets_408_and_is_closed(grey, tmp
         assert metric(metrics, "fmtl_rejected_requests_total", reason="request_timeout") == 1  # the body, late
         assert metric(metrics, "fmtl_rejected_requests_total", reason="header_timeout") == 2  # headers, or nothing
         assert httpx.post(f"{server.url}/v1/classify", content=png(grey_images(1)[0])).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_headers_over_16_kib_get_431_and_are_closed_whether_sent_at_once_or_slowly(grey, tmp_path):
+    """One header of 20 KiB, sent whole or a KiB at a time: 431 and closed, nothing buffered past the limit."""
+    server = ServerProcess([str(grey)], tmp_path).start()
+    host, port = address(server)
+    head = b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20_000
+    try:
+        for piece in (len(head), 1024):
+            connection = socket.create_connection((host, port), timeout=30)
+            for start in range(0, len(head), piece):
+                try:
+                    connection.sendall(head[start : start + piece])
+                except OSError:  # refused and closed before the last piece: what the test wants
+                    break
+                time.sleep(0.01 if piece < len(head) else 0)
+            answer = read_all(connection, 10)
+            assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+            assert b"connection: close" in answer.lower() and b"16 KiB" in answer
+        just_under = {"X-Big": "a" * 15_000, "Content-Type": "image/png"}
+        assert (
+            httpx.post(f"{server.url}/v1/classify", content=png(grey_images(1)[0]), headers=just_under).status_code
+            == 200
+        )
+    finally:
+        server.stop()
+
+
+def request_bytes(body: bytes, length: int | None = None, host: str = "127.0.0.1") -> bytes:
+    length = len(body) if length is None else length
+    head = f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n\r\n"
+    return head.encode() + body
+
+
+def read_response(connection: socket.socket) -> tuple[bytes, bytes]:
+    """One response's head and body (by its Content-Length) from a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += receive(connection)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += receive(connection)
+    return head, body
+
+
+def receive(connection: socket.socket) -> bytes:
+    chunk = connection.recv(65536)
+    assert chunk, "the server closed the connection"
+    return chunk
+
+
+@pytest.mark.slow
+def test_while_the_queue_is_full_the_connection_layer_refuses_keeping_or_closing_the_connection(grey, tmp_path):
+    """The queue-full 503 comes from the connection layer (no ASGI task): a small body is read and
+    dropped and the connection serves the next request; a large, slow or pipelined one is handled too."""
+    server = ServerProcess([str(grey), "--max-queue", "1", "--max-images", "1", "--batch-wait-ms", "3000",
+                            "--max-batch-size", "64", "--keep-alive-timeout", "60"], tmp_path).start()  # fmt: skip
+    host, port = address(server)
+    image = png(grey_images(1)[0])
+    try:
+        parked = socket.create_connection((host, port), timeout=30)
+        parked.sendall(request_bytes(image))  # waits 3 s in the queue for a fuller batch
+        wait_in_flight(server, 1)
+        small, large, slow = (socket.create_connection((host, port), timeout=30) for _ in range(3))
+        small.sendall(request_bytes(image) * 2)  # two pipelined requests
+        for _ in range(2):
+            head, body = read_response(small)
+            assert head.startswith(b"HTTP/1.1 503 ") and b"queue full" in body and b"retry-after" in head.lower()
+            assert b"connection: close" not in head.lower()
+        large.sendall(request_bytes(b"x", length=1_000_000))
+        assert b"connection: close" in read_all(large, 10).lower()  # answered at once, the upload not read
+        slow.sendall(request_bytes(b"x", length=1000))  # 1 byte of 1000, then nothing
+        started = time.monotonic()
+        assert read_all(slow, 10).startswith(b"HTTP/1.1 503 ") and time.monotonic() - started < 5
+        head, _ = read_response(parked)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        small.sendall(request_bytes(image))  # the queue has room again: the kept connection is served
+        assert read_response(small)[0].startswith(b"HTTP/1.1 200 ")
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert metric(metrics, "fmtl_requests_total", route="/v1/classify", code="503") == 4
+        assert metric(metrics, "fmtl_rejected_requests_total", reason="queue_full") == 4
     finally:
         server.stop()
 
