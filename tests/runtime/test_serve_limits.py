@@ -136,16 +136,22 @@ def request_bytes(body: bytes, length: int | None = None, host: str = "127.0.0.1
     return head.encode() + body
 
 
-def read_response(connection: socket.socket) -> tuple[bytes, bytes]:
-    """One response's head and body (by its Content-Length) from a keep-alive connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += receive(connection)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-    while len(body) < length:
-        body += receive(connection)
-    return head, body
+class Responses:
+    """The responses on one keep-alive connection, one at a time (one recv may bring several)."""
+
+    def __init__(self, connection: socket.socket):
+        self.connection, self.buffer = connection, b""
+
+    def next(self) -> tuple[bytes, bytes]:
+        """The next response's head and body (by its Content-Length)."""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += receive(self.connection)
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(rest) < length:
+            rest += receive(self.connection)
+        self.buffer = rest[length:]
+        return head, rest[:length]
 
 
 def receive(connection: socket.socket) -> bytes:
@@ -168,8 +174,9 @@ def test_while_the_queue_is_full_the_connection_layer_refuses_keeping_or_closing
         wait_in_flight(server, 1)
         small, large, slow = (socket.create_connection((host, port), timeout=30) for _ in range(3))
         small.sendall(request_bytes(image) * 2)  # two pipelined requests
+        small_responses = Responses(small)
         for _ in range(2):
-            head, body = read_response(small)
+            head, body = small_responses.next()
             assert head.startswith(b"HTTP/1.1 503 ") and b"queue full" in body and b"retry-after" in head.lower()
             assert b"connection: close" not in head.lower()
         large.sendall(request_bytes(b"x", length=1_000_000))
@@ -177,10 +184,10 @@ def test_while_the_queue_is_full_the_connection_layer_refuses_keeping_or_closing
         slow.sendall(request_bytes(b"x", length=1000))  # 1 byte of 1000, then nothing
         started = time.monotonic()
         assert read_all(slow, 10).startswith(b"HTTP/1.1 503 ") and time.monotonic() - started < 5
-        head, _ = read_response(parked)
+        head, _ = Responses(parked).next()
         assert head.startswith(b"HTTP/1.1 200 ")
         small.sendall(request_bytes(image))  # the queue has room again: the kept connection is served
-        assert read_response(small)[0].startswith(b"HTTP/1.1 200 ")
+        assert small_responses.next()[0].startswith(b"HTTP/1.1 200 ")
         metrics = httpx.get(f"{server.url}/metrics").text
         assert metric(metrics, "fmtl_requests_total", route="/v1/classify", code="503") == 4
         assert metric(metrics, "fmtl_rejected_requests_total", reason="queue_full") == 4
