@@ -76,23 +76,36 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if not self._head_complete and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if not self._head_complete:  # a head still arriving: count its bytes, however slowly they come
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._close_with(HEAD_TOO_LARGE_RESPONSE)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._close_with(HEAD_TOO_LARGE_RESPONSE)
 
     def on_message_begin(self) -> None:  # the request's first byte (parser callback)
         super().on_message_begin()
-        self._head_complete, self._head_bytes = False, 0
+        self._head_complete = False
+        if self._head_bytes <= MAX_HEAD_BYTES:  # a head too large ends the connection, pipelined requests too
+            self._head_bytes = 0
         if self._deadline is None:
             self._arm(self.request_timeout, self._headers_expired)
 
     def on_headers_complete(self) -> None:
         self._head_complete = True
-        super().on_headers_complete()
+        # a head that arrived whole in one read: its parsed size (the connection closes after this read)
+        self._head_bytes = max(self._head_bytes, len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers))
+        if self._head_bytes <= MAX_HEAD_BYTES:
+            super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._head_bytes <= MAX_HEAD_BYTES:  # else no request was started for it
+            super().on_body(body)
 
     def on_message_complete(self) -> None:  # the whole request has arrived
         self._disarm()
+        if self._head_bytes > MAX_HEAD_BYTES:
+            return
         super().on_message_complete()
         if self._early is not None and self._early[0] is self.cycle:
             self._answer_early()

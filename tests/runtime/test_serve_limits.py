@@ -121,6 +121,10 @@ def test_headers_over_16_kib_get_431_and_are_closed_whether_sent_at_once_or_slow
             answer = read_all(connection, 10)
             assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
             assert b"connection: close" in answer.lower() and b"16 KiB" in answer
+        whole = socket.create_connection((host, port), timeout=30)  # complete, and in one read
+        whole.sendall(head + b"\r\nContent-Length: 0\r\n\r\n")
+        answer = read_all(whole, 10)
+        assert answer.startswith(b"HTTP/1.1 431 ") and b"connection: close" in answer.lower(), answer[:80]
         just_under = {"X-Big": "a" * 15_000, "Content-Type": "image/png"}
         assert (
             httpx.post(f"{server.url}/v1/classify", content=png(grey_images(1)[0]), headers=just_under).status_code
