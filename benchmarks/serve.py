@@ -55,7 +55,7 @@ import numpy as np
 from PIL import Image
 
 from fmtl.runtime.classifier import Classifier
-from fmtl.runtime.serve import usable_cpus
+from fmtl.runtime.serve.config import usable_cpus
 
 PYTHON = sys.executable
 CONCURRENCY = (1, 4, 16, 64)

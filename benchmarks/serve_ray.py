@@ -45,7 +45,7 @@ RAY_SERVER = """
 import sys
 from pathlib import Path
 from fmtl.runtime.serve import ServeConfig
-from fmtl.runtime.serve_ray import RayServeOptions, serve_ray
+from fmtl.runtime.serve.ray_engine import RayServeOptions, serve_ray
 
 model, port, replicas = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 options = RayServeOptions(replicas=replicas, cpus_per_replica=1)

@@ -162,7 +162,7 @@ class ServeOption(click.Option):
         super().__init__(*args, show_default=True, **kwargs)
 
     def get_default(self, ctx: click.Context, call: bool = True):
-        from fmtl.runtime.serve_config import ServeConfig
+        from fmtl.runtime.serve.config import ServeConfig
 
         return ServeConfig.__dataclass_fields__[self.name].default
 
@@ -234,9 +234,9 @@ def serve(model, allowed_hosts, engine, **options) -> None:
     if engine == "ray":
         if config.parallel_batches is not None:
             raise ServeError("--parallel-batches is fmtl's own batcher's: with --engine ray, add replicas instead")
-        from fmtl.runtime import serve_ray  # says in one line what to install when ray is missing
+        from fmtl.runtime.serve import ray_engine  # says in one line what to install when ray is missing
 
-        sys.exit(serve_ray.serve_ray(config, serve_ray.RayServeOptions.from_cli(**cluster)))
+        sys.exit(ray_engine.serve_ray(config, ray_engine.RayServeOptions.from_cli(**cluster)))
     for name, value in cluster.items():
         if value is not None:
             raise ServeError(f"--{name.replace('_', '-')} needs --engine ray")

@@ -15,11 +15,17 @@ Torch-free, so the runtime shares it. The families:
 """
 
 
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line of at most ``limit`` characters (its type name if it has none):
-    how a library's error is quoted inside an fmtl message."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def one_line(error: BaseException | str, limit: int | None = 300) -> str:
+    """An exception's message (its type name if it has none), or a text, on one line of at most ``limit``
+    characters (None: no cut): runs of whitespace, line breaks among them, become one space, and other
+    unprintable characters (from a file name, say) backslash escapes. How a library's error, or an
+    untrusted name, is quoted inside an fmtl message."""
+    text = " ".join(str(error).split())
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    if not text and isinstance(error, BaseException):
+        text = type(error).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 #: How the command line reports an FmtlError: this prefix, the message, this exit status.

@@ -1,4 +1,4 @@
-"""One path from decoded images to result rows, for `fmtl infer`, Ray and serve alike.
+"""One path from decoded images to result rows, and one JSON shape for them, for `fmtl infer`, Ray and serve alike.
 
     decoded = decode_many(sources, ...)                     # arrays, a DecodeError in place of a failure
     rows = classify_decoded(classifier, names, decoded, k)  # keep the good -> predict -> top-k -> rows
@@ -6,7 +6,8 @@
 A caller that runs the model its own way (serve's batcher awaits it) uses the two halves:
 ``good, batch = keep_decoded(decoded)``, its own probabilities for ``batch``, then
 ``make_rows(classifier, names, decoded, good, probs, k, min_probability)``. ``Row.to_dict``
-is the one JSON shape of a result.
+is the one JSON shape of a result: `fmtl infer`'s json and jsonl, the Ray engine's jsonl part
+files and serve's ``predictions`` are lists of it.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ Decoded = np.ndarray | DecodeError
 class Row:
     """One image's result: its top-k predictions, or the reason it could not be read.
 
-    ``unsure`` is None when no ``min_probability`` was asked for (and for error rows), else
-    whether the top-1 probability is below it.
+    ``path`` is None for an image that came without a name (a raw upload to serve). ``unsure`` is
+    None when no ``min_probability`` was asked for (and for error rows), else whether the top-1
+    probability is below it.
     """
 
-    path: str
+    path: str | None
     predictions: list[Prediction] = field(default_factory=list)
     error: str | None = None
     unsure: bool | None = None
@@ -43,7 +45,7 @@ class Row:
             {"label": shown_name(p.label), "index": p.index, "probability": round(p.probability, 6)}
             for p in self.predictions
         ]
-        item = {"path": shown_name(self.path), "top_k": top, "error": self.error}
+        item = {"path": None if self.path is None else shown_name(self.path), "top_k": top, "error": self.error}
         if self.unsure is not None:
             item["unsure"] = self.unsure
         return item
@@ -57,7 +59,7 @@ def keep_decoded(decoded: Sequence[Decoded]) -> tuple[list[int], np.ndarray | No
 
 def make_rows(
     classifier: Classifier,
-    names: Sequence[str],
+    names: Sequence[str | None],
     decoded: Sequence[Decoded],
     good: Sequence[int],
     probs: np.ndarray | None,

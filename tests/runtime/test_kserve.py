@@ -1,5 +1,5 @@
 """The KServe v2 (Open Inference Protocol) side of `fmtl serve`: NVIDIA's tritonclient against the real server,
-in JSON and in binary tensor mode, and property tests of the request parser (fmtl.runtime.kserve_v2).
+in JSON and in binary tensor mode, and property tests of the request parser (fmtl.runtime.serve.kserve_v2).
 
 Torch-free: runs in the runtime-only install too (models from onnx_fixtures)."""
 
@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from fmtl.runtime.classifier import Classifier
 from fmtl.runtime.images import decode_bytes
-from fmtl.runtime.kserve_v2 import HEADER_LENGTH, V2Request, V2RequestError, encode_response, parse_request
+from fmtl.runtime.serve.kserve_v2 import HEADER_LENGTH, V2Request, V2RequestError, encode_response, parse_request
 
 INPUT_SHAPE = (3, 20, 30)  # rgb_model: 3 channels, 20 high, 30 wide
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])

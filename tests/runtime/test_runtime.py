@@ -269,11 +269,13 @@ def test_newest_model_is_used_by_default(photos: Path, tmp_path: Path, monkeypat
 
 
 def test_runtime_modules_do_not_import_torch() -> None:
-    """Every module of the torch-free side (and the CLI, and fmtl itself) imports without torch."""
+    """Every module of the torch-free side, fmtl.runtime.serve's too (and the CLI, and fmtl itself), imports
+    without torch."""
     code = (
         "import importlib, pkgutil, sys, fmtl, fmtl.cli, fmtl.runtime\n"
         "for info in pkgutil.walk_packages(fmtl.runtime.__path__, 'fmtl.runtime.'):\n"
         "    if info.name.split('.')[-1] not in OPTIONAL: importlib.import_module(info.name)\n"
+        "assert {'fmtl.runtime.serve.protocol', 'fmtl.runtime.serve.api'} <= set(sys.modules)  # subpackages walked\n"
         "heavy = sorted(m for m in ('torch', 'torchvision', 'accelerate', 'onnx') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
@@ -285,7 +287,7 @@ def test_runtime_modules_do_not_import_torch() -> None:
 
 
 # Runtime modules that need an optional extra (they still never import torch).
-OPTIONAL_RUNTIME_MODULES = {"ray_infer", "ray_parts", "serve_ray"}
+OPTIONAL_RUNTIME_MODULES = {"ray_cluster", "ray_infer", "ray_parts", "ray_engine"}
 
 
 # --- output safety: file and class names are untrusted text --------------------------------------

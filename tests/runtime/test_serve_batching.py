@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from fmtl.runtime.serve_batching import Batcher
+from fmtl.runtime.serve.batching import Batcher
 
 
 def test_a_failing_batch_does_not_strand_the_requests_queued_behind_it():

@@ -17,7 +17,7 @@ from onnx_fixtures import grey_model
 from test_serve import grey_images, png
 
 from fmtl.runtime.serve import ServeConfig, create_app
-from fmtl.runtime.serve_requests import ApiError, multipart_files, parse_k, parse_min_probability
+from fmtl.runtime.serve.api import ApiError, multipart_files, parse_k, parse_min_probability
 
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
@@ -120,7 +120,7 @@ def assert_answer_or_4xx(answer: httpx.Response) -> None:
     assert answer.status_code == 200 or 400 <= answer.status_code < 500, (answer.status_code, answer.text)
     body = answer.json()
     if answer.status_code == 200:
-        assert all(("top_k" in entry) != ("error" in entry) for entry in body["predictions"])
+        assert all(bool(entry["top_k"]) != (entry["error"] is not None) for entry in body["predictions"])
     else:
         assert isinstance(body["error"], str) and "\n" not in body["error"]
 

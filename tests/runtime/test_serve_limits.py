@@ -360,7 +360,7 @@ def test_a_refusal_before_the_body_is_read_keeps_or_closes_the_connection(grey):
 
 def test_the_drain_reads_of_uvicorn_internals_degrade_to_nothing():
     """If a uvicorn release moves the attributes the drain reads, it sees no connections instead of crashing."""
-    from fmtl.runtime.serve_http import close_connections, close_listeners, open_connections
+    from fmtl.runtime.serve.protocol import close_connections, close_listeners, open_connections
 
     class Moved:
         server_state = None

@@ -1,4 +1,4 @@
-"""`fmtl serve --engine ray` (fmtl.runtime.serve_ray): one real server process for the whole module.
+"""`fmtl serve --engine ray` (fmtl.runtime.serve.ray_engine): one real server process for the whole module.
 
 The process (`fmtl serve --engine ray`) starts its own local Ray cluster (loopback only) with one
 Ray Serve application of two replicas, as a user's command would; the tests talk HTTP to Ray Serve's
@@ -76,7 +76,7 @@ def test_ray_options_need_engine_ray(tmp_path: Path, extra: list[str], message: 
 def test_a_model_that_cannot_load_is_one_error_before_any_cluster_starts(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     from fmtl.runtime.serve import ServeError
-    from fmtl.runtime.serve_ray import RayServeOptions, serve_ray
+    from fmtl.runtime.serve.ray_engine import RayServeOptions, serve_ray
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
@@ -98,7 +98,7 @@ def test_a_model_that_cannot_load_is_one_error_before_any_cluster_starts(tmp_pat
 def test_cluster_options_are_checked(given: dict, message: str) -> None:
     pytest.importorskip("ray.serve")
     from fmtl.runtime.serve import ServeError
-    from fmtl.runtime.serve_ray import RayServeOptions
+    from fmtl.runtime.serve.ray_engine import RayServeOptions
 
     with pytest.raises(ServeError, match=message):
         RayServeOptions.from_cli(**given).check()
@@ -107,7 +107,7 @@ def test_cluster_options_are_checked(given: dict, message: str) -> None:
 @pytest.mark.ray
 def test_autoscale_and_resources_become_ray_serve_settings() -> None:
     pytest.importorskip("ray.serve")
-    from fmtl.runtime.serve_ray import RayServeOptions, deployment_options
+    from fmtl.runtime.serve.ray_engine import RayServeOptions, deployment_options
 
     options = RayServeOptions.from_cli(autoscale="0:4", cpus_per_replica=2, gpus_per_replica=0.5)
     settings = deployment_options(ServeConfig(Path("m.onnx"), max_batch_size=8, max_queue=100), options)
@@ -356,7 +356,7 @@ def test_answers_are_fmtl_serves_byte_for_byte(server: Server) -> None:
             response = client.request(**request)
             assert (response.status_code, response.content) == (status, body), request["url"]
     broken = json.loads(expected[1][1])["predictions"][1]
-    assert broken["file"] == "broken.png" and "error" in broken and "top_k" not in broken
+    assert broken["path"] == "broken.png" and broken["error"] and broken["top_k"] == []
     assert expected[0][0] == 200 and expected[2][0] == 400 and expected[4][0] == 200
 
 

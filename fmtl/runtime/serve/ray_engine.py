@@ -43,20 +43,19 @@ from pathlib import Path
 import numpy as np
 
 from fmtl.runtime.classifier import Classifier, ModelError
-from fmtl.runtime.serve import ServeConfig, ServeError, create_app
-from fmtl.runtime.serve_batching import BatchStats, QueueFull
+from fmtl.runtime.serve.app import create_app
+from fmtl.runtime.serve.batching import BatchStats, QueueFull
+from fmtl.runtime.serve.config import ServeConfig, ServeError
 
 try:
     import ray
     from ray import serve
 
-    from fmtl.runtime.ray_infer import connect_cluster
+    from fmtl.runtime.ray_cluster import connect_cluster
 except ImportError as error:  # the extra is missing: the CLI prints this one line and exits non-zero
     raise ServeError(
         f'--engine ray needs the ray extra: pip install "fmtl[ray]" ({error.name or "ray"} is not installed)'
     ) from None
-except Exception as error:  # ray_infer's own InferError for a missing pyarrow, say
-    raise ServeError(str(error)) from None
 
 APP_NAME = "fmtl"  # the Ray Serve application (one per cluster: its proxies listen on one port)
 DRAIN_POLL_S = 0.2

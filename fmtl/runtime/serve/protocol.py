@@ -7,7 +7,7 @@ ever; and uvicorn sets no size limit on headers parsed by httptools. ``DeadlineH
 gives every request ``request_timeout`` seconds from its first byte (or from the connection's
 opening) until its headers have arrived: past that it answers 408 and closes. A request line and
 headers over ``MAX_HEAD_BYTES`` get 431 and the connection closed. The body's own deadline is the
-app's (fmtl.runtime.serve_app.read_body answers 408 as JSON); one more ``request_timeout`` after
+app's (fmtl.runtime.serve.app.read_body answers 408 as JSON); one more ``request_timeout`` after
 that, a body still incomplete has its connection closed, whatever the app does. uvicorn's own
 ``limit_concurrency`` caps the connections these can hold. httptools (llhttp, in C) rather than h11:
 parsing is a large share of a small request's cost, so it sets how much capacity overload keeps.
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from fmtl.runtime.serve_requests import small_enough_to_drop
+from fmtl.runtime.serve.api import small_enough_to_drop
 
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers at most (h11's default)
 DROP_WAIT_S = 0.5  # a small body refused early is read and dropped if it comes within this, else closed
@@ -170,7 +170,7 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
 
 
 def _small_body(scope: dict) -> bool:
-    """The body says its length (none: empty), small enough to read and drop (fmtl.runtime.serve_requests)."""
+    """The body says its length (none: empty), small enough to read and drop (fmtl.runtime.serve.api)."""
     headers = dict(scope["headers"])
     return b"transfer-encoding" not in headers and small_enough_to_drop(headers.get(b"content-length", b"0"))
 

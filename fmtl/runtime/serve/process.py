@@ -1,4 +1,4 @@
-"""`fmtl serve` as a process: uvicorn (httptools with a deadline per request, fmtl.runtime.serve_http) running
+"""`fmtl serve` as a process: uvicorn (httptools with a deadline per request, fmtl.runtime.serve.protocol) running
 the app, printing its address and readiness, ending with one error line when the model fails to load,
 and draining on SIGTERM or Ctrl-C: readiness and new requests get 503, every accepted request is
 answered (within --drain-timeout), then it exits 0.
@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import uvicorn
 
-from fmtl.runtime.serve_app import create_app
-from fmtl.runtime.serve_config import ServeConfig, ServeError, host_name
-from fmtl.runtime.serve_http import DeadlineHttpToolsProtocol, close_connections, close_listeners, open_connections
-from fmtl.runtime.serve_metrics import MetricsMiddleware
+from fmtl.runtime.serve.app import create_app
+from fmtl.runtime.serve.config import ServeConfig, ServeError, host_name
+from fmtl.runtime.serve.metrics import MetricsMiddleware
+from fmtl.runtime.serve.protocol import DeadlineHttpToolsProtocol, close_connections, close_listeners, open_connections
 
 DRAIN_GRACE_S = 1.0  # after SIGTERM, how long idle keep-alive connections may stay open at most
 

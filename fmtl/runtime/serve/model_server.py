@@ -15,10 +15,10 @@ import numpy as np
 
 from fmtl.runtime.classifier import Classifier, ModelError
 from fmtl.runtime.images import DecodeError, decode_or_error
-from fmtl.runtime.serve_batching import Batcher, BatchStats, QueueFull, QueueTimeout
-from fmtl.runtime.serve_config import ServeConfig, usable_cpus
-from fmtl.runtime.serve_metrics import Metrics
-from fmtl.runtime.serve_requests import ApiError, default_max_pixels
+from fmtl.runtime.serve.api import ApiError, default_max_pixels
+from fmtl.runtime.serve.batching import Batcher, BatchStats, QueueFull, QueueTimeout
+from fmtl.runtime.serve.config import ServeConfig, usable_cpus
+from fmtl.runtime.serve.metrics import Metrics
 
 
 class Admission:

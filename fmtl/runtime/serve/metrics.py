@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
-from fmtl.runtime.serve_batching import BatchStats
+from fmtl.runtime.serve.batching import BatchStats
 
 # Seconds: from well under a millisecond (a tiny model at low load) to the longest sane queue timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)

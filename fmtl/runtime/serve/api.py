@@ -1,5 +1,6 @@
 """Request handling for `fmtl serve` that does not depend on the HTTP engine: bytes and parameters in,
-the answer dict (or an ``ApiError`` with a 4xx status) out.
+images and options out, or an ``ApiError`` with a 4xx status (the answer itself is
+``fmtl.runtime.results.Row.to_dict``, as for `fmtl infer`).
 
 Everything here is synchronous and pure, so any front end can call it: Starlette runs the
 multipart parsing in its decoding pool (never on the event loop), and another engine (Ray Serve)
@@ -16,6 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+
+from fmtl.errors import one_line
 
 RAW_TYPES = ("application/octet-stream", "")  # plus image/*; no Content-Type at all is what `curl -T` sends
 MULTIPART = "multipart/form-data"
@@ -156,52 +159,14 @@ class _PartReader:
         self.files.append((name, b"".join(self.chunks)))
 
 
-def classify_answer(
-    model: str,
-    names: Sequence[str | None],
-    decoded: Sequence[object],
-    top_k: Callable[[np.ndarray, int], list],
-    probs: np.ndarray,
-    k: int,
-    min_probability: float | None = None,
-) -> dict:
-    """The /v1/classify answer: one entry per image sent, in order; an ``error`` in place of a failed one.
-
-    Args:
-        decoded: per image, its array or the exception that stopped its decoding.
-        top_k: the Classifier's top_k (probabilities [N, classes], k -> N lists of Predictions).
-        probs: probabilities of the decoded images only, in order.
-        min_probability: entries whose top-1 probability is below it get ``"unsure": true``.
-    """
-    good = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
-    tops = dict(zip(good, top_k(probs, k), strict=True))
-    predictions = []
-    for i, (name, item) in enumerate(zip(names, decoded, strict=True)):
-        entry: dict = {"file": name} if name is not None else {}
-        if i in tops:
-            entry["top_k"] = [{"label": p.label, "index": p.index, "probability": round(p.probability, 6)}
-                              for p in tops[i]]  # fmt: skip
-            if min_probability is not None:
-                entry["unsure"] = bool(tops[i][0].probability < min_probability)
-        else:
-            entry["error"] = str(item)
-        predictions.append(entry)
-    return {"model": model, "predictions": predictions}
-
-
 def no_readable_image(names: Sequence[str | None], decoded: Sequence[object]) -> ApiError | None:
     """The 400 for a request none of whose images could be decoded (None if any could)."""
     if any(isinstance(item, np.ndarray) for item in decoded):
         return None
     if len(decoded) == 1:
-        return ApiError(400, one_line(f"not a readable image: {decoded[0]}"), "bad_image")
+        return ApiError(400, one_line(f"not a readable image: {decoded[0]}", limit=None), "bad_image")
     reasons = "; ".join(f"{name}: {item}" for name, item in zip(names, decoded, strict=True))
-    return ApiError(400, one_line(f"no readable image ({reasons})"), "bad_image")
-
-
-def one_line(text: str) -> str:
-    """``text`` with line breaks and other unprintable characters (from file names) backslash-escaped."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return ApiError(400, one_line(f"no readable image ({reasons})", limit=None), "bad_image")
 
 
 def default_max_pixels(input_pixels: int) -> int:

@@ -1,6 +1,6 @@
 """What `fmtl serve` takes (ServeConfig, whose defaults are the command's) and how it fails (ServeError).
 
-Used by every serving engine: the uvicorn one (fmtl.runtime.serve) and Ray Serve (fmtl.runtime.serve_ray).
+Used by every serving engine: the uvicorn one (fmtl.runtime.serve) and Ray Serve (fmtl.runtime.serve.ray_engine).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class ServeConfig:
             raise ServeError("--max-pixels must be at least 1")
 
     def lanes(self) -> int:
-        """Batches run side by side under a backlog (fmtl.runtime.serve_batching): --parallel-batches, or one per CPU."""
+        """Batches run side by side under a backlog (fmtl.runtime.serve.batching): --parallel-batches, or one per CPU."""
         return self.parallel_batches or usable_cpus()
 
     def trusted_hosts(self) -> tuple[list[str], str | None]:

@@ -1,7 +1,7 @@
 """The Starlette app of `fmtl serve`: its routes (/v1/classify, the Open Inference Protocol under /v2,
 /metrics, the page at /), request bodies read within their limits, errors as {"error": ...} JSON, and
 the cheapest refusal of all (QueueFullShedder) in front of it. The model behind it is a ModelServer
-(fmtl.runtime.serve_model); running it as a process is fmtl.runtime.serve_process.
+(fmtl.runtime.serve.model_server); running it as a process is fmtl.runtime.serve.process.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -24,15 +23,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from fmtl import __version__
-from fmtl.runtime import kserve_v2
-from fmtl.runtime.serve_config import ServeConfig
-from fmtl.runtime.serve_metrics import MetricsMiddleware
-from fmtl.runtime.serve_model import ModelServer
-from fmtl.runtime.serve_requests import (
+from fmtl.runtime.results import keep_decoded, make_rows
+from fmtl.runtime.serve import kserve_v2
+from fmtl.runtime.serve.api import (
     DISCARD_BYTES,
     MULTIPART,
     ApiError,
-    classify_answer,
     image_payloads,
     media_type,
     no_readable_image,
@@ -40,6 +36,9 @@ from fmtl.runtime.serve_requests import (
     parse_min_probability,
     small_enough_to_drop,
 )
+from fmtl.runtime.serve.config import ServeConfig
+from fmtl.runtime.serve.metrics import MetricsMiddleware
+from fmtl.runtime.serve.model_server import ModelServer
 
 # --- request bodies --------------------------------------------------------------------------------
 
@@ -95,7 +94,7 @@ async def _discard_small_body(request: Request) -> bool:
 
 def parse_v2(body: bytes, header_length: str | None, encoding: str | None, input_shape: tuple[int, int, int],
              config: ServeConfig) -> kserve_v2.V2Request:  # fmt: skip
-    """An Open Inference Protocol infer request (fmtl.runtime.kserve_v2), its errors as 4xx; runs in the pool."""
+    """An Open Inference Protocol infer request (fmtl.runtime.serve.kserve_v2), its errors as 4xx; runs in the pool."""
     try:
         return kserve_v2.parse_request(body, input_shape, header_length, encoding, int(config.max_body_mb * 1e6),
                                        config.max_images)  # fmt: skip
@@ -132,11 +131,12 @@ async def classify(request: Request) -> Response:
         error = no_readable_image(names, decoded)
         if error is not None:
             raise error
-        probs = await server.infer(np.stack([item for item in decoded if isinstance(item, np.ndarray)]), admission)
+        good, batch = keep_decoded(decoded)
+        probs = await server.infer(batch, admission)
     finally:
         admission.release()
-    top_k = server.classifier.top_k
-    return JSONResponse(classify_answer(server.name, names, decoded, top_k, probs, k, min_probability))
+    rows = make_rows(server.classifier, names, decoded, good, probs, k, min_probability)
+    return JSONResponse({"model": server.name, "predictions": [row.to_dict() for row in rows]})
 
 
 async def page(request: Request) -> Response:
@@ -190,7 +190,7 @@ async def model_metadata(request: Request) -> Response:
 
 async def model_infer(request: Request) -> Response:
     """POST /v2/models/NAME/infer: a UINT8 [N, C, H, W] tensor in, FP32 probabilities [N, classes] out,
-    as JSON or as binary tensor data (the request says which; fmtl.runtime.kserve_v2)."""
+    as JSON or as binary tensor data (the request says which; fmtl.runtime.serve.kserve_v2)."""
     server = _server(request)
     server.check_name(request.path_params["name"])
     server.check_accepting()
@@ -240,7 +240,7 @@ class QueueFullShedder:
     runs its exception handling. Under overload most requests are refused, and every one of them
     costs event-loop time that the served ones need: this is the cheapest refusal there is in ASGI.
     ``early_response`` is the same refusal as raw bytes, for a connection layer that can answer
-    before any ASGI task exists (fmtl.runtime.serve_http). Anything it does not decide (another
+    before any ASGI task exists (fmtl.runtime.serve.protocol). Anything it does not decide (another
     route, a Host not plainly allowed) goes to the app."""
 
     def __init__(self, app: Starlette, server: ModelServer, inference_routes: dict[str, Route], hosts: list[str]):
