@@ -63,7 +63,7 @@ def test_idx_reader_checks_magic_and_size(tmp_path):
 
 
 def test_missing_fashion_mnist_names_three_ways(tmp_path, monkeypatch):
-    import fmtl.training.data as data
+    import fmtl.training.data.sources as data
 
     monkeypatch.setattr(data, "SYSTEM_DATA_DIR", tmp_path / "none")
     monkeypatch.delenv("FMTL_DATA_DIR", raising=False)
@@ -175,9 +175,9 @@ def test_image_folder_cache_skips_decoding(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first = load_dataset(str(tmp_path / "clothes"), "train", val_fraction=0)
-        import fmtl.training.data as data
+        import fmtl.training.data.store as store
 
-        monkeypatch.setattr(data, "_decode_folder", lambda *a: pytest.fail("decoded again"))
+        monkeypatch.setattr(store, "_build", lambda *a: pytest.fail("decoded again"))
         second = load_dataset(str(tmp_path / "clothes"), "train", val_fraction=0)
     assert torch.equal(first.images, second.images)
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from fmtl.errors import ConfigError
 from fmtl.training.augment import Augment, Preprocess
+from fmtl.training.data.feeder import Resident
 from fmtl.training.headfit import fit_linear_head
 from fmtl.training.models import FmtlModel
 
@@ -47,7 +48,7 @@ def extract_features(net: FmtlModel, accelerator: Accelerator, batch: Batch, set
 
 @torch.no_grad()
 def cache_views(
-    net: FmtlModel, preprocess: Preprocess, images: torch.Tensor, blocks: int, views: int, augment: Augment | None,
+    net: FmtlModel, preprocess: Preprocess, images: Resident, blocks: int, views: int, augment: Augment | None,
     eval_batch_size: int, channels_last: bool, quiet: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """The first ``blocks`` blocks' output for ``views`` views of every image, ``[V, N, ...]``.
@@ -56,12 +57,12 @@ def cache_views(
     --seed alone, so a resumed run rebuilds the same views).
     """
     net.eval()
-    chunks = torch.arange(len(images)).split(eval_batch_size)
+    chunks = torch.arange(len(images.data)).split(eval_batch_size)
     result = []
     for view in tqdm(range(views), desc="caching views", leave=False, disable=quiet):
         parts = []
         for indices in chunks:
-            x = preprocess(images[indices.to(images.device)], augment if view else None)
+            x = preprocess(images.take(indices), augment if view else None)  # on the model's device
             x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             parts.append(net.prefix(x, blocks).float())
         result.append(torch.cat(parts))

@@ -137,12 +137,14 @@ class TrainConfig:
     force_bf16: bool = option(False, "allow bf16 on a CPU without native bf16 (slow: emulated)")
     channels_last: bool = option(True, "channels_last memory format for conv backbones")
     threads: int = option(0, "torch intra-op threads per process (0: torch's default)")
+    workers: int = option(-1, "DataLoader workers reading batches from a folder's store (-1: 0 on a CPU, 4 a GPU)")
     keep_freed_memory: bool = option(True, "CPU + glibc: keep freed memory in the process (no per-batch page faults)")
     # output
     output: str | None = option(None, "run folder (default runs/<model>-<data>-<time>)")
     resume: str | None = option(None, "continue the run in this folder from its last completed epoch")
     log_with: str | None = option(None, "Accelerate tracker: tensorboard, wandb, mlflow, comet_ml, aim, all")
     save_state: bool = option(True, "save the full training state each epoch, so --resume can continue")
+    save_every_steps: int = option(0, "also save the state every N steps, so --resume continues mid-epoch (0: off)")
     quiet: bool = option(False, "no progress bars")
 
     def __post_init__(self) -> None:

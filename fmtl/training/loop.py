@@ -33,6 +33,9 @@ from fmtl.training.augment import Preprocess, augment_for
 from fmtl.training.budget import BudgetController
 from fmtl.training.checkpoint import MODEL_WEIGHTS
 from fmtl.training.config import TrainConfig, load_config, read_yaml, with_defaults, with_eval_batch
+from fmtl.training.data import ImageSet, feeder
+from fmtl.training.data.feeder import EpochSampler, Resident, ranks_on_device, worker_count
+from fmtl.training.data.imageset import LazyImages
 from fmtl.training.models import (
     FmtlModel,
     backbone_layout,
@@ -89,10 +92,13 @@ class Trainer:
         self.spec = input_spec(model, self.train_set, cfg)
         self.preprocess = Preprocess(self.spec).to(accelerator.device)
         self.augment = augment_for(cfg, seed=cfg.seed + accelerator.process_index)
-        self.train_images = self._on_device(self.train_set.images)
+        ranks_here = ranks_on_device(accelerator)
+        self.train_images = Resident(self.train_set, accelerator.device, ranks_here)
         self.train_labels = self.train_set.labels.to(accelerator.device)
-        self.val_images = self._on_device(self.val_set.images)
-        train_loader = index_loader(len(self.train_set), cfg.batch_size, shuffle=True, seed=cfg.seed)
+        self.val_images = Resident(self.val_set, accelerator.device, ranks_here)
+        self.sampler = EpochSampler(len(self.train_set), cfg.batch_size, cfg.seed, processes=accelerator.num_processes)
+        workers = worker_count(cfg.workers, accelerator.device, ranks_here)
+        train_loader = feeder.train_loader(self.train_images, self.sampler, workers)
         val_loader = index_loader(len(self.val_set), cfg.eval_batch_size, shuffle=False, seed=0)
         self.schedule = Schedule(self.plan, accelerator.num_processes, cfg.warmup_fraction)
         optimizer, scheduler = make_optimizer(cfg, model, self.schedule)
@@ -107,10 +113,10 @@ class Trainer:
         self.prefix_blocks = cached_view_blocks(cfg, self.net) if self.plan.strategy != "linear" else 0
         self.views: torch.Tensor | None = None  # --frozen-views: [V, N, ...] outputs of the frozen first blocks
         self.view_generator = torch.Generator().manual_seed(cfg.seed)  # which view each image shows, per epoch
-        generators = {"shuffle": train_loader.generator}  # the sampler's, drawn from each epoch
-        generators.update({"views": self.view_generator} if self.prefix_blocks else {})
+        generators = {"views": self.view_generator} if self.prefix_blocks else {}
         generators.update({"augment": self.augment.generator} if self.augment is not None else {})
         self.recorder = Recorder(accelerator, run_dir, generators, cfg.save_state, cfg.patience)
+        self.position: dict | None = None  # a mid-epoch resume: where in its epoch the run goes on
         if self.prefix_blocks:
             one = self.batch(self.train_images, torch.arange(1), augment=False)
             caches.check_views_fit(self.net, one, self.prefix_blocks, cfg.frozen_views, len(self.train_set))
@@ -135,12 +141,9 @@ class Trainer:
     def phases(self) -> list[Phase]:
         return self.plan.phases
 
-    def _on_device(self, images: torch.Tensor) -> torch.Tensor:
-        # A few hundred MB of uint8 is cheap to keep on a GPU; a huge folder dataset stays in host memory.
-        return images.to(self.accelerator.device) if images.nbytes < 2**31 else images
-
-    def batch(self, images: torch.Tensor, indices: torch.Tensor, augment: bool) -> torch.Tensor:
-        x = images[indices.to(images.device)].to(self.accelerator.device, non_blocking=True)
+    def batch(self, images: Resident, indices: torch.Tensor, augment: bool, pixels=None) -> torch.Tensor:
+        """Model input for ``indices`` of ``images`` (``pixels``: their uint8 batch, when a worker read it)."""
+        x = images.take(indices) if pixels is None else pixels.to(self.accelerator.device, non_blocking=True)
         x = self.preprocess(x, self.augment if augment else None)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
@@ -185,25 +188,39 @@ class Trainer:
         use_cache = self.on_cached_features(phase)
         if use_cache and self.cached is None:
             self.cache_features(fit_head=epoch == phase.first_epoch and self.cfg.head_fit == "lbfgs")
-        self.train_loader.set_epoch(epoch)
-        total_loss, seen = torch.zeros((), device=accelerator.device), 0
-        batches = min(len(self.train_loader), self.plan.steps_in(epoch) * self.cfg.gradient_accumulation_steps)
-        bar = tqdm(self.train_loader, total=batches, desc=f"epoch {epoch}/{self.plan.epochs} {phase.name}",
+        done, loss_sum, seen = self.resume_position(epoch)
+        self.sampler.seek(epoch, start=done * accelerator.num_processes)
+        total_loss = torch.full((), loss_sum, device=accelerator.device)
+        batches = min(len(self.train_loader) + done, self.plan.steps_in(epoch) * self.cfg.gradient_accumulation_steps)
+        bar = tqdm(self.train_loader, total=batches, initial=done, desc=f"epoch {epoch}/{self.plan.epochs} {phase.name}",
                    leave=False, disable=self.cfg.quiet or not accelerator.is_local_main_process)  # fmt: skip
-        started = time.perf_counter()
-        for step, indices in enumerate(bar, 1):
+        started, counted = time.perf_counter(), seen
+        for step, item in enumerate(bar, done + 1):
+            indices, pixels = item if isinstance(item, (tuple, list)) else (item, None)
             with accelerator.accumulate(self.model):
-                loss = self.train_step(indices, use_cache, use_views=not phase.frozen and self.views is not None)
+                loss = self.train_step(indices, use_cache, not phase.frozen and self.views is not None, pixels)
             self.check_loss(loss, epoch, step)
             total_loss += loss.detach() * len(indices)
             seen += len(indices)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}", img_s=f"{(seen - counted) / (time.perf_counter() - started):.0f}"
+            )
             if step >= batches:
                 break
+            if self.cfg.save_every_steps and step % self.cfg.save_every_steps == 0:
+                self.recorder.save_position(self.plan, {"epoch": epoch, "step": step,
+                                                        "loss_sum": total_loss.item(), "seen": seen})  # fmt: skip
         total = accelerator.reduce(torch.stack([total_loss, torch.tensor(float(seen), device=total_loss.device)]))
         return (total[0] / total[1]).item(), int(total[1].item())
 
-    def train_step(self, indices: torch.Tensor, use_cache: bool, use_views: bool = False) -> torch.Tensor:
+    def resume_position(self, epoch: int) -> tuple[int, float, int]:
+        """Steps already taken in ``epoch``, their loss sum and images, when resuming inside it (else zeros)."""
+        position, self.position = self.position, None
+        if position is None or position["epoch"] != epoch:
+            return 0, 0.0, 0
+        return position["step"], position["loss_sum"], position["seen"]
+
+    def train_step(self, indices: torch.Tensor, use_cache: bool, use_views: bool = False, pixels=None) -> torch.Tensor:
         labels = self.train_labels[indices.to(self.train_labels.device)]
         if use_cache:
             x, where = self.cached["train"][indices.to(self.cached["train"].device)], {"from_features": True}
@@ -212,7 +229,7 @@ class Trainer:
             x = self.views[view.to(self.views.device), indices.to(self.views.device)]
             where = {"from_block": self.prefix_blocks}
         else:
-            x, where = self.batch(self.train_images, indices, augment=True), {}
+            x, where = self.batch(self.train_images, indices, augment=True, pixels=pixels), {}
         loss = F.cross_entropy(self.model(x, **where).float(), labels, label_smoothing=self.cfg.label_smoothing)
         self.accelerator.backward(loss)
         if self.cfg.grad_clip and self.accelerator.sync_gradients:
@@ -299,20 +316,16 @@ class Trainer:
         self.net.load_state_dict(load_file(str(self.run_dir / MODEL_WEIGHTS)))  # copied onto the model's device
         self.net.backbone_frozen = False
 
-    def predict(self, images: torch.Tensor) -> np.ndarray:
-        """Softmax probabilities of the model as it is for uint8 ``images`` (every process takes part)."""
-        loader = self.accelerator.prepare(index_loader(len(images), self.cfg.eval_batch_size, False, 0))
-        device_images = self._on_device(images)
-        return predict_probs(self.model, loader, lambda idx: self.batch(device_images, idx, False), self.accelerator)
-
-    def test(self) -> np.ndarray:
-        """Softmax probabilities of the best saved model on the test split."""
-        self.restore_best()
-        return self.predict(self.test_set.images)
+    def predict(self, data: ImageSet) -> np.ndarray:
+        """Softmax probabilities of the model as it is for ``data`` (every process takes part)."""
+        loader = self.accelerator.prepare(index_loader(len(data), self.cfg.eval_batch_size, False, 0))
+        images = Resident(data, self.accelerator.device, ranks_on_device(self.accelerator))
+        return predict_probs(self.model, loader, lambda idx: self.batch(images, idx, False), self.accelerator)
 
     def resume(self) -> int:
-        """Restore the last saved state; the epoch to go on from."""
-        return self.recorder.resume()
+        """Restore the last saved state; the epoch to go on from (inside it, for a state saved mid-epoch)."""
+        epoch, self.position = self.recorder.resume()
+        return epoch
 
 
 # ---------------------------------------------------------------- a run
@@ -329,7 +342,8 @@ def run(cfg: TrainConfig) -> dict | None:
     set_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    splits = load_splits(cfg)
+    with accelerator.local_main_process_first():  # one process a machine builds a folder's store
+        splits = load_splits(cfg)
     cfg, picked = apply_recipe(cfg, len(splits.train), backbone_layout(cfg.model))
     cfg = with_eval_batch(cfg, accelerator.device.type)  # before planning: the warm-up times passes at it
     accelerator.print(picked)
@@ -360,10 +374,8 @@ def run(cfg: TrainConfig) -> dict | None:
         budget_plan.finished_s = round(time.perf_counter() - clock, 1)
     trainer.restore_best()  # the end of training: the best epoch's weights are back in the model
     # the temperature, from the best model's validation probabilities (flip-TTA included, as exported)
-    calibration = calibrate.for_run(
-        lambda: trainer.predict(splits.val.images), splits.val.labels.numpy(), cfg.calibrate
-    )
-    probs = trainer.predict(splits.test.images)
+    calibration = calibrate.for_run(lambda: trainer.predict(splits.val), splits.val.labels.numpy(), cfg.calibrate)
+    probs = trainer.predict(splits.test)
     metrics = None
     if accelerator.is_main_process:
         metrics = reports.finish(run_dir, outcome_of(trainer, probs), trainer.recorder.rows(), seconds, calibration)
@@ -408,7 +420,7 @@ def plan_budget(cfg: TrainConfig, splits: Splits, accelerator: Accelerator, cloc
 def outcome_of(trainer: Trainer, probs: np.ndarray) -> reports.TestOutcome:
     test = trainer.test_set
     return reports.TestOutcome(
-        probs, test.images.numpy(), test.labels.numpy(), trainer.classes, trainer.test_name, trainer.best["epoch"],
+        probs, LazyImages(test), test.labels.numpy(), trainer.classes, trainer.test_name, trainer.best["epoch"],
         trainer.cfg.seed, augment_for(trainer.cfg, seed=trainer.cfg.seed),
     )  # fmt: skip
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from fmtl.errors import ConfigError, FmtlError, MissingSplitError
 from fmtl.spec import DataOptions, InputSpec
 from fmtl.training.config import TrainConfig
-from fmtl.training.data import ImageSet, load_run_split, seeded_subset
+from fmtl.training.data import ImageSet, load_run_split, load_run_splits, seeded_subset
 from fmtl.training.models import FmtlModel, apply_freeze, create_model, parameter_groups
 from fmtl.training.plan import Schedule
 
@@ -118,8 +118,8 @@ def data_options(cfg: TrainConfig) -> DataOptions:
 def load_splits(cfg: TrainConfig) -> Splits:
     """Train (optionally subset), val and test sets; the val split stands in when there is no test split."""
     options = data_options(cfg)
-    train = seeded_subset(load_run_split(options, "train"), cfg.max_train_samples, cfg.seed)
-    val = load_run_split(options, "val")
+    train, val = load_run_splits(options)
+    train = seeded_subset(train, cfg.max_train_samples, cfg.seed)
     try:
         test, test_name = load_run_split(options, "test"), "test"
     except MissingSplitError:

@@ -76,6 +76,13 @@ class Recorder:
             state = {"epoch": row.epoch, "history": self.rows(), "best": self.best, "plan": plan.saved()}
             save_training_state(self.accelerator, self.run_dir, state, self.generators)
 
+    def save_position(self, plan: RunPlan, position: dict) -> None:
+        """--save-every-steps: the resumable state inside an epoch, with where in it the run stands."""
+        if self.save_state:
+            state = {"epoch": position["epoch"] - 1, "history": self.rows(), "best": self.best, "plan": plan.saved(),
+                     "position": position}  # fmt: skip
+            save_training_state(self.accelerator, self.run_dir, state, self.generators)
+
     def rows(self) -> list[dict]:
         return [asdict(row) for row in self.history]
 
@@ -87,14 +94,17 @@ class Recorder:
         """What a run that stops now leaves behind, for an error message."""
         return f"epoch {self.best['epoch']}'s model stays in {self.run_dir}" if self.best["epoch"] else "nothing saved"
 
-    def resume(self) -> int:
-        """Restore the last saved state (weights, optimizer, generators, history); the epoch to go on from."""
+    def resume(self) -> tuple[int, dict | None]:
+        """Restore the last saved state (weights, optimizer, generators, history): the epoch to go on from, and
+        the position inside it when the state was saved mid-epoch (else None)."""
         state = load_training_state(self.accelerator, self.run_dir, self.generators)
         self.history, self.best = [EpochRow(**row) for row in state["history"]], state["best"]
-        self.accelerator.print(
-            f"resuming {self.run_dir} after epoch {state['epoch']} (best val acc {self.best['val_acc']:.4f})"
+        position = state.get("position")
+        where = (
+            f"at step {position['step']} of epoch {position['epoch']}" if position else f"after epoch {state['epoch']}"
         )
-        return state["epoch"] + 1
+        self.accelerator.print(f"resuming {self.run_dir} {where} (best val acc {self.best['val_acc']:.4f})")
+        return state["epoch"] + 1, position
 
 
 def saved_plan(run_dir: Path, steps_per_epoch: int, planned: RunPlan) -> RunPlan:
