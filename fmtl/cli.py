@@ -213,7 +213,8 @@ def ray_serve_options(command):
 @click.option("--request-timeout", cls=ServeOption, type=click.FloatRange(0, min_open=True),
               help="Seconds for a whole request (headers and body) to arrive; slower ones get 408.")  # fmt: skip
 @click.option("--limit-concurrency", cls=ServeOption, type=click.IntRange(1),
-              help="Open connections at most; more get 503 at once.")  # fmt: skip
+              help="Open connections at most: at the cap the longest idle one is closed for a newcomer; "
+                   "with none idle, requests get 503.")  # fmt: skip
 @click.option("--keep-alive-timeout", cls=ServeOption, type=click.FloatRange(0, min_open=True),
               help="Seconds an idle keep-alive connection stays open.")  # fmt: skip
 @click.option("--allowed-hosts", metavar="NAME,...",

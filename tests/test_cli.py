@@ -15,12 +15,22 @@ def fmtl(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([FMTL, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
+COMMANDS = {"evaluate", "export", "infer", "models", "samples", "serve", "train"}
+
+
 def test_version_and_help():
+    """--help lists exactly fmtl's commands, each with its description, in the Commands section (not
+    merely the words somewhere, as the group's own description has some of them)."""
     assert fmtl("--version").stdout.startswith("fmtl, version ")
-    out = fmtl("--help").stdout
-    for command in ("train", "export", "infer", "evaluate", "models", "samples"):
-        assert command in out
-    assert "--max-train-samples" in fmtl("train", "--help").stdout
+    result = fmtl("--help")
+    assert result.returncode == 0 and result.stdout.startswith("Usage: fmtl [OPTIONS] COMMAND"), result.stdout
+    listed = result.stdout.split("\nCommands:\n", 1)[1].splitlines()
+    rows = dict(line.split(maxsplit=1) for line in listed if line.startswith("  ") and line.strip())
+    assert rows.keys() == COMMANDS and all(len(description) > 10 for description in rows.values()), rows
+    train = fmtl("train", "--help")
+    assert train.returncode == 0 and any(
+        line.split()[:1] == ["--max-train-samples"] for line in train.stdout.splitlines()
+    )
 
 
 def test_models_lists_torchvision_and_lite0():

@@ -1,4 +1,6 @@
-"""fmtl.training.plots: every figure is a readable PNG, written atomically, on real Fashion-MNIST images."""
+"""fmtl.training.plots: every figure is a readable PNG, not blank, written atomically, on real Fashion-MNIST
+images; and what the figures hold (their lines, bars, images and titles, read from matplotlib's objects
+just before saving) is the data they were given."""
 
 from __future__ import annotations
 
@@ -65,18 +67,56 @@ def history(phases: list[str]) -> list[dict]:
 
 
 def assert_png(path: Path, min_side: int = 200) -> None:
-    """``path`` is a PNG that matplotlib reads back at a sensible size, and nothing else is beside it."""
+    """``path`` is a PNG that matplotlib reads back at a sensible size, not blank (a blank figure is one
+    colour), and nothing else is beside it."""
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     pixels = matplotlib.image.imread(path)
     height, width = pixels.shape[:2]
     assert min_side <= height <= 4000 and min_side <= width <= 4000, (height, width)
+    assert pixels[..., :3].std() > 0.02, "a blank figure"
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name], "temp files left behind"
 
 
-def test_curves_two_phases(tmp_path: Path) -> None:
+@pytest.fixture()
+def drawn(monkeypatch) -> list[Figure]:
+    """The figures the plots draw, each captured just before it is saved (``_save`` clears it after)."""
+    figures: list[Figure] = []
+    save = plots._save
+
+    def keep(fig: Figure, path) -> None:
+        figures.append(_snapshot(fig))
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def _snapshot(fig: Figure) -> dict:
+    """What a figure's axes hold: per axes its title, labelled lines, bar widths and images."""
+    axes = []
+    for ax in fig.axes:
+        lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()
+                 if not line.get_label().startswith("_")}  # fmt: skip
+        bars = [patch.get_width() for container in ax.containers for patch in container]
+        images = [np.asarray(image.get_array()) for image in ax.get_images()]
+        axes.append({"title": ax.get_title(), "lines": lines, "bars": bars, "images": images})
+    return {"axes": axes, "suptitle": fig._suptitle.get_text() if fig._suptitle else ""}
+
+
+def test_curves_two_phases(tmp_path: Path, drawn) -> None:
+    rows = history(["linear"] * 3 + ["finetune"] * 5)
     path = tmp_path / "curves.png"
-    plots.plot_curves(history(["linear"] * 3 + ["finetune"] * 5), path)
+    plots.plot_curves(rows, path)
     assert_png(path)
+    (figure,) = drawn
+    loss, accuracy = (ax for ax in figure["axes"] if ax["title"] in ("Loss", "Validation accuracy"))
+    epochs = [float(row["epoch"]) for row in rows]
+    assert loss["lines"]["train"] == (epochs, pytest.approx([row["train_loss"] for row in rows]))
+    assert loss["lines"]["val"] == (epochs, pytest.approx([row["val_loss"] for row in rows]))
+    assert accuracy["lines"]["top-1"][1] == pytest.approx([100 * row["val_acc"] for row in rows])
+    assert accuracy["lines"]["top-5"][1] == pytest.approx([100 * row["val_top5"] for row in rows])
+    best = [name for name in accuracy["lines"] if name.startswith("best")]
+    assert best == [f"best {100 * rows[-1]['val_acc']:.1f}% (epoch 8)"]  # the last epoch is the best here
 
 
 def test_curves_single_epoch_and_missing_top5(tmp_path: Path) -> None:
@@ -112,11 +152,23 @@ def test_confusion_matrix_many_classes_and_empty_rows(tmp_path: Path) -> None:
     assert_png(path)
 
 
-def test_predictions_grey(tmp_path: Path, fashion) -> None:
+def test_predictions_grey(tmp_path: Path, fashion, drawn) -> None:
     images, labels = fashion
+    probs = fake_probs(labels[:20])
     path = tmp_path / "predictions.png"
-    plots.plot_predictions(images[:20], labels[:20], fake_probs(labels[:20]), CLASSES, path)
+    plots.plot_predictions(images[:20], labels[:20], probs, CLASSES, path)
     assert_png(path)
+    (figure,) = drawn
+    shown = [ax for ax in figure["axes"] if ax["images"]]  # num_images=16: the first 16, in order
+    assert len(shown) == 16
+    for i, ax in enumerate(shown):
+        assert np.array_equal(ax["images"][0], images[i, 0])
+        pred = int(probs[i].argmax())
+        assert ax["title"] == f"{CLASSES[pred]} ({probs[i, pred]:.0%})\ntrue: {CLASSES[labels[i]]}"
+    charts = [ax["bars"] for ax in figure["axes"] if ax["bars"]]  # num_bars=4, k=5: the top-5 of the first 4
+    assert charts == [pytest.approx(sorted(probs[i], reverse=True)[:5]) for i in range(4)]
+    right = int((probs[:16].argmax(axis=1) == labels[:16]).sum())
+    assert figure["suptitle"] == f"Predictions: {right} of 16 right"
 
 
 def test_predictions_rgb_few_classes_k_clamped(tmp_path: Path) -> None:
@@ -128,13 +180,21 @@ def test_predictions_rgb_few_classes_k_clamped(tmp_path: Path) -> None:
     assert_png(path)
 
 
-def test_predictions_bars_only_and_grid_only(tmp_path: Path, fashion) -> None:
+def test_predictions_bars_only_and_grid_only(tmp_path: Path, fashion, drawn) -> None:
     images, labels = fashion
     probs = fake_probs(labels)
     for num_bars in (0, 16):
         path = tmp_path / f"bars_{num_bars}.png"
         plots.plot_predictions(images[:5], labels[:5], probs[:5], CLASSES, path, num_bars=num_bars)
         assert path.read_bytes()[:8] == PNG_SIGNATURE
+        assert matplotlib.image.imread(path)[..., :3].std() > 0.02, "a blank figure"
+    grid_only, bars_only = drawn
+    for figure in drawn:  # all five images, in order, either way
+        shown = [ax["images"][0] for ax in figure["axes"] if ax["images"]]
+        assert len(shown) == 5 and all(np.array_equal(a, b[0]) for a, b in zip(shown, images[:5], strict=True))
+    assert not any(ax["bars"] for ax in grid_only["axes"])  # num_bars=0: no chart
+    charts = [ax["bars"] for ax in bars_only["axes"] if ax["bars"]]  # num_bars=16, clamped to the 5 images
+    assert charts == [pytest.approx(sorted(probs[i], reverse=True)[:5]) for i in range(5)]
 
 
 def test_augmentations_float_and_uint8(tmp_path: Path, fashion) -> None:

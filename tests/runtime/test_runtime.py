@@ -441,7 +441,8 @@ def test_cli_max_pixels_refuses_bigger_images_before_decoding(models, tmp_path: 
 
 
 def test_the_two_halves_of_the_rows_path_give_what_classify_decoded_gives(models, photos: Path) -> None:
-    """serve runs the model its own way: keep_decoded, its probabilities, make_rows = classify_decoded."""
+    """serve runs the model its own way, through its batcher (fmtl.runtime.serve.app.classify): keep_decoded,
+    its probabilities, make_rows; that gives what classify_decoded gives."""
     from fmtl.runtime.images import decode_many
     from fmtl.runtime.results import classify_decoded, keep_decoded, make_rows
 

@@ -406,39 +406,57 @@ def test_sigterm_drains_requests_in_flight(tmp_path):
         assert answer.startswith("HTTP/1.1 200") and '"top_k"' in answer, answer
 
 
-def slow_requests_until_refused(host: str, port: int, body: bytes, statuses: list[str], stop: float) -> None:
-    """Upload ``body`` in two halves 0.25 s apart, again and again, until the server refuses to connect."""
+def slow_requests_until_refused(
+    host: str, port: int, body: bytes, answers: list[tuple[float, str]], stop: float
+) -> None:
+    """Upload ``body`` in two halves 0.25 s apart, again and again, until the server refuses to connect;
+    each answer's status line (or the error, the refusal last) goes into ``answers`` with the time its
+    request began."""
     head = f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\nContent-Length: {len(body)}"
     while time.monotonic() < stop:
+        began = time.monotonic()
         try:
             with socket.create_connection((host, port), timeout=10) as upload:
                 upload.sendall(f"{head}\r\n\r\n".encode() + body[: len(body) // 2])
                 time.sleep(0.25)
                 upload.sendall(body[len(body) // 2 :])
-                statuses.append(upload.makefile("rb").readline().decode("latin-1").strip())
+                answers.append((began, upload.makefile("rb").readline().decode("latin-1").strip()))
         except ConnectionRefusedError:
+            answers.append((began, "ConnectionRefusedError"))
             return
         except OSError as error:  # reset while waiting in the kernel's accept queue when listening stops
-            statuses.append(type(error).__name__)
+            answers.append((began, type(error).__name__))
 
 
 @pytest.mark.slow
 def test_a_stream_of_requests_after_sigterm_does_not_hold_the_drain_open(tmp_path):
     """Requests that arrive during the drain are refused, not waited for: however many keep coming,
-    the server stops listening and exits 0 soon after the requests it had before the signal."""
+    the server stops listening and exits 0 soon after the requests it had before the signal.
+
+    The stream is running (every client has had an answer) before the signal, and the requests judged
+    are those begun once the server reports the drain (readiness 503): no race with its start-up or
+    with the signal's delivery."""
     server = ServerProcess([str(grey_model(tmp_path)), "--drain-timeout", "30"], tmp_path).start()
     host, port = server.url.removeprefix("http://").split(":")
     body = png(grey_images(1)[0])
-    statuses: list[str] = []
+    answers: list[tuple[float, str]] = []
     try:
-        server.process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
         clients = []
         for _ in range(4):  # staggered, so one of them is always mid-upload
-            args = (host, int(port), body, statuses, signalled + 15)
+            args = (host, int(port), body, answers, time.monotonic() + 60)
             clients.append(threading.Thread(target=slow_requests_until_refused, args=args, daemon=True))
             clients[-1].start()
             time.sleep(0.07)
+        deadline = time.monotonic() + 30
+        while len(answers) < 4:
+            assert time.monotonic() < deadline, f"the stream did not start: {answers}"
+            time.sleep(0.02)
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        while httpx.get(f"{server.url}/v2/health/ready").status_code != 503:
+            assert time.monotonic() < signalled + 5, "still ready after SIGTERM"
+            time.sleep(0.01)
+        draining = time.monotonic()
         assert server.process.wait(8) == 0
         exited = time.monotonic() - signalled
         for client in clients:
@@ -446,7 +464,12 @@ def test_a_stream_of_requests_after_sigterm_does_not_hold_the_drain_open(tmp_pat
     finally:
         server.stop()
     assert exited < 5, f"the drain took {exited:.1f} s"
-    assert statuses and all(s.startswith("HTTP/1.1 503") or s == "ConnectionResetError" for s in statuses), statuses
+    before = [status for began, status in answers if began < signalled]
+    during = [status for began, status in answers if began > draining]
+    assert before and all(status.startswith("HTTP/1.1 200") for status in before[:4]), before
+    assert during.count("ConnectionRefusedError") == 4, answers  # each client's last try: listening had stopped
+    refused = ("ConnectionResetError", "ConnectionRefusedError")
+    assert all(s.startswith("HTTP/1.1 503") or s in refused for s in during), during
 
 
 @pytest.mark.slow

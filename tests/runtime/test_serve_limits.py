@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -78,6 +80,104 @@ def test_200_stalled_uploads_do_not_lock_out_a_normal_client(grey, tmp_path):
         for upload in uploads:
             upload.close()
         server.stop()
+
+
+@pytest.fixture()
+def open_files():
+    """At least 4,096 open files for this process and the servers it starts (the soft limit, up to the hard one)."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+    if wanted < 2200:
+        pytest.skip(f"the open-file limit is {hard} (ulimit -Hn): too few for 1,000 idle connections and their server")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.slow
+def test_1000_idle_connections_do_not_lock_out_a_normal_client(grey, tmp_path, open_files):
+    """1,000 connections that open and send nothing, twice --limit-concurrency: the server closes the ones
+    idle the longest to make room, so a normal client beside them is served, on one keep-alive connection
+    and on a new connection per request. A stalled upload opened before them all is not idle: it is
+    never closed, and its request is answered when its body comes."""
+    server = ServerProcess([str(grey), "--limit-concurrency", "512", "--request-timeout", "60"], tmp_path).start()
+    host, port = address(server)
+    body = png(grey_images(1)[0])
+    head = f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\nContent-Length: {len(body)}"
+    upload = socket.create_connection((host, port), timeout=30)
+    idle: list[socket.socket] = []
+    try:
+        upload.sendall(f"{head}\r\n\r\n".encode() + body[:10])
+        wait_in_flight(server, 1)
+        for _ in range(1000):
+            idle.append(socket.create_connection((host, port), timeout=30))
+        deadline = time.monotonic() + 20  # until the server has accepted them all (and closed the oldest)
+        while (scrape := httpx.get(f"{server.url}/metrics")).status_code == 200:  # a 503: at the cap, none closed
+            if metric(scrape.text, "fmtl_idle_connections_closed_total") >= 1000 - 512:
+                break
+            assert time.monotonic() < deadline, "the server did not accept the idle connections"
+            time.sleep(0.05)
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            kept = [client.post("/v1/classify", content=body, headers={"Content-Type": "image/png"}).status_code
+                    for _ in range(5)]  # fmt: skip
+        fresh = [httpx.post(f"{server.url}/v1/classify", content=body, headers={"Content-Type": "image/png"},
+                            timeout=30).status_code for _ in range(5)]  # fmt: skip
+        assert kept == [200] * 5 and fresh == [200] * 5, (kept, fresh)
+        text = httpx.get(f"{server.url}/metrics").text
+        assert metric(text, "fmtl_open_connections") <= 512 and metric(text, "fmtl_in_flight_requests") >= 2
+        upload.sendall(body[10:])
+        answer_head, answer = Responses(upload).next()
+        assert answer_head.startswith(b"HTTP/1.1 200") and b'"top_k"' in answer, answer_head
+    finally:
+        for connection in [upload, *idle]:
+            connection.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_at_the_limit_the_keep_alive_connection_idle_the_longest_is_closed_for_a_newcomer(grey, tmp_path):
+    """--limit-concurrency 4, three keep-alive connections idle after one request each: a new client's
+    connection is the fourth, so the one idle the longest (the first) is closed, the others are kept."""
+    server = ServerProcess([str(grey), "--limit-concurrency", "4"], tmp_path).start()
+    kept = []
+    try:
+        for _ in range(3):
+            kept.append(socket.create_connection(address(server), timeout=10))
+            kept[-1].sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert Responses(kept[-1]).next()[0].startswith(b"HTTP/1.1 200")
+        body = png(grey_images(1)[0])
+        answer = httpx.post(f"{server.url}/v1/classify", content=body, headers={"Content-Type": "image/png"})
+        assert answer.status_code == 200, answer.text
+        assert read_all(kept[0], timeout=5) == b""  # closed by the server, without an answer
+        for connection in kept[1:]:  # still open: each answers a second request
+            connection.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert Responses(connection).next()[0].startswith(b"HTTP/1.1 200")
+    finally:
+        for connection in kept:
+            connection.close()
+        server.stop()
+
+
+def test_the_connection_limit_fits_the_open_file_limit():
+    """The soft open-file limit is raised for --limit-concurrency; where the hard limit is too low, the
+    connection limit is lowered to fit, with a warning (past it the server could not accept at all)."""
+    code = (
+        "import resource\n"
+        "from fmtl.runtime.serve.process import SPARE_FILES, connection_limit\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (200, 400))\n"
+        "print(connection_limit(100), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "print(connection_limit(4000), 400 - SPARE_FILES, resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = done.stdout.split("\n")[:2]
+    assert first == "100 200"  # enough already: unchanged
+    fitted, expected, soft = second.split()
+    assert fitted == expected and soft == "400", done.stdout
+    assert (
+        done.stderr.strip()
+        == f"warning: --limit-concurrency 4000 lowered to {fitted}: the open-file limit is 400 (ulimit -n)"
+    )
 
 
 @pytest.mark.slow

@@ -37,7 +37,10 @@ class ServeConfig:
     parallel_batches: int | None = None  # under a backlog, batches at once, one thread each [the CPUs]
     max_pixels: int | None = None  # images with more pixels are refused before decoding [sized to the model]
     request_timeout: float = 10.0  # a whole request (headers and body) must arrive within this many seconds
-    limit_concurrency: int = 512  # open connections at most; more get 503 at once (uvicorn's setting)
+    # open connections at most (uvicorn's setting): at the cap the one idle the longest is closed to make room, and
+    # with none idle a request gets 503. An idle one costs about 10 KiB (benchmarks/serve_idle.py): 4,000 of them
+    # 40 MiB, and with SPARE_FILES (fmtl.runtime.serve.process) they fit the usual hard limit of 4,096 open files
+    limit_concurrency: int = 4000
     keep_alive_timeout: float = 5.0  # an idle keep-alive connection is closed after this many seconds
     allowed_hosts: tuple[str, ...] | None = None  # Host headers answered ("*": any) [loopback names, or any]
 

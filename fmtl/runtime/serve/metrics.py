@@ -37,6 +37,9 @@ class Metrics:
                                            buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.queue_depth = Gauge("fmtl_queue_depth", "Images waiting in the queue.", registry=r)
         self.in_flight = Gauge("fmtl_in_flight_requests", "Requests being handled now.", registry=r)
+        self.connections = Gauge("fmtl_open_connections", "HTTP connections open now.", registry=r)
+        self.idle_closed = Counter("fmtl_idle_connections_closed", "Idle connections closed to make room for new "
+                                   "ones at --limit-concurrency.", registry=r)  # fmt: skip
         self.ready = Gauge("fmtl_ready", "1 when the model is loaded and warmed up and the server is not draining.",
                            registry=r)  # fmt: skip
         self.warmup_seconds = Gauge("fmtl_warmup_seconds", "Time the warm-up batch took (0 until it ran).", registry=r)

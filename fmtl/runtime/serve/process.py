@@ -20,6 +20,7 @@ from fmtl.runtime.serve.metrics import MetricsMiddleware
 from fmtl.runtime.serve.protocol import DeadlineHttpToolsProtocol, close_connections, close_listeners, open_connections
 
 DRAIN_GRACE_S = 1.0  # after SIGTERM, how long idle keep-alive connections may stay open at most
+SPARE_FILES = 96  # open files kept for other uses than connections (the listener, the model, pipes, the loop)
 
 
 class _Server(uvicorn.Server):
@@ -102,17 +103,22 @@ def serve(config: ServeConfig, echo: Callable[[str], object] = print) -> int:
     _, warning = config.trusted_hosts()
     if warning:
         print(warning, file=sys.stderr)
-    late_headers = app.model_server.metrics.rejected.labels("header_timeout")
+    limit = connection_limit(config.limit_concurrency)
+    metrics = app.model_server.metrics
+    # httptools with a deadline per request (its 408s counted as the app counts its refusals), the
+    # queue-full 503 sent before any ASGI task exists (under overload most requests get it), and idle
+    # connections closed to make room at the connection limit
+    protocol = DeadlineHttpToolsProtocol.configured(config.request_timeout, metrics.rejected.labels("header_timeout").inc,
+                                                    app.shedder.early_response, metrics.connections.set,
+                                                    metrics.idle_closed.inc)  # fmt: skip
     uv_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
-        # httptools with a deadline per request (its 408s counted as the app counts its refusals), and
-        # the queue-full 503 sent before any ASGI task exists: under overload most requests get it
-        http=DeadlineHttpToolsProtocol.configured(config.request_timeout, late_headers.inc, app.shedder.early_response),
-        limit_concurrency=config.limit_concurrency,  # more open connections than this: 503 at once
+        http=protocol,
+        limit_concurrency=limit,  # this many open connections, none idle: 503 at once
         timeout_keep_alive=config.keep_alive_timeout,  # idle keep-alive connections closed after this
-        backlog=min(2048, config.limit_concurrency * 2),
+        backlog=min(2048, limit * 2),
         proxy_headers=False,  # nothing reads the client's address: one middleware less per request
         log_level="warning",
         access_log=False,
@@ -126,3 +132,27 @@ def serve(config: ServeConfig, echo: Callable[[str], object] = print) -> int:
     if not server.started:
         raise ServeError(f"could not listen on {config.host}:{config.port} (in use, or not allowed)")
     return 0
+
+
+def connection_limit(wanted: int) -> int:
+    """--limit-concurrency, within this process's open-file limit: the soft limit is raised towards
+    ``wanted`` + SPARE_FILES (up to the hard limit, as nginx's worker_rlimit_nofile does); if even that
+    is too few, the connection limit is lowered to fit, with a warning. Past the open-file limit the
+    server could not accept connections at all (EMFILE) instead of answering or shedding them."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: no such limit to read
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    fitted = max(1, soft - SPARE_FILES)
+    print(f"warning: --limit-concurrency {wanted} lowered to {fitted}: the open-file limit is {soft} (ulimit -n)",
+          file=sys.stderr)  # fmt: skip
+    return fitted

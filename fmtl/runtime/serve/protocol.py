@@ -8,9 +8,16 @@ gives every request ``request_timeout`` seconds from its first byte (or from the
 opening) until its headers have arrived: past that it answers 408 and closes. A request line and
 headers over ``MAX_HEAD_BYTES`` get 431 and the connection closed. The body's own deadline is the
 app's (fmtl.runtime.serve.app.read_body answers 408 as JSON); one more ``request_timeout`` after
-that, a body still incomplete has its connection closed, whatever the app does. uvicorn's own
-``limit_concurrency`` caps the connections these can hold. httptools (llhttp, in C) rather than h11:
-parsing is a large share of a small request's cost, so it sets how much capacity overload keeps.
+that, a body still incomplete has its connection closed, whatever the app does. httptools (llhttp,
+in C) rather than h11: parsing is a large share of a small request's cost, so it sets how much
+capacity overload keeps.
+
+Connections are capped by uvicorn's ``limit_concurrency``: a request that arrives while that many
+are open gets 503. An idle connection (no request on it and no byte of one pending: opened and
+silent, or between keep-alive requests) costs little, and may be closed at any time in HTTP/1.1,
+so at the cap the one idle the longest is closed to make room for a new connection or request
+(as nginx and Envoy shed idle connections first under load). Connections in the middle of a
+request, a stalled upload among them, are never shed: they hold their place until their deadline.
 
 uvicorn documents its settings but not these classes and attributes, so pyproject.toml bounds
 uvicorn to the versions tested, and each reader below degrades to "nothing known" if they move.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -50,10 +58,16 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
     request_timeout: float = 10.0
     on_header_timeout: Callable[[], object] = staticmethod(lambda: None)  # counts the 408s given here
     early_response: Callable[[dict], bytes | None] = staticmethod(lambda scope: None)
+    on_connections: Callable[[int], object] = staticmethod(lambda count: None)  # the open connections, on each change
+    on_idle_closed: Callable[[], object] = staticmethod(lambda: None)  # counts the idle connections closed for room
+    # the server's idle connections, the longest idle first (one dict per configured class: per server)
+    idle: OrderedDict[DeadlineHttpToolsProtocol, None] = OrderedDict()
 
     @classmethod
     def configured(cls, request_timeout: float, on_header_timeout: Callable[[], object],
-                   early_response: Callable[[dict], bytes | None]) -> type[DeadlineHttpToolsProtocol]:  # fmt: skip
+                   early_response: Callable[[dict], bytes | None],
+                   on_connections: Callable[[int], object] = lambda count: None,
+                   on_idle_closed: Callable[[], object] = lambda: None) -> type[DeadlineHttpToolsProtocol]:  # fmt: skip
         """This protocol class with its settings (uvicorn builds one protocol per connection from it).
 
         Args:
@@ -61,9 +75,12 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
             on_header_timeout: called for each 408 given here.
             early_response: from a request's scope (no body read yet), a whole HTTP response to send
                 instead of running the app, or None. A small body is read and dropped first, so the
-                connection stays open; a large one is not read, and the connection closes."""
+                connection stays open; a large one is not read, and the connection closes.
+            on_connections: called with the number of open connections whenever it changes.
+            on_idle_closed: called for each idle connection closed to make room (at limit_concurrency)."""
         attributes = {"request_timeout": float(request_timeout), "on_header_timeout": staticmethod(on_header_timeout),
-                      "early_response": staticmethod(early_response)}  # fmt: skip
+                      "early_response": staticmethod(early_response), "on_connections": staticmethod(on_connections),
+                      "on_idle_closed": staticmethod(on_idle_closed), "idle": OrderedDict()}  # fmt: skip
         return type(cls.__name__, (cls,), attributes)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -71,8 +88,12 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
         self._head_complete = False  # the current request's headers have all arrived
         self._head_bytes = 0  # bytes received since the current request began, while its head is incomplete
         self._early: tuple[RequestResponseCycle, bytes] | None = None  # an answer waiting for its body to pass
+        self._in_message = False  # a request's bytes have begun to arrive and not all of them have
         super().connection_made(transport)
         self._arm(self.request_timeout, self._headers_expired)
+        self._make_room()
+        self._now_idle()
+        self.on_connections(len(self.connections))
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -84,6 +105,8 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
             self._close_with(HEAD_TOO_LARGE_RESPONSE)
 
     def on_message_begin(self) -> None:  # the request's first byte (parser callback)
+        self._in_message = True
+        self.idle.pop(self, None)
         super().on_message_begin()
         self._head_complete = False
         if self._head_bytes <= MAX_HEAD_BYTES:  # a head too large ends the connection, pipelined requests too
@@ -96,6 +119,7 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
         # a head that arrived whole in one read: its parsed size (the connection closes after this read)
         self._head_bytes = max(self._head_bytes, len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers))
         if self._head_bytes <= MAX_HEAD_BYTES:
+            self._make_room()  # before uvicorn's limit_concurrency check, which answers 503 at the cap
             super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -104,11 +128,38 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:  # the whole request has arrived
         self._disarm()
+        self._in_message = False
         if self._head_bytes > MAX_HEAD_BYTES:
             return
         super().on_message_complete()
         if self._early is not None and self._early[0] is self.cycle:
             self._answer_early()
+        self._now_idle()  # when it was answered before it had all arrived
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._now_idle()
+
+    def _now_idle(self) -> None:
+        """Mark the connection idle (the newest idle one) if no request is on it and no byte of one pending."""
+        cycle = self.cycle
+        if (self._in_message or (cycle is not None and not cycle.response_complete) or self.pipeline
+                or self._early is not None or self.transport.is_closing()):  # fmt: skip
+            return
+        self.idle[self] = None
+        self.idle.move_to_end(self)
+
+    def _make_room(self) -> None:
+        """At limit_concurrency, close the connections idle the longest until one more fits (none if none is idle).
+
+        uvicorn answers 503 to a request that arrives while ``limit_concurrency`` connections are open,
+        its own included; a closed one leaves that count at once, not when the loop reports it lost."""
+        limit = self.limit_concurrency
+        while limit is not None and len(self.connections) >= limit and self.idle:
+            oldest, _ = self.idle.popitem(last=False)
+            self.connections.discard(oldest)
+            oldest.transport.close()
+            self.on_idle_closed()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
         """Run the app for this request, unless ``early_response`` answers it (not uvicorn's own 503s)."""
@@ -137,7 +188,9 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.idle.pop(self, None)
         super().connection_lost(exc)
+        self.on_connections(len(self.connections))
 
     def _arm(self, seconds: float, callback) -> None:
         self._disarm()
