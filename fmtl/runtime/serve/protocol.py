@@ -158,8 +158,9 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
         while limit is not None and len(self.connections) >= limit and self.idle:
             oldest, _ = self.idle.popitem(last=False)
             self.connections.discard(oldest)
-            oldest.transport.close()
-            self.on_idle_closed()
+            if not oldest.transport.is_closing():  # else already on its way out (a keep-alive timeout, say)
+                oldest.transport.close()
+                self.on_idle_closed()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
         """Run the app for this request, unless ``early_response`` answers it (not uvicorn's own 503s)."""
