@@ -120,13 +120,17 @@ def _as_is(batch):
 
 
 def train_loader(resident: Resident, sampler: EpochSampler, workers: int) -> DataLoader:
-    """The training batches: indices when the images are resident, else (indices, pixels) from workers."""
+    """The training batches: indices when the images are resident, else (indices, pixels) from workers.
+
+    The loader has a generator of its own: each new iterator draws its workers' base seed from it, never from
+    the global RNG, so the run's random numbers do not depend on the workers or on where a resumed run began."""
+    generator = torch.Generator().manual_seed(sampler.seed)
     if resident.on_device:
-        return DataLoader(_Positions(len(resident.data)), batch_sampler=sampler, collate_fn=_as_is)
+        return DataLoader(_Positions(len(resident.data)), batch_sampler=sampler, collate_fn=_as_is, generator=generator)
     pin = resident.device.type == "cuda"
     return DataLoader(
-        _Gathered(resident.data), batch_sampler=sampler, collate_fn=_as_is, num_workers=workers,
-        pin_memory=pin, persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
+        _Gathered(resident.data), batch_sampler=sampler, collate_fn=_as_is, num_workers=workers, pin_memory=pin,
+        persistent_workers=workers > 0, prefetch_factor=2 if workers else None, generator=generator,
     )  # fmt: skip
 
 
