@@ -44,6 +44,7 @@ class InputSpec:
     interpolation: str = "bilinear"  # resize mode from source_size to image_size
     model_channels: int = 3  # channels the backbone takes (grey is repeated to 3)
     background: int = 0  # grey level transparent pixels are composited onto (0: black, as Fashion-MNIST)
+    fit: str = "stretch"  # how an image of another shape reaches source_size: stretch, or crop (shorter side, centre)
 
     def to_dict(self) -> dict:
         d = asdict(self)

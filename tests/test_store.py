@@ -155,3 +155,25 @@ def test_host_resident_images_reach_the_device_the_step_runs_on(tmp_path, cache)
     assert torch.equal(resident.take(torch.tensor([3, 1])), data.images[[3, 1]])
     resident.device = torch.device("meta")  # any device: the batch is moved onto it, not left on the host
     assert resident.take(torch.tensor([0])).device.type == "meta"
+
+
+def test_photos_of_another_shape_are_centre_cropped_and_the_runtime_decodes_them_the_same(tmp_path, cache):
+    from fmtl.runtime.images import decode_image
+    from fmtl.spec import InputSpec
+
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    wide = np.zeros((20, 60, 3), np.uint8)
+    wide[:, 20:40] = 200  # a bright centre third, black sides
+    Image.fromarray(wide).save(root / "a" / "wide.png")
+    Image.fromarray(np.full((30, 30, 3), 90, np.uint8)).save(root / "b" / "square.png")
+    data = load_folder(root, None, source_size=20)
+    assert data.fit == "crop" and data.size == (20, 20)
+    stored = data.take([0])[0].numpy()
+    assert stored.min() >= 190  # the centre, not the whole photo squashed (which keeps the black sides)
+    spec = InputSpec(channels=3, source_size=(20, 20), image_size=32, fit=data.fit)
+    assert np.array_equal(decode_image(root / "a" / "wide.png", 3, spec.source_size, fit=spec.fit), stored)
+    old = InputSpec.from_dict({"channels": 3, "source_size": [20, 20], "image_size": 32})
+    assert old.fit == "stretch"  # models saved before the policy was recorded keep theirs
+    assert decode_image(root / "a" / "wide.png", 3, old.source_size, fit=old.fit).min() == 0

@@ -140,7 +140,9 @@ class Classifier:
     def decode(self, inputs: Sequence[Source] | Source) -> np.ndarray:
         """Decode paths / PIL images / arrays (in a thread pool) into one uint8 batch for this model."""
         inputs = [inputs] if isinstance(inputs, (str, Path, Image.Image)) else list(inputs)
-        decoded = decode_many(inputs, self.spec.channels, self.spec.source_size, self.spec.background)
+        decoded = decode_many(
+            inputs, self.spec.channels, self.spec.source_size, self.spec.background, fit=self.spec.fit
+        )
         for source, item in zip(inputs, decoded, strict=True):
             if isinstance(item, DecodeError):
                 name = source if isinstance(source, (str, Path)) else type(source).__name__

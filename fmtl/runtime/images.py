@@ -77,6 +77,7 @@ def decode_image(
     size: tuple[int, int] | None,
     background: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    fit: str = "stretch",
 ) -> np.ndarray:
     """Decode one image to a uint8 array [channels, H, W].
 
@@ -87,6 +88,7 @@ def decode_image(
         size: (height, width) to resize to, or None to keep the image's own size.
         background: grey level (0..255) that transparent pixels are composited onto.
         max_pixels: images with more pixels than this are refused before decoding.
+        fit: ``stretch`` or ``crop``: how an image of another aspect reaches ``size`` (see ``_finish``).
 
     Raises:
         DecodeError: the source is not a decodable image (the message says why).
@@ -94,13 +96,13 @@ def decode_image(
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if isinstance(source, np.ndarray):
-        return _finish(_array_to_pil(source, max_pixels), channels, size, background)
+        return _finish(_array_to_pil(source, max_pixels), channels, size, background, fit)
     if isinstance(source, bytes):
-        return decode_bytes(source, channels, size, background, max_pixels)
+        return decode_bytes(source, channels, size, background, max_pixels, fit)
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels, source.mode)
-        return _finish(source, channels, size, background)
-    return _decode_file(Path(source), channels, size, background, max_pixels)
+        return _finish(source, channels, size, background, fit)
+    return _decode_file(Path(source), channels, size, background, max_pixels, fit)
 
 
 def decode_bytes(
@@ -109,6 +111,7 @@ def decode_bytes(
     size: tuple[int, int] | None,
     background: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    fit: str = "stretch",
 ) -> np.ndarray:
     """Decode an encoded image held in memory (an HTTP upload) with the same checks and rules as a file.
 
@@ -117,12 +120,13 @@ def decode_bytes(
     """
     if not data:
         raise DecodeError("empty file")
-    return _decode_file(io.BytesIO(data), channels, size, background, max_pixels)
+    return _decode_file(io.BytesIO(data), channels, size, background, max_pixels, fit)
 
 
 def _decode_file(
-    path: Path | io.BytesIO, channels: int, size: tuple[int, int] | None, background: int, max_pixels: int
-) -> np.ndarray:
+    path: Path | io.BytesIO, channels: int, size: tuple[int, int] | None, background: int, max_pixels: int,
+    fit: str = "stretch",
+) -> np.ndarray:  # fmt: skip
     """Open, check and decode one file, turning every failure into a DecodeError with a reason."""
     try:
         if isinstance(path, Path):  # in-memory data (decode_bytes) has no file to check
@@ -141,7 +145,7 @@ def _decode_file(
             if size is not None and image.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with extra frames
                 image.draft(None, _draft_size(image, size))
             image.load()  # decode now, so truncation surfaces here and not inside getexif or convert
-            return _finish(image, channels, size, background)
+            return _finish(image, channels, size, background, fit)
     except DecodeError:
         raise
     except Image.DecompressionBombError as error:
@@ -206,13 +210,21 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _finish(image: Image.Image, channels: int, size: tuple[int, int] | None, background: int) -> np.ndarray:
-    """EXIF-rotate, convert the mode, composite alpha, resize; return uint8 [C, H, W]."""
+def _finish(
+    image: Image.Image, channels: int, size: tuple[int, int] | None, background: int, fit: str = "stretch"
+) -> np.ndarray:
+    """EXIF-rotate, convert the mode, composite alpha, resize; return uint8 [C, H, W].
+
+    ``fit``: ``stretch`` resizes to ``size`` whatever the aspect (models trained before fmtl recorded a
+    policy); ``crop`` resizes the shorter side to fit and cuts the centre out, as photos are usually brought
+    to a square."""
     if _orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
     image = _flatten(_to_8bit(image), background)
     image = image.convert("L" if channels == 1 else "RGB")
-    if size is not None and image.size != (size[1], size[0]):
+    if size is not None and image.size != (size[1], size[0]) and fit == "crop":
+        image = ImageOps.fit(image, (size[1], size[0]), Image.Resampling.BILINEAR)
+    elif size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)  # PIL sizes are (width, height)
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
@@ -363,11 +375,12 @@ def decode_or_error(
     size: tuple[int, int] | None,
     background: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    fit: str = "stretch",
 ) -> np.ndarray | DecodeError:
     """``decode_image``, with a failure returned instead of raised: for batches where one bad image
     must not stop the others."""
     try:
-        return decode_image(source, channels, size, background, max_pixels)
+        return decode_image(source, channels, size, background, max_pixels, fit)
     except DecodeError as error:
         return error
 
@@ -379,10 +392,11 @@ def decode_many(
     background: int = 0,
     threads: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    fit: str = "stretch",
 ) -> list[np.ndarray | DecodeError]:
     """Decode every source in a thread pool; results in input order, a DecodeError in place of a failure."""
     results: list[np.ndarray | DecodeError] = []
-    batches = iter_decoded(paths, channels, size, background, max(1, len(paths)), threads, max_pixels)
+    batches = iter_decoded(paths, channels, size, background, max(1, len(paths)), threads, max_pixels, fit)
     for batch in batches:
         results.extend(batch)
     return results
@@ -396,6 +410,7 @@ def iter_decoded(
     batch_size: int = 64,
     threads: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    fit: str = "stretch",
 ) -> Iterator[list[np.ndarray | DecodeError]]:
     """Yield decoded batches of ``batch_size`` in input order, decoding the next batch while
     the caller works on the current one. Only two batches are in memory at a time, so
@@ -411,7 +426,7 @@ def iter_decoded(
             start = next(start_iter, None)
             if start is not None:
                 chunk = paths[start : start + batch_size]
-                args = (channels, size, background, max_pixels)
+                args = (channels, size, background, max_pixels, fit)
                 pending.append([pool.submit(decode_or_error, path, *args) for path in chunk])
 
         submit_next()

@@ -178,7 +178,9 @@ def iter_rows(
     Each unreadable file is also said on stderr (``echo_err``)."""
     check_min_probability(min_probability)
     spec = classifier.spec
-    batches = iter_decoded(paths, spec.channels, spec.source_size, spec.background, batch_size, max_pixels=max_pixels)
+    batches = iter_decoded(
+        paths, spec.channels, spec.source_size, spec.background, batch_size, max_pixels=max_pixels, fit=spec.fit
+    )
     with _progress_bar(len(paths), progress, echo_err) as (update, say):
         for start, decoded in zip(range(0, len(paths), batch_size), batches, strict=True):
             names = [str(p) for p in paths[start : start + batch_size]]

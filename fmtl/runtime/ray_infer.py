@@ -130,7 +130,9 @@ class Predictor:
         else:  # local files, decoded straight from their paths
             names = sources = [os.fsdecode(bytes(path)) for path in batch["path"]]
         spec = self.classifier.spec
-        decoded = decode_many(sources, spec.channels, spec.source_size, spec.background, self.threads, self.max_pixels)
+        decoded = decode_many(
+            sources, spec.channels, spec.source_size, spec.background, self.threads, self.max_pixels, spec.fit
+        )
         rows = classify_decoded(self.classifier, names, decoded, self.k, self.min_probability, len(names) or 1)
         return rows_to_table(rows)
 

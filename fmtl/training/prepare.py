@@ -140,6 +140,7 @@ def input_spec(model: FmtlModel, data: ImageSet, cfg: TrainConfig) -> InputSpec:
         mean=defaults.mean,
         std=defaults.std,
         interpolation=defaults.interpolation,
+        fit=data.fit,
     )
 
 

@@ -176,7 +176,14 @@ class ModelServer:
         spec, max_pixels = self.classifier.spec, self.max_pixels
         futures = [
             loop.run_in_executor(
-                self.decode_pool, decode_or_error, data, spec.channels, spec.source_size, spec.background, max_pixels
+                self.decode_pool,
+                decode_or_error,
+                data,
+                spec.channels,
+                spec.source_size,
+                spec.background,
+                max_pixels,
+                spec.fit,
             )  # fmt: skip
             for data in payloads
         ]

@@ -24,6 +24,7 @@ class ImageSet:
     source: str = ""  # where it came from, for messages and model.json
     rows: torch.Tensor | None = None  # int64 [N] indices into pixels; None: all of them, in order
     mapped: bool = False  # pixels is a memory-mapped store (its pages are the page cache's, not ours)
+    fit: str = "stretch"  # how images of another shape were brought to the source size (InputSpec.fit)
 
     def __post_init__(self) -> None:
         if self.pixels.dtype != torch.uint8 or self.pixels.ndim != 4:
@@ -60,7 +61,7 @@ class ImageSet:
     def subset(self, indices: torch.Tensor | np.ndarray) -> ImageSet:
         indices = torch.as_tensor(indices, dtype=torch.long)
         rows = indices if self.rows is None else self.rows[indices]
-        return ImageSet(self.pixels, self.labels[indices], self.classes, self.source, rows, self.mapped)
+        return ImageSet(self.pixels, self.labels[indices], self.classes, self.source, rows, self.mapped, self.fit)
 
 
 class LazyImages:

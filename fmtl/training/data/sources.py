@@ -22,7 +22,7 @@ import torch
 
 from fmtl.errors import DataError, MissingSplitError
 from fmtl.training.data.imageset import ImageSet
-from fmtl.training.data.store import open_store
+from fmtl.training.data.store import FIT, open_store
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -217,7 +217,7 @@ def load_folder(root: Path, split: str | None, source_size: int = 224, quiet: bo
                       + (" ..." if len(stored.skipped) > 20 else ""), stacklevel=2)  # fmt: skip
     if len(stored.labels) == 0:
         raise DataError(f"{folder} holds no readable images")
-    return ImageSet(stored.images, stored.labels, classes, f"folder:{folder}", mapped=True)
+    return ImageSet(stored.images, stored.labels, classes, f"folder:{folder}", mapped=True, fit=FIT)
 
 
 def _split_folder(root: Path, split: str | None) -> Path:

@@ -1,4 +1,6 @@
-"""The store: an image folder decoded once into a memory-mapped uint8 array on disk.
+"""The store: an image folder decoded once into a memory-mapped uint8 array on disk (photos of another
+shape brought to it by resizing the shorter side and cutting out the centre: ``FIT``, recorded in the
+run contract so the runtime decodes the same way).
 
 ``open_store(folder, files, size)`` returns the folder's images, labels and skipped files. The images
 are ``np.memmap`` pages of ``images.u8``: every rank and worker on a machine shares them through the
@@ -35,6 +37,7 @@ DATA_FILE, LABELS_FILE, MANIFEST_FILE = "images.u8", "labels.npy", "manifest.jso
 CHUNK = 256  # images decoded and written at a time: what a build holds in memory
 SAMPLE = 1 << 20  # bytes at each end of the data file that the manifest's digest covers
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+FIT = "crop"  # photos of another shape: the shorter side resized to the store's, the centre cut out
 
 
 @dataclass
@@ -147,7 +150,7 @@ def _build(folder: Path, root: Path, files: list[tuple[Path, int]], listing: lis
         data = tmp / DATA_FILE
         manifest = {
             "version": STORE_VERSION, "root": str(root.resolve()), "source_size": source_size, "classes": classes,
-            "shape": [len(kept), channels, *size], "files": listing, "skipped": skipped,
+            "shape": [len(kept), channels, *size], "fit": FIT, "files": listing, "skipped": skipped,
             "data_bytes": data.stat().st_size, "data_mtime_ns": data.stat().st_mtime_ns, "data_digest": _digest(data),
         }  # fmt: skip
         atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest))
@@ -164,7 +167,7 @@ def _decode_into(path: Path, files, channels: int, size: tuple[int, int], quiet:
     with open(path, "wb") as handle, tqdm(total=len(files), desc="building the store", unit="img",
                                           disable=quiet, leave=False) as bar:  # fmt: skip
         start = 0
-        for chunk in iter_decoded([p for p, _ in files], channels, size, batch_size=CHUNK):
+        for chunk in iter_decoded([p for p, _ in files], channels, size, batch_size=CHUNK, fit=FIT):
             good = [i for i, item in enumerate(chunk) if not isinstance(item, DecodeError)]
             if good:
                 handle.write(np.ascontiguousarray(np.stack([chunk[i] for i in good])).tobytes())
