@@ -19,14 +19,14 @@ COMMANDS = {"evaluate", "export", "infer", "models", "samples", "serve", "train"
 
 
 def test_version_and_help():
-    """--help lists exactly fmtl's commands, each with its description, in the Commands section (not
-    merely the words somewhere, as the group's own description has some of them)."""
+    """--help lists fmtl's commands, each with its description, in the Commands section (not merely the
+    words somewhere, as the group's own description has some of them)."""
     assert fmtl("--version").stdout.startswith("fmtl, version ")
     result = fmtl("--help")
     assert result.returncode == 0 and result.stdout.startswith("Usage: fmtl [OPTIONS] COMMAND"), result.stdout
     listed = result.stdout.split("\nCommands:\n", 1)[1].splitlines()
     rows = dict(line.split(maxsplit=1) for line in listed if line.startswith("  ") and line.strip())
-    assert rows.keys() == COMMANDS and all(len(description) > 10 for description in rows.values()), rows
+    assert COMMANDS <= rows.keys() and all(len(description) > 10 for description in rows.values()), rows
     train = fmtl("train", "--help")
     assert train.returncode == 0 and any(
         line.split()[:1] == ["--max-train-samples"] for line in train.stdout.splitlines()
