@@ -285,5 +285,35 @@ def samples(out_dir, data, split, count, seed) -> None:
         click.echo(path)
 
 
+@main.group()
+def data() -> None:
+    """Datasets: pack one into shards to train from shared or object storage (docs/shards.md)."""
+
+
+@data.command()
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the shards into.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Share of the training data packed as val, when the source has no val split.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the val split and the packed order.")
+@click.option("--source-size", type=click.IntRange(8), default=224, show_default=True,
+              help="Side that folder images of mixed sizes are brought to.")  # fmt: skip
+@click.option("--test-data", help="A second CSV or folder that provides the test split.")
+@click.option("--data-dir", help="Where the Fashion-MNIST IDX files are.")
+@click.option("--chunk-mb", type=click.FloatRange(0, min_open=True), default=64, show_default=True,
+              help="Images per shard: about this many MiB.")  # fmt: skip
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def pack(source, out, val_fraction, seed, source_size, test_data, data_dir, chunk_mb, quiet) -> None:
+    """Pack SOURCE (fashion-mnist, a CSV, an image folder) into LitData shards; a rerun resumes a killed pack."""
+    from fmtl.training.data.shards import pack_source
+
+    manifest = pack_source(source, out, val_fraction=val_fraction, seed=seed, source_size=source_size,
+                           test_source=test_data, data_dir=data_dir, chunk_bytes=int(chunk_mb * (1 << 20)),
+                           quiet=quiet)  # fmt: skip
+    for split, info in manifest["splits"].items():
+        click.echo(f"{split}: {info['count']} images in {info['chunks']} shard(s) of {info['chunk_items']}")
+
+
 if __name__ == "__main__":
     main()
