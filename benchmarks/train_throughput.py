@@ -70,8 +70,10 @@ from torch.fx.experimental.optimization import fuse
 
 from fmtl.training.config import TrainConfig
 from fmtl.training.data import find_fashion_mnist
-from fmtl.training.loop import Trainer, load_splits, make_accelerator
-from fmtl.training.recipe import apply_recipe
+from fmtl.training.loop import Trainer
+from fmtl.training.phases import ImageInput
+from fmtl.training.prepare import load_splits, make_accelerator
+from fmtl.training.settings import resolve
 
 DEFAULT_PEER = Path(__file__).resolve().parent / "peers/lesson_loop.py"
 TARGET_SPEEDUP, TARGET_CACHE = 2.0, 50.0
@@ -202,17 +204,22 @@ def peer_rate(peer, args: argparse.Namespace, data_dir: Path) -> float:
 
 def throughput_config(args: argparse.Namespace, output: str) -> TrainConfig:
     return TrainConfig(
-        model="resnet18", weights="none", strategy="linear", image_size=args.image_size,
+        model="resnet18", weights="none", strategy="linear", image_size=args.image_size, recipe="small",
         batch_size=args.batch_size, augment=True, quiet=True, save_state=False, output=output,
         max_train_samples=10_000, max_val_samples=256, max_test_samples=256, data_dir=args.data_dir,
     )  # fmt: skip
+
+
+def fmtl_trainer(cfg: TrainConfig, accelerator: Accelerator, output: Path, splits) -> Trainer:
+    """fmtl's Trainer as ``run()`` builds it: the options resolved once (the recipe, the defaults)."""
+    return Trainer(resolve(cfg, len(splits.train), accelerator), accelerator, output, splits)
 
 
 def full_batches(trainer: Trainer) -> Iterator[torch.Tensor]:
     """Index batches, epoch after epoch; an epoch's short last batch is skipped, as the peer never meets one."""
     epoch = 0
     while True:
-        trainer.train_loader.set_epoch(epoch)
+        trainer.sampler.seek(epoch)
         yield from (b for b in trainer.train_loader if len(b) == trainer.cfg.batch_size)
         epoch += 1
 
@@ -222,11 +229,12 @@ def fmtl_rate(trainer: Trainer, batches: Iterator[torch.Tensor], count: int) -> 
     trainer.net.backbone_frozen = True
     trainer.model.train()
     trainer.net.backbone.eval()  # what a frozen phase does: BatchNorm statistics stay put
-    trainer.train_step(next(batches), use_cache=False)  # warm-up, as the peer's
+    images = ImageInput(trainer)
+    trainer.train_step(next(batches), images)  # warm-up, as the peer's
     start, seen = time.perf_counter(), 0
     for _ in range(count):
         indices = next(batches)
-        trainer.train_step(indices, use_cache=False)
+        trainer.train_step(indices, images)
         seen += len(indices)
     return seen / (time.perf_counter() - start)
 
@@ -322,19 +330,19 @@ def page_faults() -> int:
 def cache_epochs(accelerator: Accelerator, args: argparse.Namespace, output: str) -> dict:
     """Seconds of an epoch that extracts the backbone features, and of one on the cached features."""
     cfg = TrainConfig(
-        model="efficientnet_lite0", strategy="linear", image_size=args.cache_size, augment=False, epochs=4,
+        model="efficientnet_lite0", strategy="linear", image_size=args.cache_size, augment=False, epochs=4, recipe="small",
         max_train_samples=args.cache_samples, max_val_samples=max(args.cache_samples // 10, 100),
         max_test_samples=max(args.cache_samples // 10, 100),
         quiet=True, save_state=False, output=output, data_dir=args.data_dir,
     )  # fmt: skip
-    trainer = Trainer(cfg, accelerator, Path(output), load_splits(cfg))
-    phase = trainer.phases[0]
+    trainer = fmtl_trainer(cfg, accelerator, Path(output), load_splits(cfg))
+    phase = trainer.plan.phases[0]
 
     def epoch(number: int, extract: bool) -> float:
         if extract:
-            trainer.cached = None  # train_one_epoch extracts the features again
+            trainer.inputs = None  # the phase's input is made again: the features extracted again
         start = time.perf_counter()
-        trainer.train_one_epoch(number, phase)
+        trainer.train_one_epoch(number, phase, trainer.enter(phase, number))
         return time.perf_counter() - start
 
     extract, extract_share = clean("extract epoch", lambda: epoch(1, extract=True), args)
@@ -387,7 +395,7 @@ def batch_variants(trainer: Trainer, args: argparse.Namespace) -> tuple[list, fl
 
     def augment_after_resize():  # the peer's order: resize to 224 first, then warp every 224 px image
         with torch.no_grad():
-            x = augment(pre.resize(data[indices].float() / 255.0))
+            x = augment(pre.resize(data.take(indices).float() / 255.0))
             return (x.expand(-1, 3, -1, -1) * pre.scale + pre.shift).contiguous(memory_format=torch.channels_last)
 
     with torch.no_grad():
@@ -459,7 +467,7 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         set_seed(cfg.seed)
         print(f"machine: {machine()}; load average {load_average()}\npeer: {args.peer}\ndata: {data_dir}\n")
-        trainer = Trainer(cfg, accelerator, Path(cfg.output), load_splits(cfg))
+        trainer = fmtl_trainer(cfg, accelerator, Path(cfg.output), load_splits(cfg))
         tag = f"resnet18 {args.image_size}px b{args.batch_size} aug"
         print(f"throughput, {tag}, {args.batches} timed batches after 1 warm-up, {args.rounds} round(s):", flush=True)
         loops = build_loops(peer, trainer, args, data_dir)
@@ -666,11 +674,10 @@ def fmtl_epoch_rate(splits, batch_size: int, precision: str, compiled: bool, arg
         save_state=False, output=str(Path(tmp) / f"fmtl-{precision}-{batch_size}"), data_dir=args.data_dir,
         threads=args.threads,
     )  # fmt: skip
-    cfg = apply_recipe(cfg, len(splits.train))[0]  # as run() does: it fills what no option set
     accelerator = fresh_accelerator(cfg, args.compile_backend if compiled else None)
     set_seed(cfg.seed)
-    trainer = Trainer(cfg, accelerator, Path(cfg.output), splits)
-    phase = trainer.phases[0]
+    trainer = fmtl_trainer(cfg, accelerator, Path(cfg.output), splits)  # the recipe fills what no option set
+    phase = trainer.plan.phases[0]
     run_epoch(trainer, 1, phase)  # warm-up: cuDNN's and the compiler's choices, the allocator's pools
     synchronize(device)
     started = time.perf_counter()
@@ -715,7 +722,7 @@ def run_epoch(trainer: Trainer, epoch: int, phase) -> int:
         if epoch_fn is None:
             sys.exit("fmtl's epoch loop moved: neither Trainer.train_one_epoch nor loop.train_one_epoch exists")
         return epoch_fn(trainer, epoch, phase)[1]
-    return epoch_fn(epoch, phase)[1]
+    return epoch_fn(epoch, phase, trainer.enter(phase, epoch))[1]
 
 
 # ---------------------------------------------------------------- the run and its table
@@ -737,7 +744,7 @@ def device_rows(args: argparse.Namespace, on_row: Callable[[list[dict]], None]) 
     """Every contender at every batch size, in the order they are measured: per batch size the ceiling, fmtl
     in each precision, then the compiled runs (slowest to start) last. ``on_row`` sees the table so far."""
     from fmtl.training.data import load_dataset, seeded_subset
-    from fmtl.training.loop import Splits
+    from fmtl.training.prepare import Splits
 
     data_dir = find_fashion_mnist(args.data_dir)
     if data_dir is None:

@@ -53,6 +53,10 @@ class ModelConfigError(FmtlError):
     """An unknown model, unusable weights or an impossible freeze policy."""
 
 
+class ExportError(FmtlError):
+    """The export failed a check (or could not be made); nothing was published."""
+
+
 class StateError(FmtlError):
     """A saved training state that is missing, damaged or refused; the message names the file."""
 

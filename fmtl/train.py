@@ -4,8 +4,9 @@
     python -m fmtl.train [OPTIONS]          # the same, one process
     fmtl train [OPTIONS]                    # the same, through the CLI
 
-The loop itself lives in ``fmtl.training.loop``; this file is the process entry point, so the
-process-wide settings (glibc's allocator) are made here and nowhere in library code.
+A run is put together in ``fmtl.training.run`` and its loop lives in ``fmtl.training.loop``; this file is
+the process entry point (the only ``main``), so the process-wide settings (glibc's allocator) are made here
+and nowhere in library code.
 """
 
 from __future__ import annotations
@@ -54,12 +55,28 @@ def _process_settings(cfg) -> None:
 def main(argv: list[str] | None = None, prog: str = "fmtl/train.py") -> int:
     """Train as the command line says; the exit status (0, 2 for a user error, 130 for Ctrl-C)."""
     try:
-        from fmtl.training.loop import main as train_main
+        from fmtl.training.config import load_config
+        from fmtl.training.run import run
     except ModuleNotFoundError as error:
         print(f"fmtl: error: training needs {error.name}, which is not installed: pip install 'fmtl[train]'",
               file=sys.stderr)  # fmt: skip
         return 2
-    return train_main(argv, prog=prog, before_run=_process_settings)
+    from fmtl.errors import ERROR_PREFIX, EXIT_USER_ERROR, FmtlError
+
+    cfg = None
+    try:
+        cfg = load_config(argv, prog=prog)
+        _process_settings(cfg)
+        run(cfg)
+    except FmtlError as error:
+        print(f"{ERROR_PREFIX}{error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        saved = cfg is None or cfg.save_state
+        print("fmtl: interrupted (continue from the last saved epoch with --resume RUN_DIR)" if saved
+              else "fmtl: interrupted (run with --no-save-state: nothing to resume from)", file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

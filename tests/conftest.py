@@ -25,7 +25,7 @@ def splits():
     """Real Fashion-MNIST test images as a 256-image train split and a 64-image val (and test) split, for
     Trainer tests; torch is imported here, so the runtime-only install never loads it."""
     from fmtl.training.data import load_dataset, seeded_subset
-    from fmtl.training.loop import Splits
+    from fmtl.training.prepare import Splits
 
     test = load_dataset("fashion-mnist", "test")
     train, val = seeded_subset(test, 256, seed=1), seeded_subset(test, 64, seed=2)

@@ -21,6 +21,7 @@ import torch
 
 from fmtl.errors import FmtlError
 from fmtl.spec import InputSpec
+from fmtl.train import main as train_main
 from fmtl.training import export
 from fmtl.training.augment import Preprocess
 from fmtl.training.calibrate import apply_temperature
@@ -28,7 +29,6 @@ from fmtl.training.checkpoint import load_model, read_model_info, sha256_file, w
 from fmtl.training.data import ImageSet, find_fashion_mnist, load_dataset
 from fmtl.training.evaluate import evaluate
 from fmtl.training.export import ExportError, Probabilities, check_parity, export_onnx, int8_path, quantize_int8
-from fmtl.training.loop import main as train_main
 
 pytestmark = pytest.mark.slow
 FASHION_MNIST = find_fashion_mnist()  # fmtl's own search: --data-dir, FMTL_DATA_DIR, Debian's, the cache

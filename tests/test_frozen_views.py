@@ -12,15 +12,16 @@ import time
 
 import pytest
 import torch
+from trainers import make_trainer
 
 from fmtl.errors import ConfigError, ModelConfigError
 from fmtl.training import budget, caches
 from fmtl.training.budget import SAFETY, Costs, measure_costs, plan_epochs
 from fmtl.training.config import TrainConfig, load_config, with_defaults
-from fmtl.training.loop import Splits, Trainer, make_accelerator
-from fmtl.training.models import apply_freeze, backbone_layout, cached_view_blocks, create_model, feature_blocks
+from fmtl.training.loop import Trainer
+from fmtl.training.models import backbone_layout, cached_view_blocks, create_model, feature_blocks
 from fmtl.training.plan import Phase
-from fmtl.training.prepare import input_spec
+from fmtl.training.prepare import Splits
 from fmtl.training.recipe import apply_recipe, few_views
 from fmtl.training.recorder import Recorder
 
@@ -35,7 +36,7 @@ def _trainer(run_dir, splits: Splits, **options) -> Trainer:
     cfg = _config(**options)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # as run() does: the new head's initialisation
-    return Trainer(cfg, make_accelerator(cfg, run_dir), run_dir, splits)
+    return make_trainer(cfg, run_dir, splits)
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -56,18 +57,19 @@ def test_training_runs_only_the_blocks_after_the_cached_ones(tmp_path, splits) -
     trainer = _trainer(tmp_path / "run", splits)
     net = trainer.net
     assert trainer.prefix_blocks == len(net.backbone.features) - 3
-    trainer.cache_views()
-    assert trainer.views.shape[:2] == (3, len(splits.train))
+    phase = Phase("finetune", 1, 1)
+    views = trainer.enter(phase, 1).views
+    assert views.shape[:2] == (3, len(splits.train))
     plain = net.prefix(trainer.batch(trainer.train_images, torch.arange(8), augment=False), trainer.prefix_blocks)
     # the first view: the images as they are (to float rounding, which oneDNN's kernels differ in by batch and threads)
-    assert torch.allclose(trainer.views[0, :8], plain, rtol=1e-4, atol=1e-5 * plain.abs().max().item())
-    assert not torch.allclose(trainer.views[1], trainer.views[0])  # the others: augmented
+    assert torch.allclose(views[0, :8], plain, rtol=1e-4, atol=1e-5 * plain.abs().max().item())
+    assert not torch.allclose(views[1], views[0])  # the others: augmented
     blocks = feature_blocks(net)
     early, late = torch.nn.ModuleList(blocks[:-3]), torch.nn.ModuleList(blocks[-3:])
     early_before, late_before = _snapshot(early), _snapshot(late)
     stem_calls: list[int] = []
     net.backbone.features[0].register_forward_hook(lambda *args: stem_calls.append(1))
-    trainer.train_one_epoch(1, Phase("finetune", 1, 1))
+    trainer.train_one_epoch(1, phase, trainer.enter(phase, 1))
     assert not stem_calls  # no step ran the frozen blocks
     assert all(torch.equal(early_before[k], v) for k, v in early.state_dict().items())
     assert any(not torch.equal(late_before[k], v) for k, v in late.state_dict().items())
@@ -77,8 +79,7 @@ def test_views_are_rebuilt_the_same_and_a_resumed_run_is_the_whole_run(tmp_path,
     whole = _trainer(tmp_path / "whole", splits, epochs=2)
     whole.fit(1)
     again = _trainer(tmp_path / "again", splits, epochs=2)
-    again.cache_views()
-    assert torch.equal(again.views, whole.views)
+    assert torch.equal(again.enter(Phase("finetune", 1, 2), 1).views, whole.inputs.views)
     # the same run stopped after its first epoch, then resumed in a new Trainer
     first = _trainer(tmp_path / "cut", splits, epochs=2, save_state=True)
     monkeypatch.setattr(Recorder, "should_stop", lambda self, epoch: epoch == 1)
@@ -91,12 +92,9 @@ def test_views_are_rebuilt_the_same_and_a_resumed_run_is_the_whole_run(tmp_path,
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_the_planner_prices_the_views_and_times_the_shorter_step(splits) -> None:
+def test_the_planner_prices_the_views_and_times_the_shorter_step(tmp_path, splits) -> None:
     cfg = _config(budget="60s")
-    model = create_model("efficientnet_lite0", 10)
-    apply_freeze(model, cfg.unfreeze)
-    spec = input_spec(model, splits.train, cfg)
-    costs = measure_costs(model, spec, cfg, torch.device("cpu"), head_cached=False, n_train=256)
+    costs = measure_costs(_trainer(tmp_path, splits, budget="60s"), head_cached=False, n_train=256)
     assert costs.view_image > 0
     counts = {"train": 1000, "val": 100, "test": 100}
     plan = plan_epochs(cfg, costs, counts, available_s=59, budget_s=60)
@@ -105,21 +103,20 @@ def test_the_planner_prices_the_views_and_times_the_shorter_step(splits) -> None
     assert "views" not in plan_epochs(_config(budget="60s", frozen_views=0), off, counts, 59, 60).parts_s
 
 
-def test_passes_without_gradients_are_timed_at_the_eval_batch_size(splits) -> None:
+def test_passes_without_gradients_are_timed_at_the_eval_batch_size(tmp_path, splits) -> None:
     """Validation, test and caching run in batches of --eval-batch-size, whose cost per image differs from a
     training batch's on a CPU: the warm-up times them at that size (here 48), training steps at --batch-size (16)."""
-    cfg = _config(budget="60s", batch_size=16, eval_batch_size=48, frozen_views=0)  # training steps run the stem
-    model = create_model("efficientnet_lite0", 10)
-    apply_freeze(model, cfg.unfreeze)
-    spec = input_spec(model, splits.train, cfg)
+    options = dict(budget="60s", batch_size=16, eval_batch_size=48, frozen_views=0)  # training steps run the stem
+    probe = _trainer(tmp_path, splits, **options)
+    model = probe.net
     seen: dict[bool, list[int]] = {True: [], False: []}  # grad enabled -> batch sizes through the stem
     model.backbone.features[0].register_forward_pre_hook(
         lambda module, args: seen[torch.is_grad_enabled()].append(args[0].shape[0])
     )
-    measure_costs(model, spec, cfg, torch.device("cpu"), head_cached=True, n_train=256)
+    measure_costs(probe, head_cached=True, n_train=256)
     assert set(seen[True]) == {16}  # training steps
-    assert seen[False].count(48) >= 2  # the forward and the feature passes, each timed
-    assert max(seen[False]) == 48
+    assert seen[False].count(48) >= 2  # the feature passes, each timed
+    assert set(seen[False]) == {48, 96}  # the forward passes: 48 images and, for flip-TTA, their mirror images
 
 
 def test_what_frozen_views_cannot_work_with_is_a_one_line_error(tmp_path, splits, monkeypatch) -> None:
@@ -153,9 +150,11 @@ def test_a_re_plan_prices_the_validation_passes_to_come_at_the_measured_one(tmp_
 
     monkeypatch.setattr(budget, "replan_total", replan)
     cfg = _config(epochs=2, frozen_views=0, unfreeze="all")  # 4 steps an epoch
-    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, controller=clock)
-    evaluate = trainer.evaluate_val
-    trainer.evaluate_val = lambda phase: time.sleep(1.0) or evaluate(phase)
+    trainer = make_trainer(cfg, tmp_path, splits, controller=clock)
+    import fmtl.training.loop as loop
+
+    validate = loop.validate
+    monkeypatch.setattr(loop, "validate", lambda *args: time.sleep(1.0) or validate(*args))
     trainer.fit(1)
     left, elapsed, validations_s, val_seconds = calls[0]
     assert left == pytest.approx(60 * (1 - SAFETY) - elapsed, abs=0.05)
@@ -172,7 +171,7 @@ def test_before_its_first_validation_a_re_plan_rescales_the_planned_pass_by_the_
     # a warm-up that timed a step at 10 s (a machine busy then) and priced a validation pass at 20 s
     clock = budget.BudgetController(started=time.perf_counter(), budget_s=60, val_pass_s=20.0, planned_step_s=10.0)
     cfg = _config(epochs=2, frozen_views=0, unfreeze="all", eval_every=2)  # epoch 1 does not validate
-    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, controller=clock)
+    trainer = make_trainer(cfg, tmp_path, splits, controller=clock)
     trainer.fit(1)
     pace, validations_s = calls[0]
     assert 0 < pace < 10.0 and validations_s(8) == pytest.approx(20.0 * pace / 10.0)  # epoch 2's one pass
@@ -184,8 +183,8 @@ def test_a_run_that_validates_only_at_its_end_re_plans_too(tmp_path, splits, mon
     monkeypatch.setattr(budget, "replan_total", lambda done, pace, left, validations_s: calls.append(done) or 24)
     clock = budget.BudgetController(started=time.perf_counter(), budget_s=60, val_pass_s=2.0)
     cfg = _config(epochs=5, frozen_views=0, unfreeze="all", eval_every=10)
-    trainer = Trainer(cfg, make_accelerator(cfg, tmp_path), tmp_path, splits, controller=clock)
+    trainer = make_trainer(cfg, tmp_path, splits, controller=clock)
     trainer.fit(1)
     assert calls == [4, 12, 20]  # after a fifth, half and four fifths of the steps (no validated epoch before the end)
-    assert [row.val_acc is not None for row in trainer.history] == [False] * 5 + [True]
-    assert clock.replans[0]["steps"] == 24 and trainer.total_steps == 24
+    assert [row.val_acc is not None for row in trainer.recorder.history] == [False] * 5 + [True]
+    assert clock.replans[0]["steps"] == 24 and trainer.plan.total_steps == 24

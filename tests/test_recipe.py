@@ -19,10 +19,10 @@ import torch
 import yaml
 
 from fmtl.errors import ConfigError, FmtlError
+from fmtl.train import main as train_main
 from fmtl.training.budget import SAFETY, VAL_SHARE, Costs, parse_budget, plan_epochs
 from fmtl.training.config import load_config, with_defaults
 from fmtl.training.export import export_onnx
-from fmtl.training.loop import main as train_main
 from fmtl.training.models import create_model
 from fmtl.training.recipe import LARGE, apply_recipe
 
@@ -87,10 +87,10 @@ def _plan(budget: float, strategy: str = "hybrid", head_epochs: int = 2):
 
 def test_plan_fits_epochs_into_the_budget():
     plan = _plan(1200)
-    assert plan.head_epochs == 2 and plan.epochs > plan.head_epochs
+    assert plan.plan.head_epochs == 2 and plan.plan.epochs > plan.plan.head_epochs
     assert plan.predicted_s <= 1200
     longer = _plan(2400)
-    assert longer.epochs > plan.epochs and longer.predicted_s <= 2400
+    assert longer.plan.epochs > plan.plan.epochs and longer.predicted_s <= 2400
     assert longer.finetune_epochs > plan.finetune_epochs
 
 
@@ -112,7 +112,7 @@ def test_plan_predicts_the_temperature_pass_only_when_calibrating():
     off = plan_epochs(_options(["--budget", "1200s", "--no-calibrate"]), costs, counts, available_s=1195, budget_s=1200)
     assert on.after_s["calibration"] == pytest.approx(6_000 * 0.002, abs=0.1)
     assert off.after_s["calibration"] == 0
-    assert on.epochs == off.epochs  # it follows the budget, like the test pass: training time is unchanged
+    assert on.plan.epochs == off.plan.epochs  # it follows the budget, like the test pass: training time is unchanged
 
 
 def test_plan_prices_an_epoch_smaller_than_one_batch_by_its_images():
@@ -120,13 +120,13 @@ def test_plan_prices_an_epoch_smaller_than_one_batch_by_its_images():
     cfg = _options(["--strategy", "finetune", "--budget", "100s"])
     costs = Costs(finetune_step=1.0, head_step=0.0, forward_image=0.0, save=0.0)
     plan = plan_epochs(cfg, costs, {"train": 100, "val": 0, "test": 0}, available_s=100, budget_s=100)
-    assert plan.epochs == int(100 * (1 - SAFETY) // (100 / 128))  # not 94 epochs of a full step's time
+    assert plan.plan.epochs == int(100 * (1 - SAFETY) // (100 / 128))  # not 94 epochs of a full step's time
 
 
 def test_plan_cuts_the_last_fine_tuning_epoch_short_to_fill_the_budget():
     plan = _plan(1200)
-    steps = plan.steps_per_epoch
-    assert plan.max_steps and (plan.epochs - 1) * steps < plan.max_steps < plan.epochs * steps
+    steps = plan.plan.steps_per_epoch
+    assert plan.plan.max_steps and (plan.plan.epochs - 1) * steps < plan.plan.max_steps < plan.plan.epochs * steps
     assert plan.finetune_epochs % 1 >= 0.25 and "cut short" in plan.describe()
     step = plan.costs["finetune_step"]
     usable = 1200 * (1 - SAFETY)
@@ -139,13 +139,15 @@ def test_plan_validates_fine_tuning_less_often_when_validation_costs_more_than_t
     cfg, _ = apply_recipe(load_config(["--budget", "120s"]), counts["train"])  # as a run gets it
     plan = plan_epochs(cfg, costs, counts, available_s=115, budget_s=120)
     epoch = 0.6 * 100 / cfg.batch_size  # an epoch of 100 images, priced by its images at the recipe's batch
-    assert plan.eval_every == math.ceil(6_000 * 0.002 / (VAL_SHARE * epoch)) and "validated every" in plan.describe()
+    assert (
+        plan.plan.eval_every == math.ceil(6_000 * 0.002 / (VAL_SHARE * epoch)) and "validated every" in plan.describe()
+    )
     assert plan.predicted_s <= 120 * (1 - SAFETY)
-    assert plan.epochs - plan.head_epochs > 20  # validating every epoch, 12 s each, would leave ~6 epochs
+    assert plan.plan.epochs - plan.plan.head_epochs > 20  # validating every epoch, 12 s each, would leave ~6 epochs
     given = plan_epochs(_options(["--budget", "120s", "--eval-every", "1"]), costs, counts, 115, 120)
-    assert given.eval_every == 1 and given.epochs - given.head_epochs < 10  # the user's choice stands
+    assert given.plan.eval_every == 1 and given.plan.epochs - given.plan.head_epochs < 10  # the user's choice stands
     large = _plan(1200)
-    assert large.eval_every == 1  # all the data: a val pass is a small share of an epoch
+    assert large.plan.eval_every == 1  # all the data: a val pass is a small share of an epoch
 
 
 def test_warm_up_times_fewer_steps_where_they_would_eat_a_short_budget(monkeypatch):
@@ -291,18 +293,18 @@ def test_a_budget_too_short_to_fine_tune_falls_back_to_the_head_alone(monkeypatc
     monkeypatch.setattr(budget, "measure_costs", lambda *args, **kwargs: costs)
     counts = {"train": 54_000, "val": 6_000, "test": 10_000}
     cfg = _options(["--budget", "120s"])  # one fine-tuning epoch alone would take ~220 s; a quarter of one ~55 s
-    plan = budget.plan_run(cfg, None, None, counts, "cpu", time.perf_counter())
-    assert plan.strategy == "linear" and plan.note and plan.predicted_s <= 120 and 1 <= plan.epochs <= 50
+    plan = budget.plan_run(cfg, None, counts, time.perf_counter())
+    assert plan.plan.strategy == "linear" and plan.note and plan.predicted_s <= 120 and 1 <= plan.plan.epochs <= 50
     # what the run makes of it: every epoch trains the head alone, on a model whose backbone is frozen
-    run_plan = make_plan(plan.strategy, plan.epochs, plan.head_epochs, 422, plan.max_steps, plan.eval_every)
-    assert all(phase.frozen for phase in run_plan.phases) and run_plan.epochs == plan.epochs
+    run_plan = make_plan(
+        plan.plan.strategy, plan.plan.epochs, plan.plan.head_epochs, 422, plan.plan.max_steps, plan.plan.eval_every
+    )
+    assert all(phase.frozen for phase in run_plan.phases) and run_plan.epochs == plan.plan.epochs
     model = build_model(_options(["--model", "scratch_cnn", "--weights", "none"]), 10, run_plan.strategy)
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for p in model.head.parameters())
     with pytest.raises(ConfigError, match="too short"):  # asked for fine-tuning only: no fallback
-        budget.plan_run(
-            _options(["--budget", "60s", "--strategy", "finetune"]), None, None, counts, "cpu", time.perf_counter()
-        )
+        budget.plan_run(_options(["--budget", "60s", "--strategy", "finetune"]), None, counts, time.perf_counter())
 
 
 # ---------------------------------------------------------------- augmentation and flip test-time augmentation
@@ -438,3 +440,56 @@ def test_max_val_samples_validates_on_fewer_images_and_tests_on_all_asked(tmp_pa
     assert (
         json.loads((run / "model.json").read_text())["data_options"]["max_val_samples"] == 100
     )  # export reloads the same
+
+
+_BUDGET_STEP = """
+import json, sys, time
+import torch
+import fmtl.training.prepare as prepare
+from fmtl.training.config import load_config
+from fmtl.training.data import load_dataset, seeded_subset
+from fmtl.training.loop import Trainer
+from fmtl.training.run import BudgetPlanner
+from fmtl.training.settings import resolve
+
+prepare.cpu_has_native_bf16 = lambda: False  # forced, so the check runs the same on every CPU
+options = load_config(["--budget", "40s", "--strategy", "finetune", "--optimizer", "sgd", "--mixed-precision", "bf16",
+                       "--force-bf16", "--label-smoothing", "0.2", "--gradient-accumulation-steps", "2",
+                       "--image-size", "32", "--batch-size", "32", "--quiet", "--recipe", "small"])
+test = load_dataset("fashion-mnist", "test")
+splits = prepare.Splits(seeded_subset(test, 256, 1), seeded_subset(test, 64, 2), seeded_subset(test, 64, 2), "val")
+accelerator = prepare.make_accelerator(options, sys.argv[1])
+settings = resolve(options, len(splits.train), accelerator)
+seen, step = [], Trainer.train_step
+
+def spy(self, indices, inputs, pixels=None):
+    dtypes = []
+    hook = self.net.head.register_forward_hook(lambda module, args, out: dtypes.append(str(out.dtype)))
+    loss = step(self, indices, inputs, pixels)
+    hook.remove()
+    seen.append({"optimizer": type(self.optimizer.optimizer).__name__, "head_dtype": dtypes[0],
+                 "accumulation": accelerator.gradient_accumulation_steps, "smoothing": self.cfg.label_smoothing,
+                 "backbone_trains": any(p.grad is not None for p in self.net.backbone.parameters()) or not self.net.backbone_frozen})
+    return loss
+
+Trainer.train_step = spy
+plan = BudgetPlanner(time.perf_counter()).first_plan(settings, splits, accelerator)
+print(json.dumps({"seen": seen, "models_left": len(accelerator._models), "strategy": plan.strategy}))
+"""
+
+
+def test_the_budget_prices_the_runs_own_step_its_optimizer_precision_and_smoothing(tmp_path):
+    """--budget times Trainer.train_step itself, on a throwaway Trainer built from the run's settings: an SGD,
+    bf16, label-smoothed, accumulating run is priced from such steps (in a process of its own: Accelerate's
+    precision is process-wide), and the throwaway leaves nothing behind in the Accelerator."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _BUDGET_STEP, str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["seen"] and report["models_left"] == 0 and report["strategy"] == "finetune"
+    for step in report["seen"]:
+        assert step["optimizer"] == "SGD" and step["head_dtype"] == "torch.bfloat16"
+        assert step["accumulation"] == 2 and step["smoothing"] == 0.2 and step["backbone_trains"]

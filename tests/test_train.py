@@ -15,8 +15,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from fmtl.train import main
 from fmtl.training.data import load_dataset, seeded_subset
-from fmtl.training.loop import main
 from fmtl.training.models import create_model
 
 pytestmark = pytest.mark.slow

@@ -8,13 +8,15 @@ import time
 
 import pytest
 import torch
+from trainers import make_trainer
 
 from fmtl.errors import FmtlError
 from fmtl.training import reports
 from fmtl.training.config import TrainConfig, load_config
-from fmtl.training.loop import Splits, Trainer, make_accelerator, plan_for_resume
+from fmtl.training.loop import Trainer
 from fmtl.training.models import feature_blocks
 from fmtl.training.plan import Phase, RunPlan, Schedule, make_plan, plan_phases
+from fmtl.training.prepare import Splits
 
 # --- the schedule ------------------------------------------------------------------------------
 
@@ -58,15 +60,10 @@ def _config(**options) -> TrainConfig:
                           **options})  # fmt: skip
 
 
-def _parts(tmp_path, splits: Splits, **options) -> tuple:
-    cfg = _config(**options)
+def _trainer(tmp_path, splits: Splits, controller=None, **options) -> Trainer:
     run_dir = tmp_path / "run"
-    run_dir.mkdir(parents=True)
-    return make_accelerator(cfg, run_dir), run_dir, splits
-
-
-def _trainer(tmp_path, splits: Splits, **options) -> Trainer:
-    return Trainer(_config(**options), *_parts(tmp_path, splits, **options))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return make_trainer(_config(**options), run_dir, splits, controller)
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -78,7 +75,8 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[st
 
 
 def _one_finetune_epoch(trainer: Trainer) -> None:
-    trainer.train_one_epoch(1, Phase("finetune", 1, trainer.cfg.epochs))
+    phase = Phase("finetune", 1, trainer.cfg.epochs)
+    trainer.train_one_epoch(1, phase, trainer.enter(phase, 1))
 
 
 @pytest.mark.parametrize(("name", "expected"), [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
@@ -120,7 +118,7 @@ def test_max_steps_ends_inside_the_last_epoch_with_the_schedule_complete(tmp_pat
     assert trainer.plan.epochs == 2 and trainer.plan.total_steps == 6
     assert (trainer.cfg.epochs, trainer.cfg.max_steps) == (5, 6)  # the options stay as the user gave them
     trainer.fit(1)
-    assert [row.epoch for row in trainer.history] == [1, 2]
+    assert [row.epoch for row in trainer.recorder.history] == [1, 2]
     assert trainer.scheduler.scheduler.last_epoch == 6  # optimizer steps taken: 4 + 2
     assert trainer.scheduler.get_last_lr()[-1] == pytest.approx(0.0)  # the cosine ended with them
     with pytest.raises(FmtlError, match="max-steps"):  # a hybrid run cut short inside its head phase
@@ -130,12 +128,17 @@ def test_max_steps_ends_inside_the_last_epoch_with_the_schedule_complete(tmp_pat
 def test_eval_every_validates_every_nth_fine_tuning_epoch_and_the_last(tmp_path, splits) -> None:
     trainer = _trainer(tmp_path, splits, strategy="hybrid", epochs=5, head_epochs=1, eval_every=3)
     calls: list[int] = []
-    evaluate = trainer.evaluate_val
-    trainer.evaluate_val = lambda phase: calls.append(len(trainer.history) + 1) or evaluate(phase)
-    trainer.fit(1)
+    import fmtl.training.loop as loop
+
+    validate = loop.validate
+    loop.validate = lambda *args: calls.append(len(trainer.recorder.history) + 1) or validate(*args)
+    try:
+        trainer.fit(1)
+    finally:
+        loop.validate = validate
     assert calls == [1, 4, 5]  # the head epoch, the 3rd fine-tuning epoch, the run's last
-    assert [row.val_acc is not None for row in trainer.history] == [True, False, False, True, True]
-    validated = [row for row in trainer.history if row.val_acc is not None]
+    assert [row.val_acc is not None for row in trainer.recorder.history] == [True, False, False, True, True]
+    validated = [row for row in trainer.recorder.history if row.val_acc is not None]
     best = max(validated, key=lambda row: row.val_acc)  # the first of equals: only a better accuracy moves it
     assert trainer.best == {"val_acc": best.val_acc, "val_top5": best.val_top5, "epoch": best.epoch}
 
@@ -147,12 +150,12 @@ def test_a_budget_run_re_plans_its_end_once_from_its_measured_pace(tmp_path, spl
     monkeypatch.setattr(budget, "replan_total", lambda done, pace, left, validations_s: paces.append(pace) or 9)
     controller = budget.BudgetController(started=time.perf_counter(), budget_s=60)
     cfg = dict(strategy="finetune", epochs=2, save_state=True)  # 256 images at batch 64: 4 steps an epoch, 8 planned
-    trainer = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), controller=controller)
+    trainer = _trainer(tmp_path, splits, controller=controller, **cfg)
     trainer.fit(1)
     # after epoch 1 (a fifth of the planned steps), then at every later epoch but the last
     assert len(paces) == 2 and all(pace > 0 for pace in paces)
     assert [r["steps_before"] for r in controller.replans] == [8, 9] and controller.replans[-1]["steps"] == 9
-    assert [row.epoch for row in trainer.history] == [1, 2, 3]  # 4 + 4 + 1 steps
+    assert [row.epoch for row in trainer.recorder.history] == [1, 2, 3]  # 4 + 4 + 1 steps
     assert trainer.scheduler.scheduler.last_epoch == 9
     assert trainer.scheduler.get_last_lr()[-1] == pytest.approx(0.0)  # the moved schedule still completes
     assert trainer.cfg.epochs == 2 and trainer.cfg.max_steps is None  # the options are not rewritten
@@ -167,41 +170,39 @@ def test_a_resumed_run_continues_the_re_planned_schedule(tmp_path, splits, monke
     monkeypatch.setattr(budget, "replan_total", lambda *args: 9)
     cfg = dict(strategy="finetune", epochs=2, save_state=True)
     controller = budget.BudgetController(time.perf_counter(), 60)
-    first = Trainer(_config(**cfg), *_parts(tmp_path, splits, **cfg), controller=controller)
+    first = _trainer(tmp_path, splits, controller=controller, **cfg)
     reports.write_config(first.run_dir, first.cfg)  # as run() does before training
     first.fit(1)
     # a new process on the same run folder: the saved state holds the new end
     saved = load_config(["--resume", str(first.run_dir)])
-    plan = plan_for_resume(saved, first.run_dir, first.plan.steps_per_epoch)
-    resumed = Trainer(saved, make_accelerator(saved, first.run_dir), first.run_dir, splits, plan)
+    resumed = make_trainer(saved, first.run_dir, splits, resume=True)
     assert resumed.resume() == 4 and resumed.plan.total_steps == 9 and resumed.plan.epochs == 3
     assert resumed.schedule.plan.phases[-1].last_epoch == 3
     # the command line changing the epochs wins over the saved plan
     longer = load_config(["--resume", str(first.run_dir), "--epochs", "5"])
-    assert plan_for_resume(longer, first.run_dir, first.plan.steps_per_epoch).total_steps == 20
+    assert make_trainer(longer, first.run_dir, splits, resume=True).plan.total_steps == 20
 
 
 def test_a_run_stopped_inside_an_epoch_resumes_as_the_whole_run(tmp_path, splits) -> None:
     cfg = dict(strategy="finetune", epochs=2, save_state=True)
     torch.manual_seed(0)  # as run() does: the new head's initialisation
-    whole = Trainer(_config(**cfg), *_parts(tmp_path / "whole", splits, **cfg))
+    whole = _trainer(tmp_path / "whole", splits, **cfg)
     whole.fit(1)
     torch.manual_seed(0)
-    first = Trainer(_config(**cfg), *_parts(tmp_path / "cut", splits, **cfg))
+    first = _trainer(tmp_path / "cut", splits, **cfg)
     reports.write_config(first.run_dir, first.cfg)
     train_one_epoch = first.train_one_epoch
 
-    def stopped_in_epoch_2(epoch, phase):
+    def stopped_in_epoch_2(epoch, phase, inputs):
         if epoch == 2:
             raise KeyboardInterrupt
-        return train_one_epoch(epoch, phase)
+        return train_one_epoch(epoch, phase, inputs)
 
     first.train_one_epoch = stopped_in_epoch_2
     with pytest.raises(KeyboardInterrupt):
         first.fit(1)
     saved = load_config(["--resume", str(first.run_dir)])
-    plan = plan_for_resume(saved, first.run_dir, first.plan.steps_per_epoch)
-    resumed = Trainer(saved, make_accelerator(saved, first.run_dir), first.run_dir, splits, plan)
+    resumed = make_trainer(saved, first.run_dir, splits, resume=True)
     assert resumed.resume() == 2 and resumed.plan.total_steps == 8
     resumed.fit(2)
     expected, got = whole.net.state_dict(), resumed.net.state_dict()
@@ -322,7 +323,7 @@ def test_force_bf16_runs_bf16_autocast_where_it_would_be_refused(tmp_path, monke
 def test_log_with_writes_the_trackers_files_or_refuses_a_missing_tracker(tmp_path, capsys) -> None:
     from accelerate.utils import is_tensorboard_available
 
-    from fmtl.training.loop import main as train_main
+    from fmtl.train import main as train_main
 
     run = tmp_path / "run"
     args = ["--strategy", "linear", "--epochs", "2", "--max-train-samples", "200", "--max-val-samples", "100",

@@ -23,12 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from fmtl.errors import ConfigError
-from fmtl.spec import InputSpec
-from fmtl.training.augment import Preprocess, augment_for
-from fmtl.training.config import parse_budget, with_eval_batch
+from fmtl.training.config import parse_budget
 from fmtl.training.headfit import CHOICE_ROWS, MAX_ITERATIONS, WEIGHT_DECAYS
-from fmtl.training.models import cached_view_blocks, freeze_batchnorm
-from fmtl.training.plan import RunPlan, head_on_cached_features
+from fmtl.training.plan import Phase, RunPlan, head_on_cached_features, make_plan, steps_per_epoch
 
 SAFETY = 0.06  # share of the budget kept free: a shared machine's pace drifts between re-plans
 FIXED_SECONDS = 4.0  # run folder, plots and the summary at the end
@@ -126,22 +123,16 @@ class Costs:
 
 
 @dataclass
-class Plan:
-    """What the planner decided, and the predicted seconds of each part."""
+class BudgetReport:
+    """What the planner decided (``plan``, the run's one ``RunPlan``) and why: the predicted seconds of each
+    part and the measured costs; ``plan.json`` as the run goes on."""
 
     budget_s: float
-    epochs: int
-    head_epochs: int
-    strategy: str
-    steps_per_epoch: int
-    max_steps: int  # 0: every epoch whole; else the run ends after this many steps, inside its last epoch
-    eval_every: int  # fine-tuning validates every Nth epoch, and at its end
+    plan: RunPlan
     predicted_s: float  # warm-up included, margin excluded
     parts_s: dict
     costs: dict
-    after_s: dict = dataclasses.field(
-        default_factory=dict
-    )  # predicted: calibration, the test pass and reports, after training
+    after_s: dict = dataclasses.field(default_factory=dict)  # predicted: calibration, the test pass, the reports
     replans: list = dataclasses.field(default_factory=list)  # how the run re-planned itself from its pace
     finished_s: float | None = None  # filled in at the end of training: the budget's clock then
     total_s: float | None = None  # and after the test pass and reports
@@ -150,22 +141,24 @@ class Plan:
     @property
     def finetune_epochs(self) -> float:
         """Fine-tuning epochs, the last one's fraction included (e.g. 3.6)."""
-        whole = self.epochs - (self.head_epochs if self.strategy == "hybrid" else 0)
-        if not self.max_steps or self.strategy == "linear":
+        plan = self.plan
+        whole = plan.epochs - (plan.head_epochs if plan.strategy == "hybrid" else 0)
+        if not plan.max_steps or plan.strategy == "linear":
             return float(whole)
-        return whole - 1 + (self.max_steps - (self.epochs - 1) * self.steps_per_epoch) / self.steps_per_epoch
+        return whole - 1 + (plan.max_steps - (plan.epochs - 1) * plan.steps_per_epoch) / plan.steps_per_epoch
 
     def describe(self) -> str:
+        plan = self.plan
         finetune = f"{self.finetune_epochs:.3g} fine-tuning epoch(s)"
-        if self.max_steps:
-            finetune += f" (the last cut short: {self.max_steps} steps in all)"
-        if self.eval_every > 1 and self.strategy != "linear":
-            finetune += f", validated every {self.eval_every} and at the end"
+        if plan.max_steps:
+            finetune += f" (the last cut short: {plan.max_steps} steps in all)"
+        if plan.eval_every > 1 and plan.strategy != "linear":
+            finetune += f", validated every {plan.eval_every} and at the end"
         phases = {
-            "linear": f"{self.epochs} head epoch(s)",
+            "linear": f"{plan.epochs} head epoch(s)",
             "finetune": finetune,
-            "hybrid": f"{self.head_epochs} head epoch(s) + {finetune}",
-        }[self.strategy]
+            "hybrid": f"{plan.head_epochs} head epoch(s) + {finetune}",
+        }[plan.strategy]
         parts = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in self.parts_s.items())
         note = f" [{self.note}]" if self.note else ""
         after = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in self.after_s.items())
@@ -175,7 +168,9 @@ class Plan:
         )
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}
+        plan = {**dataclasses.asdict(self.plan), "max_steps": self.plan.max_steps}
+        return json.dumps({**plan, **fields}, indent=2) + "\n"
 
 
 # ---------------------------------------------------------------- measuring
@@ -211,79 +206,52 @@ def timed(step, steps: int = TIMED_STEPS, max_seconds: float = math.inf, warmup:
     return sorted(times)[len(times) // 2]
 
 
-def measure_costs(
-    model, spec: InputSpec, cfg, device: torch.device, head_cached: bool, n_train: int, budget_s: float = math.inf
-) -> Costs:
-    """Time real steps of ``model`` (a throwaway copy of the run's model: its weights are changed).
+def measure_costs(probe, head_cached: bool, n_train: int, budget_s: float = math.inf) -> Costs:
+    """Time the run's own steps: ``Trainer.train_step`` of ``probe``, a throwaway Trainer built from the run's
+    settings on a few of its images (its optimizer, precision, label smoothing and accumulation, its inputs).
 
-    Steps run on at most ``PROBE_BATCH`` images and are scaled to the run's batch size, and each kind
-    takes fewer timed steps where they would cost more than ``TIMING_SHARE`` of ``budget_s``, so the
-    warm-up stays a small share of a short budget.
+    Steps run on at most ``PROBE_BATCH`` images and are scaled to the run's batch size; on one process each
+    kind takes fewer timed calls where they would cost more than ``TIMING_SHARE`` of ``budget_s`` (several
+    processes take the same number of calls, so their collectives pair up).
     """
-    limit = TIMING_SHARE * budget_s
-    model = model.to(device)
-    probe = min(cfg.batch_size, PROBE_BATCH)
-    scale = cfg.batch_size / probe
+    cfg, accelerator = probe.cfg, probe.accelerator
+    limit = TIMING_SHARE * budget_s if accelerator.num_processes == 1 else math.inf
+    size = min(cfg.batch_size, PROBE_BATCH, len(probe.train_set))
+    scale, batch = cfg.batch_size / size, torch.arange(size)
     # Passes without gradients (validation, test, feature and view caching) run in batches of --eval-batch-size,
     # and on a CPU their cost per image depends on it: timed at a training batch of 32 (few's), a 128 px
     # validation pass in batches of 256 took 1.2 to 2.3 times the estimate and pushed runs to or past their budget.
-    eval_probe = min(with_eval_batch(cfg, device.type).eval_batch_size, PROBE_BATCH)
-    images = torch.randint(0, 256, (max(probe, eval_probe), spec.channels, *spec.source_size), dtype=torch.uint8)
-    images = images.to(device)
-    labels = torch.randint(0, 2, (probe,), device=device)
-    preprocess = Preprocess(spec).to(device)
-    augment = augment_for(cfg, seed=cfg.seed)
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    eval_batch = torch.arange(min(cfg.eval_batch_size, PROBE_BATCH, len(probe.val_set)))
 
-    def batch(augmented: bool, size: int = probe) -> torch.Tensor:
-        return preprocess(images[:size], augment if augmented else None).contiguous(memory_format=layout)
+    def step(inputs) -> None:
+        with accelerator.accumulate(probe.model):
+            probe.train_step(batch, inputs)
 
-    def train_step(params, forward) -> None:
-        optimizer = optimizers.setdefault(id(params), torch.optim.AdamW(params, lr=1e-6))
-        loss = F.cross_entropy(forward().float(), labels)
-        loss.backward()
-        if cfg.grad_clip:  # as the real step does: a pass over every gradient
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def timed_step(phase: Phase) -> float:
+        inputs = probe.enter(phase, phase.first_epoch)
+        probe.train_mode(phase)
+        return timed(lambda: step(inputs), max_seconds=limit)
 
-    optimizers: dict = {}
-    model.train()
-    if cfg.freeze_bn:
-        freeze_batchnorm(model)
+    phases = probe.plan.phases
     finetune = view_image = 0.0
     if cfg.strategy != "linear":
-        params = [p for p in model.parameters() if p.requires_grad]
-        forward = lambda: model(batch(True))  # noqa: E731
-        blocks = cached_view_blocks(cfg, model)
-        if blocks:  # --frozen-views: fine-tuning runs only the blocks after the cached ones
+        finetune = timed_step(phases[-1]) * scale
+        if probe.prefix_blocks:  # --frozen-views: one augmented image through the frozen first blocks
             with torch.no_grad():
-                view_image = (
-                    timed(lambda: model.prefix(batch(True, eval_probe), blocks), max_seconds=limit) / eval_probe
-                )
-                cached = model.prefix(batch(True), blocks)
-            forward = lambda: model(cached, from_block=blocks)  # noqa: E731
-        finetune = timed(lambda: train_step(params, forward), max_seconds=limit) * scale
-    head_params = list(model.head.parameters())
+                first = lambda: probe.net.prefix(probe.batch(probe.train_images, eval_batch, True), probe.prefix_blocks)  # noqa: E731
+                view_image = timed(first, max_seconds=limit) / len(eval_batch)
+    head = timed_step(phases[0]) * (1.0 if head_cached else scale) if phases[0].frozen else 0.0
+    net = probe.net.eval()
     with torch.no_grad():
-        features = model.eval().features(batch(False)).float()
-        forward_image = timed(lambda: model(batch(False, eval_probe)), max_seconds=limit) / eval_probe
+        images = lambda: probe.batch(probe.val_images, eval_batch, False)  # noqa: E731
+        forward_image = timed(lambda: probe.model(images()), max_seconds=limit) / len(eval_batch)
         feature_image = (
-            timed(lambda: model.features(batch(False, eval_probe)), max_seconds=limit) / eval_probe
-            if head_cached
-            else 0.0
+            timed(lambda: net.features(images()), max_seconds=limit) / len(eval_batch) if head_cached else 0.0
         )
-    model.head.train()
-    if head_cached:
-        head = timed(lambda: train_step(head_params, lambda: model.head(features)))
-    else:
-        model.backbone_frozen = True
-        head = timed(lambda: train_step(head_params, lambda: model(batch(cfg.augment))), max_seconds=limit) * scale
-        model.backbone_frozen = False
-    save = timed(lambda: torch.save(model.state_dict(), io.BytesIO()), steps=1, warmup=1) * 3  # + AdamW's two moments
+    save = timed(lambda: torch.save(net.state_dict(), io.BytesIO()), steps=1, warmup=1) * 3  # + AdamW's two moments
     fit = 0.0
-    if head_cached and cfg.head_fit == "lbfgs" and isinstance(model.head, torch.nn.Linear):
-        fit = _lbfgs_cost(n_train, features.shape[1], model.head.out_features)
+    if head_cached and cfg.head_fit == "lbfgs" and isinstance(net.head, torch.nn.Linear):
+        fit = _lbfgs_cost(n_train, net.head.in_features, net.head.out_features)
     return Costs(finetune, head, forward_image, save, fit, feature_image, view_image)
 
 
@@ -305,7 +273,7 @@ def _lbfgs_cost(n: int, num_features: int, classes: int) -> float:
 
 def plan_epochs(
     cfg, costs: Costs, counts: dict[str, int], available_s: float, budget_s: float, num_processes: int = 1
-) -> Plan:
+) -> BudgetReport:
     """Epochs that fit ``available_s`` (the budget less what was already spent), phases completed.
 
     ``counts`` holds the number of train, val and test images. Hybrid keeps ``cfg.head_epochs`` head
@@ -313,7 +281,7 @@ def plan_epochs(
     Fine-tuning fills what is left with a last epoch cut short (``max_steps``), when that is at least
     ``MIN_PARTIAL_EPOCH`` of an epoch.
     """
-    steps = math.ceil(counts["train"] / num_processes / cfg.batch_size)
+    steps = steps_per_epoch(counts["train"], cfg.batch_size, num_processes, cfg.gradient_accumulation_steps)
     forward = costs.forward_image / num_processes
     head_cached = cfg.strategy != "finetune" and head_on_cached_features(cfg)
     val_pass = counts["val"] * forward
@@ -364,14 +332,10 @@ def plan_epochs(
         **{name: seconds for name, seconds in once.items() if seconds},
         "warm-up": budget_s - available_s,
     }
-    return Plan(
+    max_steps = (epochs - 1) * steps + partial if partial else 0
+    return BudgetReport(
         budget_s=budget_s,
-        epochs=epochs,
-        head_epochs=head_epochs,
-        strategy=cfg.strategy,
-        steps_per_epoch=steps,
-        max_steps=(epochs - 1) * steps + partial if partial else 0,
-        eval_every=every,
+        plan=make_plan(cfg.strategy, epochs, head_epochs, steps, max_steps, every),
         predicted_s=round(sum(parts.values()), 1),
         parts_s={name: round(seconds, 1) for name, seconds in parts.items()},
         costs={name: round(value, 5) for name, value in dataclasses.asdict(costs).items()},
@@ -398,23 +362,21 @@ def _fit(cfg, spare: float, head_epoch: float, finetune_epoch: float) -> tuple[i
     return head_epochs, head_epochs + int(max(0.0, spare - head_epochs * head_epoch) // finetune_epoch)
 
 
-def plan_run(cfg, model, spec: InputSpec, counts: dict[str, int], device, started: float, num_processes: int = 1):
-    """Measure on ``model`` (a throwaway) and plan; returns the ``Plan`` (what was measured and decided).
+def plan_run(cfg, probe, counts: dict[str, int], started: float, num_processes: int = 1) -> BudgetReport:
+    """Time ``probe``'s steps (a throwaway Trainer, built like the run's) and plan: the report holds the plan.
 
     ``started`` is the ``time.perf_counter()`` at which the budget's clock started.
     """
     budget_s = parse_budget(cfg.budget)
     head_cached = cfg.strategy != "finetune" and head_on_cached_features(cfg)
-    costs = measure_costs(model, spec, cfg, device, head_cached, counts["train"], budget_s)
+    costs = measure_costs(probe, head_cached, counts["train"], budget_s)
     available = budget_s - (time.perf_counter() - started)
     try:
-        plan = plan_epochs(cfg, costs, counts, available, budget_s, num_processes)
+        return plan_epochs(cfg, costs, counts, available, budget_s, num_processes)
     except ConfigError:
         if cfg.strategy != "hybrid" or not head_cached:
             raise
-        # Too short for one fine-tuning epoch: the recipe's first half (cached features, solved head) still fits.
-        plan = plan_epochs(
-            dataclasses.replace(cfg, strategy="linear"), costs, counts, available, budget_s, num_processes
-        )
-        plan.note = "too short for one fine-tuning epoch here: frozen backbone, head only"
-    return plan
+    # Too short for one fine-tuning epoch: the recipe's first half (cached features, solved head) still fits.
+    report = plan_epochs(dataclasses.replace(cfg, strategy="linear"), costs, counts, available, budget_s, num_processes)
+    report.note = "too short for one fine-tuning epoch here: frozen backbone, head only"
+    return report

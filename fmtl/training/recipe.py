@@ -52,9 +52,14 @@ def scaled_unfreeze(policy: str, layout: BackboneLayout) -> str | None:
 def apply_recipe(cfg: TrainConfig, n_train: int, layout: BackboneLayout | None = None) -> tuple[TrainConfig, str]:
     """``cfg`` with the recipe's values for the options nobody set, the rest at their plain defaults, and a
     line saying what was picked. ``layout``: the backbone's (default: measured on ``cfg.model``)."""
+    changed, line = _recipe_changes(cfg, n_train, layout)
+    return with_defaults(changed), line
+
+
+def _recipe_changes(cfg: TrainConfig, n_train: int, layout: BackboneLayout | None) -> tuple[TrainConfig, str]:
     name = pick_recipe(n_train) if cfg.recipe == "auto" else cfg.recipe
     if str(cfg.weights).lower() == "none":  # nothing pretrained to keep frozen or adapt gently
-        return with_defaults(cfg), "recipe: none (training from scratch: fmtl's plain defaults)"
+        return cfg, "recipe: none (training from scratch: fmtl's plain defaults)"
     layout = layout or backbone_layout(cfg.model)
     recipe = {**CHANGES[name], **({"frozen_views": few_views(n_train)} if name == "few" else {})}
     if "unfreeze" in recipe and layout.blocks != TUNED_BLOCKS:
@@ -70,7 +75,7 @@ def apply_recipe(cfg: TrainConfig, n_train: int, layout: BackboneLayout | None =
     why = f"{n_train:,} training images" + (f", {bounds[name]}" if cfg.recipe == "auto" else ", as asked")
     shown = " ".join(_flag(key, value) for key, value in changes.items())
     line = f"recipe {name} ({why})" + (f": {shown}" if shown else "") + note
-    return with_defaults(dataclasses.replace(cfg, recipe=name, **changes)), line
+    return dataclasses.replace(cfg, recipe=name, **changes), line
 
 
 def _flag(key: str, value) -> str:

@@ -16,10 +16,10 @@ from faults import SMALL, one_error_line
 from fmtl.errors import EXIT_USER_ERROR, FmtlError
 from fmtl.runtime.infer import run as infer
 from fmtl.spec import META_CLASSES, META_INPUT_SPEC
+from fmtl.train import main as train_main
 from fmtl.training.data import FASHION_MNIST_FILES, SYSTEM_DATA_DIR, load_dataset
 from fmtl.training.evaluate import evaluate
 from fmtl.training.export import export_onnx
-from fmtl.training.loop import main as train_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from onnx_fixtures import grey_model  # noqa: E402

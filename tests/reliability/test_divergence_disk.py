@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from fmtl import atomic
 from fmtl.errors import EXIT_USER_ERROR
+from fmtl.train import main as train_main
 from fmtl.training.checkpoint import sha256_file, verify_files
-from fmtl.training.loop import main as train_main
 
 pytestmark = pytest.mark.slow
 

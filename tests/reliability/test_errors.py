@@ -17,9 +17,9 @@ from fmtl.errors import EXIT_USER_ERROR, FmtlError, WriteError
 from fmtl.runtime.classifier import ModelError
 from fmtl.runtime.images import DecodeError
 from fmtl.runtime.infer import InferError
+from fmtl.train import main as train_main
 from fmtl.training.config import load_config
 from fmtl.training.export import ExportError
-from fmtl.training.loop import main as train_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from onnx_fixtures import grey_model  # noqa: E402

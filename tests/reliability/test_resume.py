@@ -27,8 +27,8 @@ from faults import (
 )
 
 from fmtl.errors import EXIT_USER_ERROR
+from fmtl.train import main as train_main
 from fmtl.training.checkpoint import sha256_file
-from fmtl.training.loop import main as train_main
 
 pytestmark = pytest.mark.slow
 

@@ -58,6 +58,16 @@ class EpochSampler:
             yield order[batch * self.batch_size : (batch + 1) * self.batch_size].tolist()
 
 
+def sampler_for(data: ImageSet, batch_size: int, seed: int, processes: int):
+    """The training sampler: for packed shards one that has each rank read only its own chunks, else
+    ``EpochSampler``."""
+    from fmtl.training.data.shards import shard_sampler
+
+    return shard_sampler(data, batch_size, seed, processes) or EpochSampler(
+        len(data), batch_size, seed, processes=processes
+    )
+
+
 class Resident:
     """A split's images for the step: ``take(indices)`` gives the uint8 batch on the device."""
 
@@ -78,6 +88,8 @@ class Resident:
 def _device_copy(data: ImageSet, device: torch.device, ranks_on_device: int) -> torch.Tensor | None:
     """The split's images on ``device`` when they belong there: always for an in-memory set on a CPU (the
     split's own copy, as fast as it gets); on a GPU when they fit its free memory shared among its ranks."""
+    if getattr(data.pixels, "streamed", False):  # packed shards: read as the batches ask, never whole
+        return None
     if device.type == "cpu":
         return None if data.mapped else data.images
     free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fmtl.errors import DataError, MissingSplitError
+from fmtl.training.data import shards
 from fmtl.training.data.imageset import ImageSet
 from fmtl.training.data.store import FIT, open_store
 
@@ -45,6 +46,8 @@ def cache_dir() -> Path:
 
 def open_source(source: str, split: str, data_dir, source_size: int, download: bool = True) -> ImageSet:
     """The whole of one source's ``split`` (``all``: a folder's top level, for a separate test source)."""
+    if shards.is_shards(source):  # packed shards (`fmtl data pack`): a folder or a URL, read a batch at a time
+        return shards.open_split(source, split, cache_dir())
     if source.lower().replace("_", "-") == "fashion-mnist":
         return load_fashion_mnist("test" if split == "test" else "train", data_dir, download)
     path = Path(source).expanduser()
@@ -58,6 +61,8 @@ def open_source(source: str, split: str, data_dir, source_size: int, download: b
 
 
 def has_own_val(source: str) -> bool:
+    if shards.is_shards(source):
+        return True  # packed with its val split
     path = Path(source).expanduser()
     return path.is_dir() and (path / "train").is_dir() and (path / "val").is_dir()
 
