@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.read:
         return reader(args.read, args.source, args.workers, 64)
-    from fmtl.training.data.shards import pack_source
+    from fmtl.training.data.pack import pack_source
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

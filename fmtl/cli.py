@@ -306,7 +306,7 @@ def data() -> None:
 @user_errors
 def pack(source, out, val_fraction, seed, source_size, test_data, data_dir, chunk_mb, quiet) -> None:
     """Pack SOURCE (fashion-mnist, a CSV, an image folder) into LitData shards; a rerun resumes a killed pack."""
-    from fmtl.training.data.shards import pack_source
+    from fmtl.training.data.pack import pack_source
 
     manifest = pack_source(source, out, val_fraction=val_fraction, seed=seed, source_size=source_size,
                            test_source=test_data, data_dir=data_dir, chunk_bytes=int(chunk_mb * (1 << 20)),

@@ -15,7 +15,8 @@ pytest.importorskip("litdata")
 
 from fmtl.errors import DataError  # noqa: E402
 from fmtl.training.data.imageset import ImageSet  # noqa: E402
-from fmtl.training.data.shards import ShardSampler, open_split, pack, shard_sampler  # noqa: E402
+from fmtl.training.data.pack import pack  # noqa: E402
+from fmtl.training.data.shards import ShardSampler, open_split, shard_sampler  # noqa: E402
 
 
 def images(n: int = 300, seed: int = 0) -> ImageSet:

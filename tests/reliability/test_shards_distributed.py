@@ -18,7 +18,7 @@ from test_store_faults import saved_position
 
 pytest.importorskip("litdata")
 from fmtl.training.data import load_dataset, seeded_subset, sources  # noqa: E402
-from fmtl.training.data.shards import pack  # noqa: E402
+from fmtl.training.data.pack import pack  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
