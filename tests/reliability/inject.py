@@ -80,9 +80,9 @@ def install(fault: str) -> None:
 
         original_epoch, original_step, armed = loop.Trainer.train_one_epoch, loop.Trainer.train_step, [False]
 
-        def train_one_epoch(self, epoch, phase):
+        def train_one_epoch(self, epoch, *args):
             armed[0] = epoch == int(float(n or 1))
-            return original_epoch(self, epoch, phase)
+            return original_epoch(self, epoch, *args)
 
         def train_step(self, indices, *args, **kwargs):
             if armed[0]:
