@@ -46,14 +46,12 @@ def reader(kind: str, source: str, workers: int, batch: int) -> None:
     import torch
 
     from fmtl.training.data import feeder, load_dataset
-    from fmtl.training.data.shards import shard_sampler
 
     data = load_dataset(source, "train")
-    sampler = shard_sampler(data, batch, 0) if kind != "store" else None
-    sampler = sampler or feeder.EpochSampler(len(data), batch, 0)
+    sampler = feeder.sampler_for(data, batch, 0, 1)  # for shards, the ShardSampler
     resident = feeder.Resident(data, torch.device("cpu"))
     resident.images = None  # read through the workers, as from a store
-    loader = feeder.train_loader(resident, sampler, workers)
+    loader = feeder.train_loaders(resident, sampler, workers)[-1]
     started, count = time.perf_counter(), 0
     for _, pixels in loader:
         count += len(pixels)

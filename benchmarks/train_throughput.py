@@ -220,7 +220,7 @@ def full_batches(trainer: Trainer) -> Iterator[torch.Tensor]:
     epoch = 0
     while True:
         trainer.sampler.seek(epoch)
-        yield from (b for b in trainer.train_loader if len(b) == trainer.cfg.batch_size)
+        yield from (b for b in trainer.train_loaders[0] if len(b) == trainer.cfg.batch_size)
         epoch += 1
 
 

@@ -300,7 +300,8 @@ def test_a_budget_too_short_to_fine_tune_falls_back_to_the_head_alone(monkeypatc
         plan.plan.strategy, plan.plan.epochs, plan.plan.head_epochs, 422, plan.plan.max_steps, plan.plan.eval_every
     )
     assert all(phase.frozen for phase in run_plan.phases) and run_plan.epochs == plan.plan.epochs
-    model = build_model(_options(["--model", "scratch_cnn", "--weights", "none"]), 10, run_plan.strategy)
+    scratch = _options(["--model", "scratch_cnn", "--weights", "none", "--strategy", run_plan.strategy])
+    model = build_model(scratch, 10)  # the options' strategy, as settings.with_plan makes it the plan's
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for p in model.head.parameters())
     with pytest.raises(ConfigError, match="too short"):  # asked for fine-tuning only: no fallback

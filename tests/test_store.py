@@ -177,3 +177,18 @@ def test_photos_of_another_shape_are_centre_cropped_and_the_runtime_decodes_them
     old = InputSpec.from_dict({"channels": 3, "source_size": [20, 20], "image_size": 32})
     assert old.fit == "stretch"  # models saved before the policy was recorded keep theirs
     assert decode_image(root / "a" / "wide.png", 3, old.source_size, fit=old.fit).min() == 0
+
+
+def test_a_store_the_disk_cannot_hold_is_refused_before_decoding(tmp_path, cache, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from fmtl.errors import DataError
+
+    root = photo_folder(tmp_path / "photos")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))  # 18 photos need 64,800
+    monkeypatch.setattr(store_module, "_decode_into", lambda *a: pytest.fail("decoded anyway"))
+    with pytest.raises(DataError, match="needs 0.1 MiB and .* has 0.0 MiB free: free some space"):
+        load_folder(root, None)
+    assert not [p for p in (cache / "stores").iterdir()]

@@ -55,15 +55,13 @@ class Trainer:
         )
         self.train_labels = self.train_set.labels.to(device)
         self.sampler = feeder.sampler_for(self.train_set, cfg.batch_size, cfg.seed, accelerator.num_processes)
-        train_loader = feeder.train_loader(
-            self.train_images, self.sampler, worker_count(cfg.workers, device, ranks_here)
-        )
+        loaders = feeder.train_loaders(self.train_images, self.sampler, worker_count(cfg.workers, device, ranks_here))
         self.schedule = Schedule(self.plan, accelerator.num_processes, cfg.warmup_fraction)
         optimizer, scheduler = make_optimizer(cfg, model, self.schedule)
-        val_loader = index_loader(len(self.val_set), cfg.eval_batch_size, shuffle=False, seed=0)
-        self.model, self.optimizer, self.train_loader, self.val_loader, self.scheduler = accelerator.prepare(
-            model, optimizer, train_loader, val_loader, scheduler
-        )
+        val_loader = index_loader(len(self.val_set), cfg.eval_batch_size)
+        self.model, self.optimizer, self.val_loader, self.scheduler, *self.train_loaders = accelerator.prepare(
+            model, optimizer, val_loader, scheduler, *loaders
+        )  # train_loaders: [indices] or [indices, (indices, pixels)]
         # Clip only what the optimizer updates: walking a frozen backbone every step is wasted time.
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.val_seconds, self.epoch_mark = 0.0, time.perf_counter()  # the last fine-tuning val pass; the last mark
@@ -93,15 +91,19 @@ class Trainer:
 
     def enter(self, phase: Phase, epoch: int):
         """The phase's input, made at its boundary (the last phase's let go), and the backbone frozen or not."""
-        kind = "views" if not phase.frozen and self.prefix_blocks else "images"
-        kind = "features" if phase.frozen and head_on_cached_features(self.cfg) else kind
+        if phase.frozen and head_on_cached_features(self.cfg):
+            kind = FeatureInput
+        else:
+            kind = ViewInput if not phase.frozen and self.prefix_blocks else ImageInput
         self.net.backbone_frozen = phase.frozen
-        if self.inputs is None or self.inputs.kind != kind:
-            self.inputs = None
-            fit_head = epoch == phase.first_epoch and self.position is None and self.cfg.head_fit == "lbfgs"
-            self.inputs = {"features": lambda: FeatureInput(self, fit_head), "views": lambda: ViewInput(self),
-                           "images": lambda: ImageInput(self)}[kind]()  # fmt: skip
-            self.epoch_mark = time.perf_counter() if kind == "views" else self.epoch_mark  # caching is not a step
+        if type(self.inputs) is not kind:
+            self.inputs = None  # the last phase's cache let go before the next is made
+            if kind is FeatureInput:
+                fit_head = epoch == phase.first_epoch and self.position is None and self.cfg.head_fit == "lbfgs"
+                self.inputs = FeatureInput(self, fit_head)
+            else:
+                self.inputs = kind(self)
+            self.epoch_mark = time.perf_counter() if kind is ViewInput else self.epoch_mark  # caching is no step
         return self.inputs
 
     def fit(self, start_epoch: int) -> None:
@@ -145,8 +147,9 @@ class Trainer:
         done, loss_sum, seen = self.resume_position(epoch)
         self.sampler.seek(epoch, start=done * accelerator.num_processes)
         total_loss, counted = torch.full((), loss_sum, device=accelerator.device), seen
-        batches = min(len(self.train_loader) + done, self.plan.steps_in(epoch) * self.cfg.gradient_accumulation_steps)
-        bar = tqdm(self.train_loader, total=batches, initial=done, desc=f"epoch {epoch}/{self.plan.epochs} {phase.name}",
+        loader = self.train_loaders[-1 if inputs.reads_pixels else 0]  # pixels read only for a phase on images
+        batches = min(len(loader) + done, self.plan.steps_in(epoch) * self.cfg.gradient_accumulation_steps)
+        bar = tqdm(loader, total=batches, initial=done, desc=f"epoch {epoch}/{self.plan.epochs} {phase.name}",
                    leave=False, disable=self.quiet)  # fmt: skip
         for step, item in enumerate(bar, done + 1):
             indices, pixels = item if isinstance(item, (tuple, list)) else (item, None)
@@ -220,7 +223,7 @@ class Trainer:
 
     def predict(self, data: ImageSet) -> np.ndarray:
         """Softmax probabilities of the model as it is for ``data`` (every process takes part)."""
-        loader = self.accelerator.prepare(index_loader(len(data), self.cfg.eval_batch_size, False, 0))
+        loader = self.accelerator.prepare(index_loader(len(data), self.cfg.eval_batch_size))
         images = Resident(data, self.accelerator.device, ranks_on_device(self.accelerator))
         return predict_probs(self.model, loader, lambda idx: self.batch(images, idx, False), self.accelerator)
 

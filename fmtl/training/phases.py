@@ -20,7 +20,7 @@ from fmtl.training.prepare import index_loader
 class ImageInput:
     """Images, a batch at a time."""
 
-    kind = "images"
+    reads_pixels = True  # its training batches need their images
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
@@ -37,12 +37,10 @@ class ImageInput:
 class FeatureInput:
     """The backbone's features of every train and val image, computed once (each process its shard)."""
 
-    kind = "features"
+    reads_pixels = False
 
     def __init__(self, trainer, fit_head: bool) -> None:
-        loader = trainer.accelerator.prepare(
-            index_loader(len(trainer.train_set), trainer.cfg.eval_batch_size, False, 0)
-        )
+        loader = trainer.accelerator.prepare(index_loader(len(trainer.train_set), trainer.cfg.eval_batch_size))
         sets = {"train": (trainer.train_images, loader), "val": (trainer.val_images, trainer.val_loader)}
         self.model = trainer.model
         self.features = caches.extract_features(trainer.net, trainer.accelerator, trainer.batch, sets, trainer.quiet)
@@ -62,7 +60,7 @@ class FeatureInput:
 class ViewInput(ImageInput):
     """Cached views through the frozen first blocks; each image shows one of them, drawn afresh each time."""
 
-    kind = "views"
+    reads_pixels = False
 
     def __init__(self, trainer) -> None:
         super().__init__(trainer)

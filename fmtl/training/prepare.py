@@ -144,20 +144,20 @@ def input_spec(model: FmtlModel, data: ImageSet, cfg: TrainConfig) -> InputSpec:
     )
 
 
-def build_model(cfg: TrainConfig, num_classes: int, strategy: str | None = None) -> FmtlModel:
-    """The run's model, frozen as ``strategy`` (the plan's; default the options') and --unfreeze say."""
+def build_model(cfg: TrainConfig, num_classes: int) -> FmtlModel:
+    """The run's model, frozen as --strategy (the plan's, once settings are resolved) and --unfreeze say."""
     model = create_model(cfg.model, num_classes, weights=cfg.weights, head=cfg.head)
-    apply_freeze(model, "frozen" if (strategy or cfg.strategy) == "linear" else cfg.unfreeze)
+    apply_freeze(model, "frozen" if cfg.strategy == "linear" else cfg.unfreeze)
     model.flip_tta = cfg.flip if cfg.flip_tta is None else cfg.flip_tta
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def index_loader(n: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """Batches of indices into the uint8 image tensor (no per-sample Python beyond the sampler)."""
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(range(n), batch_size=batch_size, shuffle=shuffle, generator=generator)
+def index_loader(n: int, batch_size: int) -> DataLoader:
+    """Batches of indices ``0..n-1`` in order, for the passes without gradients (training's order is
+    ``data.feeder.EpochSampler``'s)."""
+    return DataLoader(range(n), batch_size=batch_size)
 
 
 def make_optimizer(cfg: TrainConfig, model: FmtlModel, schedule: Schedule):

@@ -70,7 +70,7 @@ def run(options: TrainConfig) -> dict | None:
         accelerator.print(
             reports.summary(run_dir, metrics, trainer.classes, trainer.best, len(trainer.recorder.history), seconds)
         )
-        planner.write(run_dir, accelerator)
+        planner.finish(run_dir, accelerator)
     accelerator.end_training()
     return metrics
 
@@ -91,7 +91,10 @@ class FixedPlan:
     def training_ended(self) -> None:
         pass
 
-    def write(self, run_dir, accelerator=None) -> None:
+    def write(self, run_dir) -> None:
+        pass
+
+    def finish(self, run_dir, accelerator) -> None:
         pass
 
 
@@ -118,16 +121,19 @@ class BudgetPlanner:
     def training_ended(self) -> None:  # --budget covers training; the test pass and the reports follow it
         self.report.finished_s = round(time.perf_counter() - self.clock, 1)
 
-    def write(self, run_dir, accelerator=None) -> None:
-        """plan.json: as planned, and at the end (``accelerator`` given) how the plan came out."""
-        if accelerator is not None:
-            self.report.replans = self.controller.replans
-            self.report.total_s = round(time.perf_counter() - self.clock, 1)
-            accelerator.print(
-                f"budget {self.report.budget_s:.0f}s: training finished at {self.report.finished_s:.0f}s, "
-                f"the test pass and reports at {self.report.total_s:.0f}s"
-            )
+    def write(self, run_dir) -> None:
+        """plan.json: the plan and what it predicted (rewritten by ``finish`` with how it came out)."""
         atomic_write_text(run_dir / "plan.json", self.report.to_json())
+
+    def finish(self, run_dir, accelerator) -> None:
+        """plan.json with the re-plans and the budget's clock at the end, and a line saying how it came out."""
+        self.report.replans = self.controller.replans
+        self.report.total_s = round(time.perf_counter() - self.clock, 1)
+        accelerator.print(
+            f"budget {self.report.budget_s:.0f}s: training finished at {self.report.finished_s:.0f}s, "
+            f"the test pass and reports at {self.report.total_s:.0f}s"
+        )
+        self.write(run_dir)
 
 
 def planner_for(settings: RunSettings, run_dir, clock: float):

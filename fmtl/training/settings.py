@@ -25,9 +25,6 @@ class RunSettings:
     cfg: TrainConfig  # the options with the recipe's values, every plain default and the eval batch filled in
     recipe_line: str  # what the recipe picked, and why
     plan: RunPlan  # the plan in force at the start
-    processes: int
-    process_index: int
-    device_type: str  # "cpu", "cuda", ...
 
     def augment(self, offset: int = 0) -> Augment | None:
         """The run's augmentation with a generator of its own, seeded by --seed + ``offset``."""
@@ -43,7 +40,4 @@ def resolve(options: TrainConfig, n_train: int, accelerator) -> RunSettings:
     cfg, line = apply_recipe(options, n_train, backbone_layout(options.model))
     cfg = with_eval_batch(cfg, accelerator.device.type)
     spe = steps_per_epoch(n_train, cfg.batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps)
-    return RunSettings(
-        cfg, line, plan_from_config(cfg, spe), accelerator.num_processes, accelerator.process_index,
-        accelerator.device.type,
-    )  # fmt: skip
+    return RunSettings(cfg, line, plan_from_config(cfg, spe))

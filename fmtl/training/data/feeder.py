@@ -1,13 +1,15 @@
 """The feeder: which images each step gets, and how they reach it.
 
 - ``EpochSampler``: batches of positions in an order that is a pure function of (seed, epoch), so a run
-  killed mid-epoch resumes at its saved batch (``start``) without replaying any, whatever the number of
-  workers. (Not ``set_epoch``: Accelerate calls that with its own count.) Accelerate shards its batches across ranks (rank r takes batches r, r + N, ...); with several
-  ranks the epoch is padded to whole rounds of full batches, so every rank takes the same number.
+  killed mid-epoch resumes at its saved batch (``seek``; not ``set_epoch``, which Accelerate calls with its
+  own count) without replaying any, whatever the number of workers. Accelerate shards its batches across
+  ranks (rank r takes batches r, r + N, ...); with several ranks the epoch is padded to whole rounds of full
+  batches, so every rank takes the same number.
 - ``Resident``: a split's images where the step reads them: on the device when they fit its free memory
   shared among the ranks on it, else where they are (in memory, or the store's mapped pages).
-- ``train_loader``: index batches for resident images; for a store, batches of uint8 pixels gathered by
-  DataLoader workers (pinned on CUDA) off the main process. Augmentation stays on the device.
+- ``train_loaders``: index batches; for images that are not resident, also a loader whose DataLoader
+  workers (pinned on CUDA) gather each batch's uint8 pixels off the main process, for the phases that train
+  on images (a phase on cached features or views needs only the indices). Augmentation stays on the device.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ GPU_WORKERS = 4
 
 
 class EpochSampler:
-    """Batches of positions ``0..n-1``: shuffled by (seed, epoch), or in order; resumable at any batch."""
+    """Batches of positions ``0..n-1``, shuffled by (seed, epoch); resumable at any batch."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, processes: int = 1) -> None:
-        self.n, self.batch_size, self.seed, self.shuffle, self.processes = n, batch_size, seed, shuffle, processes
+    def __init__(self, n: int, batch_size: int, seed: int, processes: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.processes = n, batch_size, seed, processes
         self.epoch, self.start = 0, 0
 
     def seek(self, epoch: int, start: int = 0) -> None:
@@ -41,8 +43,6 @@ class EpochSampler:
         return batches if self.processes == 1 else math.ceil(batches / self.processes) * self.processes
 
     def order(self) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.n)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.n, generator=generator)
 
@@ -63,9 +63,7 @@ def sampler_for(data: ImageSet, batch_size: int, seed: int, processes: int):
     ``EpochSampler``."""
     from fmtl.training.data.shards import shard_sampler
 
-    return shard_sampler(data, batch_size, seed, processes) or EpochSampler(
-        len(data), batch_size, seed, processes=processes
-    )
+    return shard_sampler(data, batch_size, seed, processes) or EpochSampler(len(data), batch_size, seed, processes)
 
 
 class Resident:
@@ -131,19 +129,21 @@ def _as_is(batch):
     return batch
 
 
-def train_loader(resident: Resident, sampler: EpochSampler, workers: int) -> DataLoader:
-    """The training batches: indices when the images are resident, else (indices, pixels) from workers.
+def train_loaders(resident: Resident, sampler: EpochSampler, workers: int) -> list[DataLoader]:
+    """The training batches, in ``sampler``'s order: ``[indices]`` when the images are resident, else
+    ``[indices, (indices, pixels) from workers]``.
 
-    The loader has a generator of its own: each new iterator draws its workers' base seed from it, never from
+    Each loader has a generator of its own: a new iterator draws its workers' base seed from it, never from
     the global RNG, so the run's random numbers do not depend on the workers or on where a resumed run began."""
     generator = torch.Generator().manual_seed(sampler.seed)
+    indices = DataLoader(_Positions(len(resident.data)), batch_sampler=sampler, collate_fn=_as_is, generator=generator)
     if resident.on_device:
-        return DataLoader(_Positions(len(resident.data)), batch_sampler=sampler, collate_fn=_as_is, generator=generator)
+        return [indices]
     pin = resident.device.type == "cuda"
-    return DataLoader(
+    return [indices, DataLoader(
         _Gathered(resident.data), batch_sampler=sampler, collate_fn=_as_is, num_workers=workers, pin_memory=pin,
         persistent_workers=workers > 0, prefetch_factor=2 if workers else None, generator=generator,
-    )  # fmt: skip
+    )]  # fmt: skip
 
 
 def worker_count(requested: int, device: torch.device, local_processes: int) -> int:

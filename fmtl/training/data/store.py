@@ -140,6 +140,7 @@ def _build(folder: Path, root: Path, files: list[tuple[Path, int]], listing: lis
     """Decode every file once, in chunks, into a temporary folder renamed into place when complete."""
     channels, size = _layout([path for path, _ in files], source_size)
     _remove_abandoned(folder)
+    _check_room(folder.parent, len(files) * channels * size[0] * size[1], root)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -157,6 +158,19 @@ def _build(folder: Path, root: Path, files: list[tuple[Path, int]], listing: lis
         _swap_in(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_room(parent: Path, need: int, root: Path) -> None:
+    """Refuse, before decoding anything, a store the cache's disk cannot hold (a full disk midway still fails
+    in one line and leaves nothing)."""
+    with write_errors(parent):
+        parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise DataError(
+            f"the store of {root} needs {need / 2**20:,.1f} MiB and {parent} has {free / 2**20:,.1f} MiB free: free "
+            "some space, point FMTL_CACHE_DIR at a bigger disk, or lower --source-size"
+        )
 
 
 def _decode_into(path: Path, files, channels: int, size: tuple[int, int], quiet: bool):
