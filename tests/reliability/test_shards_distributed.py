@@ -25,9 +25,9 @@ pytestmark = [
     pytest.mark.skipif(not hasattr(sources, "shards"), reason="the shards hooks (sources, Trainer) are not in"),
 ]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-# with augmentation: every epoch's batches come through the sampler (no cached features)
 RUN = ["--image-size", "32", "--batch-size", "32", "--eval-batch-size", "48", "--quiet"]
-ONE_EPOCH = ["--strategy", "linear", "--epochs", "1"]
+# a head epoch on the images (no cached features): its batches' pixels are read through the sampler
+ONE_EPOCH = ["--strategy", "linear", "--epochs", "1", "--no-head-cache"]
 HYBRID = ["--strategy", "hybrid", "--head-epochs", "1", "--epochs", "2"]  # fine-tuning in epoch 2
 
 
