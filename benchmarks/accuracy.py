@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -44,10 +43,8 @@ from pathlib import Path
 
 from results_file import write_results
 
-from fmtl.training.budget import SAFETY
-
 REPO = Path(__file__).resolve().parents[1]
-PEER = REPO / "benchmarks" / "peers" / "scratch_cnn.py"  # a copy of the shared peer
+PEER = REPO / "benchmarks" / "peers" / "speedrun_cnn.py"  # the strongest from-scratch recipe we know
 ALL = 6000  # "all" labelled images per class (fmtl trains on the 5,400 per class its val split leaves)
 
 CONTENDERS = {
@@ -72,7 +69,8 @@ CONTENDERS = {
             "1",
         ],  # fmt: skip
     ),
-    "peer": ("peer scratch_cnn.py", None),
+    "transfer": ("fmtl transfer (large)", ["--recipe", "large"]),
+    "peer": ("peer speedrun_cnn.py", None),
 }
 # Transfer needs a few dozen 128 px fine-tuning steps (~3 s each on 2 cores) to pull ahead at 10 and 100 per
 # class; the scratch CNN has converged there by 45 s (at 10 per class 232 and 600 epochs both gave 71 %).
@@ -133,39 +131,21 @@ def run_fmtl(
     }  # fmt: skip
 
 
-def run_peer(per_class: int, budget: int, out: Path, results: dict, threads: int) -> dict:
-    """The peer with as many epochs as fmtl's scratch baseline's measured cost says fit the budget."""
-    scratch = next(
-        (
-            r
-            for k, r in results.items()
-            if k.startswith(f"scratch|{per_class}|") and "plan" in r and k.endswith(f"|{budget}")
-        ),
-        None,
-    )
-    if scratch is None:
-        return {"error": "needs the scratch baseline's measured step cost at this size first"}
-    # The same network shape at the same size: fmtl's measured training cost per image. The budget is for
-    # training, as fmtl's --budget: the peer's test pass comes after it, as fmtl's does.
-    per_image = scratch["plan"]["costs"]["finetune_step"] / 128
-    n = per_class * 10 if per_class != ALL else 60_000  # the peer trains on all 60,000 (no val split)
-    epoch_s = max(n * per_image, 0.02 * math.ceil(n / 256))
-    epochs = max(1, int((budget * (1 - SAFETY) - 5) // epoch_s))
-    env = {**os.environ, "PER_CLASS": str(0 if per_class == ALL else per_class), "EVAL_EVERY": "1000000"}
-    env["OMP_NUM_THREADS"] = str(threads)  # torch's thread count, as fmtl's --threads
+def run_peer(per_class: int, seed: int, budget: int, out: Path, threads: int) -> dict:
+    """The speedrun peer given the same training budget; it plans its epochs into it as ``--budget`` does."""
+    args = [sys.executable, str(PEER), "--budget", str(budget), "--seed", str(seed), "--threads", str(threads)]
+    args += ["--per-class", str(0 if per_class == ALL else per_class)]  # 0: the 90 % a class fmtl trains on
     started, before = time.perf_counter(), load()
-    result = subprocess.run(
-        [sys.executable, str(PEER), str(epochs), "32"], cwd=REPO, env=env, capture_output=True, text=True
-    )
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    match = re.findall(r"test acc ([0-9.]+) elapsed (\d+)s", result.stdout)
+    match = re.findall(r"test acc ([0-9.]+) trained (\d+) s epochs (\d+)", result.stdout)
     if result.returncode != 0 or not match:
         return {"error": (result.stderr.strip().splitlines() or ["?"])[-1], "wall_s": round(wall, 1), "load": before}
-    accuracy, elapsed = match[-1]
+    accuracy, trained, epochs = match[-1]
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "runs" / f"peer-{per_class}-{budget}s.log").write_text(result.stdout)
-    return {"accuracy": float(accuracy), "test_images": 10_000, "wall_s": round(wall, 1), "epochs": epochs,
-            "finished_s": float(elapsed), "load": before}  # fmt: skip
+    (out / "runs" / f"peer-{per_class}-s{seed}-{budget}s.log").write_text(result.stdout)
+    return {"accuracy": float(accuracy), "test_images": 10_000, "wall_s": round(wall, 1), "epochs": int(epochs),
+            "finished_s": float(trained), "load": before}  # fmt: skip
 
 
 # ---------------------------------------------------------------- tables and plot
@@ -293,8 +273,7 @@ def main() -> None:
         + ", ".join(f"{label(s)}/class {budgets[s]}s" for s in sizes)
     )
     print(header, flush=True)
-    jobs = [(k, s, seed, budgets[s]) for s in sizes for seed in range(seeds) for k in keys if k != "peer"]
-    jobs += [("peer", s, 0, budgets[s]) for s in sizes if "peer" in keys]  # its subset is fixed: one run
+    jobs = [(k, s, seed, budgets[s]) for s in sizes for seed in range(seeds) for k in keys]
     if args.wall:
         jobs += [(k, ALL, 0, b) for b in WALL_BUDGETS for k in ("default", "scratch")]
     for key, size, seed, budget in jobs:
@@ -302,7 +281,7 @@ def main() -> None:
         if name in results and "accuracy" in results[name]:
             continue
         if key == "peer":
-            row = run_peer(size, budget, out, results, args.threads)
+            row = run_peer(size, seed, budget, out, args.threads)
         else:
             row = run_fmtl(key, size, seed, budget, out, eval_images, args.val_images, args.threads)
         results[name] = row

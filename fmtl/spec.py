@@ -100,6 +100,7 @@ class RunInfo:
     data: str = ""  # the training data's description
     best_epoch: int = 0
     flip_tta: bool = False  # its logits average each image's and its mirror image's (in the ONNX graph too)
+    shift_tta: bool = False  # and of both shifted a pixel up-left and down-right (six views)
     temperature: float = 1.0  # probabilities are softmax(logits / temperature), fitted on val (1: uncalibrated)
     data_options: DataOptions | None = None  # None: not recorded (evaluation then needs --data)
     metrics: dict = field(default_factory=dict)  # {"val": {...}, "test": {...}}

@@ -220,16 +220,58 @@ def test_budget_run_ends_within_budget_with_a_completed_schedule(tmp_path):
 
 @pytest.mark.slow
 def test_scratch_baseline_trains_exports_and_passes_parity(tmp_path):
+    """The scratch recipe (SGD, flips and shifts, six-view TTA) trains it, and the export holds the six views."""
     run_dir = tmp_path / "scratch"
-    args = ["--model", "scratch_cnn", "--weights", "none", "--strategy", "finetune", "--epochs", "3", "--lr", "3e-3"]
-    args += [*SCRATCH, *SMALL, "--image-size", "0", "--output", str(run_dir)]
-    assert train_main(args) == 0
+    assert (
+        train_main(["--model", "scratch_cnn", "--weights", "none", "--epochs", "3", *SMALL, "--output", str(run_dir)])
+        == 0
+    )
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["recipe"] == "scratch" and saved["optimizer"] == "sgd" and saved["strategy"] == "finetune"
     info = json.loads((run_dir / "model.json").read_text())
     assert info["architecture"] == "scratch_cnn" and info["input_spec"]["image_size"] == 28
+    assert info["flip_tta"] and info["shift_tta"]
     assert info["metrics"]["test"]["accuracy"] > 0.5  # chance is 0.1
     lines: list[str] = []
     onnx_file = export_onnx(run_dir, tmp_path / "scratch.onnx", parity_images=256, echo=lines.append)
     assert onnx_file.is_file() and any("parity" in line for line in lines)
+
+
+def test_shift_tta_averages_the_mirrors_and_one_pixel_shifts_in_eval_only():
+    import torch.nn.functional as F
+
+    model = create_model("scratch_cnn", 10, weights="none").eval()
+    x = torch.rand(4, 3, 28, 28)
+    model.flip_tta = model.shift_tta = True
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [x, padded[..., :-2, :-2], padded[..., 2:, 2:]]
+    expected = sum(model._logits(v) + model._logits(v.flip(-1)) for v in views) / 6
+    torch.testing.assert_close(model(x), expected)
+    model.shift_tta = False
+    assert not torch.allclose(model(x), expected)
+    model.train()
+    assert not torch.allclose(model(x), expected)
+
+
+def test_auto_trains_from_scratch_on_small_images_with_enough_of_them_unless_a_model_is_asked_for():
+    from fmtl.training.recipe import SCRATCH_FROM, SCRATCH_SHORT, SCRATCH_SIDE
+
+    cfg, line = apply_recipe(load_config([]), 54_000, image_side=28)
+    assert cfg.recipe == "scratch" and cfg.model == "scratch_cnn" and cfg.weights == "none"
+    assert cfg.optimizer == "sgd" and cfg.strategy == "finetune" and cfg.shift_tta and cfg.batch_size == 512
+    assert not cfg.augment_warp and cfg.image_size == 0
+    assert "28 px" in line and "from scratch beats" in line and "--model scratch_cnn" in line
+    assert apply_recipe(load_config([]), SCRATCH_FROM - 1, image_side=28)[0].recipe == "small"
+    short = load_config(["--budget", f"{SCRATCH_SHORT[1]:.0f}s"])
+    assert apply_recipe(short, SCRATCH_SHORT[0], image_side=28)[0].recipe == "scratch"  # 100 a class, 2 min
+    assert apply_recipe(short, SCRATCH_SHORT[0] - 1, image_side=28)[0].recipe == "few"
+    assert apply_recipe(load_config(["--budget", "3m"]), SCRATCH_SHORT[0], image_side=28)[0].recipe == "few"
+    assert apply_recipe(load_config([]), 54_000, image_side=SCRATCH_SIDE + 1)[0].recipe == "large"
+    asked, _ = apply_recipe(load_config(["--model", "efficientnet_lite0"]), 54_000, image_side=28)
+    assert asked.recipe == "large" and asked.weights == "DEFAULT" and asked.optimizer == "adamw"
+    mine, _ = apply_recipe(load_config(["--lr", "0.1", "--batch-size", "64"]), 54_000, image_side=28)
+    assert mine.lr == 0.1 and mine.batch_size == 64 and mine.optimizer == "sgd"  # what the user sets wins
+    assert apply_recipe(short, 1_000, image_side=28)[0].batch_size == 125  # 8 steps an epoch
 
 
 def test_scratch_baseline_has_no_pretrained_weights():
@@ -353,6 +395,7 @@ def test_flip_tta_is_recorded_and_travels_into_the_export(tmp_path):
         run = tmp_path / tta
         args = ["--model", "scratch_cnn", "--weights", "none", "--strategy", "finetune", "--image-size", "0"]
         args += [*SCRATCH, "--epochs", "1", *SMALL, "--max-train-samples", "300", "--no-save-state", tta]
+        args += ["--no-shift-tta"]  # shifted views are not mirror images of each other
         assert train_main([*args, "--output", str(run)]) == 0
         assert yaml.safe_load((run / "config.yaml").read_text())["flip_tta"] is (tta == "--flip-tta")
         assert json.loads((run / "model.json").read_text())["flip_tta"] is (tta == "--flip-tta")
@@ -404,7 +447,7 @@ def test_a_recipe_scales_last_n_to_the_backbone_and_keeps_views_where_blocks_run
     assert resnet.unfreeze == "last:2" and resnet.frozen_views == 0 and "scaled to resnet18's 4" in line
     mobilenet, _ = apply_recipe(load_config(["--model", "mobilenet_v2"]), 100)  # 19 blocks in a sequence
     assert mobilenet.unfreeze == "last:11" and mobilenet.frozen_views == 16
-    unknown, line = apply_recipe(load_config([]), 100, BackboneLayout(blocks=0, sequential=False))
+    unknown, line = apply_recipe(load_config([]), 100, layout=BackboneLayout(blocks=0, sequential=False))
     assert unknown.unfreeze == "all" and unknown.frozen_views == 0 and "stays all" in line
     mine, line = apply_recipe(load_config(["--model", "resnet18", "--unfreeze", "last:3"]), 100)
     assert mine.unfreeze == "last:3" and "scaled" not in line  # the user's N is the user's

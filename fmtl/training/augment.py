@@ -52,18 +52,19 @@ class Preprocess(nn.Module):
 
 
 def augment_for(cfg, seed: int) -> Augment | None:
-    """The run's augmentation (``--augment``, ``--flip``, ``--augment-strength``), or None."""
+    """The run's augmentation (``--augment``, ``--flip``, ``--augment-strength``, ``--augment-warp``), or None."""
     if not cfg.augment:
         return None
     k = cfg.augment_strength
+    warp = k if cfg.augment_warp else 0.0  # --no-augment-warp: flips and shifts only
     return Augment(
         seed=seed,
         flip=0.5 if cfg.flip else 0.0,
-        degrees=15.0 * k,
+        degrees=15.0 * warp,
         translate=0.1 * k,
-        scale=(1 - 0.1 * k, 1 + 0.1 * k),
-        brightness=0.2 * k,
-        contrast=0.2 * k,
+        scale=(1 - 0.1 * warp, 1 + 0.1 * warp),
+        brightness=0.2 * warp,
+        contrast=0.2 * warp,
     )
 
 

@@ -84,6 +84,7 @@ def load_model(run_dir: str | os.PathLike):
     model = create_model(info.architecture, info.num_classes, weights=None, head=info.head)
     model.load_state_dict(load_file(str(Path(run_dir) / MODEL_WEIGHTS)))
     model.flip_tta = info.flip_tta
+    model.shift_tta = info.shift_tta
     return model.eval(), info, info.input_spec
 
 

@@ -24,6 +24,7 @@ from fmtl.errors import ConfigError, FmtlError
 STRATEGIES = ("linear", "finetune", "hybrid")
 PRECISIONS = ("no", "fp16", "bf16")
 HEADS = ("linear", "mlp")
+RECIPE_NAMES = ("auto", "few", "small", "large", "scratch")
 
 
 UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
@@ -75,21 +76,33 @@ class TrainConfig:
     max_eval_samples: int | None = option(
         None, "deprecated, goes in the next release: sets --max-val-samples and --max-test-samples", deprecated=True
     )
-    recipe: str = option("auto", "defaults by data size: auto (picks by training images), few, small or large")
+    recipe: str = option(
+        "auto", "defaults by data: auto (picks by the images' size and number), few, small, large or scratch"
+    )
     # model
-    model: str = option("efficientnet_lite0", "any torchvision classifier name, or efficientnet_lite0")
-    weights: str = option("DEFAULT", "DEFAULT, a torchvision weights name, a .pth/.safetensors file, or none")
+    model: str | None = option(
+        None,
+        "any torchvision classifier name, efficientnet_lite0 or scratch_cnn (unset: the recipe's)",
+        plain="efficientnet_lite0",
+    )
+    weights: str | None = option(
+        None, "DEFAULT, a torchvision weights name, a .pth/.safetensors file, or none", plain="DEFAULT"
+    )
     head: str = option("linear", "new classification head: linear, or mlp (512 hidden, dropout 0.5)")
     image_size: int | None = option(
         None, "side the backbone sees; cost grows with its square (0: the weights' own)", plain=64
     )
     # strategy
-    strategy: str = option("hybrid", "linear (frozen backbone), finetune (all), hybrid (head first, then unfreeze)")
+    strategy: str | None = option(
+        None, "linear (frozen backbone), finetune (all), hybrid (head first, then unfreeze)", plain="hybrid"
+    )
     head_epochs: int = option(1, "hybrid: epochs training the head alone before the backbone unfreezes")
     unfreeze: str | None = option(
         None, "what fine-tuning trains besides the head: all, or last:N feature blocks", plain="all"
     )
-    freeze_bn: bool = option(True, "fine-tune with BatchNorm in inference mode, so features don't jump on unfreezing")
+    freeze_bn: bool | None = option(
+        None, "fine-tune with BatchNorm in inference mode, so features don't jump on unfreezing", plain=True
+    )
     head_cache: bool = option(True, "head-only epochs train on cached features of un-augmented images (cheap)")
     head_fit: str = option("lbfgs", "cached head phase: first solve the linear head by L-BFGS (lbfgs), or not (none)")
     frozen_views: int | None = option(
@@ -108,13 +121,17 @@ class TrainConfig:
     eval_batch_size: int = option(
         0, "images per step for validation, test and feature caching (0: 64 on a CPU, 256 on an accelerator)"
     )
-    lr: float = option(1e-3, "head learning rate (peak of the schedule)")
+    lr: float | None = option(None, "head learning rate (peak of the schedule)", plain=1e-3)
     backbone_lr_scale: float | None = option(None, "backbone learning rate = lr x this, when it trains", plain=0.1)
-    optimizer: str = option("adamw", "adamw or sgd (momentum 0.9, nesterov)")
-    weight_decay: float = option(0.01, "decoupled weight decay (not on biases and norm weights)")
-    warmup_fraction: float = option(0.05, "share of each phase's steps spent warming the learning rate up")
-    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
-    grad_clip: float = option(1.0, "clip gradient norm to this (0: off)")
+    optimizer: str | None = option(None, "adamw or sgd (momentum 0.9, nesterov)", plain="adamw")
+    weight_decay: float | None = option(
+        None, "weight decay, not on biases and norm weights (adamw: decoupled; sgd: L2)", plain=0.01
+    )
+    warmup_fraction: float | None = option(
+        None, "share of each phase's steps spent warming the learning rate up", plain=0.05
+    )
+    label_smoothing: float | None = option(None, "cross-entropy label smoothing", plain=0.1)
+    grad_clip: float | None = option(None, "clip gradient norm to this (0: off)", plain=1.0)
     gradient_accumulation_steps: int = option(1, "optimizer step every N batches")
     patience: int = option(0, "stop after this many epochs without a better val accuracy (0: never)")
     eval_every: int | None = option(
@@ -125,9 +142,15 @@ class TrainConfig:
     augment_strength: float | None = option(
         None, "scales rotation (15 deg), translation (0.1 of the side), scale and brightness/contrast", plain=1.0
     )
+    augment_warp: bool | None = option(
+        None, "besides flips and shifts, rotate, scale and change brightness/contrast", plain=True
+    )
     flip: bool = option(True, "random horizontal flips (turn off for text, digits, anything with a handedness)")
     flip_tta: bool | None = option(
         None, "evaluate, and export, the mean of each image's and its mirror's logits (unset: on when --flip is)"
+    )
+    shift_tta: bool | None = option(
+        None, "with flip TTA, also average 1-pixel shifts of both views (6 in all; in the export too)", plain=False
     )
     seed: int = option(0, "seeds the split, subset, initialisation, shuffling and augmentation")
     # hardware
@@ -156,11 +179,13 @@ class TrainConfig:
             self.max_eval_samples = None
 
     def validate(self) -> None:
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("recipe", self.recipe, ("auto", "few", "small", "large"))
+        if _given(self, "strategy"):
+            _choice("strategy", self.strategy, STRATEGIES)
+        _choice("recipe", self.recipe, RECIPE_NAMES)
         if self.mixed_precision is not None:
             _choice("mixed_precision", self.mixed_precision, PRECISIONS)
-        _choice("optimizer", self.optimizer, ("adamw", "sgd"))
+        if _given(self, "optimizer"):
+            _choice("optimizer", self.optimizer, ("adamw", "sgd"))
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_every"):
             if _given(self, name) and getattr(self, name) < 1:
                 raise FmtlError(f"--{name.replace('_', '-')} must be at least 1")
@@ -171,13 +196,11 @@ class TrainConfig:
                 raise FmtlError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
         if _given(self, "augment_strength") and not 0 <= self.augment_strength <= 3:
             raise FmtlError("--augment-strength must be between 0 (flips only) and 3")
-        if self.lr <= 0:
+        if _given(self, "lr") and self.lr <= 0:
             raise FmtlError("--lr must be positive")
         if self.budget is not None:
             parse_budget(self.budget)
-        # With --budget the planner sets the epochs; only the head epochs must make sense.
-        if self.strategy == "hybrid" and not 0 < self.head_epochs < (self.epochs if self.budget is None else math.inf):
-            raise FmtlError(f"hybrid needs 0 < --head-epochs < --epochs (got {self.head_epochs} of {self.epochs})")
+        check_head_epochs(self)
         # Checked here, before a run folder or an Accelerator exists, not when the model is built.
         _choice("head", self.head, HEADS)
         _choice("head_fit", self.head_fit, ("lbfgs", "none"))
@@ -186,6 +209,13 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def check_head_epochs(cfg: TrainConfig) -> None:
+    """A hybrid run's head epochs leave it fine-tuning epochs (under --budget the planner sets the epochs).
+    Checked on the options and again once the recipe has picked the strategy."""
+    if cfg.strategy == "hybrid" and not 0 < cfg.head_epochs < (cfg.epochs if cfg.budget is None else math.inf):
+        raise FmtlError(f"hybrid needs 0 < --head-epochs < --epochs (got {cfg.head_epochs} of {cfg.epochs})")
 
 
 def _given(cfg: TrainConfig, name: str) -> bool:

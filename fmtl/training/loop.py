@@ -213,7 +213,8 @@ class Trainer:
         return RunInfo(
             architecture=cfg.model, classes=self.classes, input_spec=self.spec, head=cfg.head,
             strategy=self.plan.strategy, weights=str(cfg.weights), data=self.train_set.source,
-            best_epoch=self.best["epoch"], flip_tta=self.net.flip_tta, data_options=data_options(cfg), metrics=metrics,
+            best_epoch=self.best["epoch"], flip_tta=self.net.flip_tta, shift_tta=self.net.shift_tta,
+            data_options=data_options(cfg), metrics=metrics,
         )  # fmt: skip
 
     def restore_best(self) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from fmtl.errors import ModelConfigError, one_line
 from fmtl.training.depthwise import fast_depthwise_grads
@@ -49,6 +50,7 @@ class FmtlModel(nn.Module):
         self.input_defaults = defaults
         self.backbone_frozen = False  # True: the backbone runs without gradients (feature extraction)
         self.flip_tta = False  # True: in eval mode, logits are the mean of the image's and its mirror image's
+        self.shift_tta = False  # True (with flip_tta): and of both shifted a pixel up-left and down-right
 
     def forward(self, x: torch.Tensor, from_features: bool = False, from_block: int = 0) -> torch.Tensor:
         """Logits for images, for backbone features already computed (``from_features``), or for the
@@ -58,9 +60,10 @@ class FmtlModel(nn.Module):
         if from_block:
             return self.head(self._backbone_from(x, from_block))
         if self.flip_tta and not self.training:
-            # One pass over both views: one copy of the network in an exported graph (and in its int8 twin)
-            both = self._logits(torch.cat([x, x.flip(-1)]))
-            return (both[: x.shape[0]] + both[x.shape[0] :]) / 2
+            # One pass over all views: one copy of the network in an exported graph (and in its int8 twin)
+            views = tta_views(x, self.shift_tta)
+            logits = self._logits(torch.cat(views))
+            return logits.reshape(len(views), -1, logits.shape[-1]).mean(0)
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,6 +247,17 @@ def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- freezing and parameter groups
+
+
+def tta_views(x: torch.Tensor, shifts: bool) -> list[torch.Tensor]:
+    """The image and its mirror; with ``shifts`` also both moved one pixel up-left and one down-right
+    (reflection at the border): airbench's test-time augmentation, six views in all."""
+    views = [x, x.flip(-1)]
+    if shifts:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        moved = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+        views += [*moved, *(view.flip(-1) for view in moved)]
+    return views
 
 
 def feature_blocks(model: FmtlModel) -> list[nn.Module]:

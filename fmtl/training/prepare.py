@@ -149,6 +149,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> FmtlModel:
     model = create_model(cfg.model, num_classes, weights=cfg.weights, head=cfg.head)
     apply_freeze(model, "frozen" if cfg.strategy == "linear" else cfg.unfreeze)
     model.flip_tta = cfg.flip if cfg.flip_tta is None else cfg.flip_tta
+    model.shift_tta = model.flip_tta and bool(cfg.shift_tta)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

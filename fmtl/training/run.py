@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from fmtl.atomic import atomic_write_text
@@ -19,9 +19,24 @@ from fmtl.training.config import TrainConfig, read_yaml
 from fmtl.training.data.imageset import LazyImages
 from fmtl.training.loop import Trainer
 from fmtl.training.models import check_model_name, parameter_summary
-from fmtl.training.prepare import Splits, load_splits, make_accelerator, resolve_run_dir
+from fmtl.training.prepare import (
+    Splits,
+    check_trackers,
+    load_splits,
+    make_accelerator,
+    resolve_run_dir,
+    several_processes_without_gpu,
+)
 from fmtl.training.recorder import saved_plan
 from fmtl.training.settings import RunSettings, resolve
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """A new run's folder must not hold a finished run (its model.json)."""
+    run_dir = resolve_run_dir(cfg) if cfg.model or cfg.output or cfg.resume else None
+    if run_dir is not None and not cfg.resume and (run_dir / "model.json").exists():
+        raise FmtlError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --output")
+
 
 PROBE_IMAGES = 128  # the budget's throwaway Trainer is built on this many of the run's train and val images
 
@@ -29,17 +44,20 @@ PROBE_IMAGES = 128  # the budget's throwaway Trainer is built on this many of th
 def run(options: TrainConfig) -> dict | None:
     """Train as configured; returns the test metrics (on the main process)."""
     clock = time.perf_counter()  # --budget counts from here
-    check_model_name(options.model)  # before anything is loaded or written
-    run_dir = resolve_run_dir(options)
-    if not options.resume and (run_dir / "model.json").exists():
-        raise FmtlError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --output")
-    accelerator = make_accelerator(options, run_dir)
+    if options.model is not None:
+        check_model_name(options.model)  # before anything is loaded or written
+    check_run_dir(options)
+    check_trackers(options.log_with)
+    state = PartialState(cpu=several_processes_without_gpu())  # the Accelerator, made once the precision is known
     set_seed(options.seed)
     if options.threads:
         torch.set_num_threads(options.threads)
-    with accelerator.local_main_process_first():  # one process a machine builds a folder's store
+    with state.local_main_process_first():  # one process a machine builds a folder's store
         splits = load_splits(options)
-    settings = resolve(options, len(splits.train), accelerator)
+    settings = resolve(options, len(splits.train), state, image_side=max(splits.train.size))
+    run_dir = resolve_run_dir(settings.cfg)
+    check_run_dir(settings.cfg)
+    accelerator = make_accelerator(settings.cfg, run_dir)
     accelerator.print(settings.recipe_line)
     planner = planner_for(settings, run_dir, clock)
     settings = settings.with_plan(planner.first_plan(settings, splits, accelerator))
