@@ -79,7 +79,10 @@ def quantize_file(fp32_path: str | os.PathLike, output: str | os.PathLike, calib
 
     prepared = temp_path_beside(output)
     try:
-        quant_pre_process(str(fp32_path), str(prepared))
+        try:
+            quant_pre_process(str(fp32_path), str(prepared))
+        except Exception:  # symbolic shape inference loses some graphs' shapes (the six-view TTA's): ONNX's own
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared), str(output), _Calibration(calibration), quant_format=QuantFormat.QDQ,
             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
