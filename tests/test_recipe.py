@@ -21,7 +21,7 @@ import yaml
 from fmtl.errors import ConfigError, FmtlError
 from fmtl.train import main as train_main
 from fmtl.training.budget import SAFETY, VAL_SHARE, Costs, parse_budget, plan_epochs
-from fmtl.training.config import load_config, with_defaults
+from fmtl.training.config import check_head_epochs, load_config, with_defaults
 from fmtl.training.export import export_onnx
 from fmtl.training.models import create_model
 from fmtl.training.recipe import LARGE, apply_recipe
@@ -29,6 +29,8 @@ from fmtl.training.recipe import LARGE, apply_recipe
 REPO = Path(__file__).resolve().parents[1]
 # Random weights: BatchNorm must learn its statistics and the backbone trains at the head's rate.
 SCRATCH = ["--no-freeze-bn", "--backbone-lr-scale", "1"]
+# The scratch recipe in this process: fp32, as Accelerate's precision is process-wide and other tests set it
+SCRATCH_RUN = ["--model", "scratch_cnn", "--weights", "none", "--mixed-precision", "no"]
 # One thread: on a CPU that other jobs share, two OpenMP threads measured 5-100x slower per step than one.
 SMALL = [
     "--max-train-samples",
@@ -72,7 +74,9 @@ def test_budget_rejects_what_is_not_a_duration(text):
 def test_budget_lets_the_planner_choose_epochs():
     # Without --budget, hybrid needs head epochs < epochs; with it the planner sets --epochs.
     with pytest.raises(FmtlError):
-        _options(["--head-epochs", "5", "--epochs", "3"])
+        _options(["--strategy", "hybrid", "--head-epochs", "5", "--epochs", "3"])
+    with pytest.raises(FmtlError, match="head-epochs"):  # the recipe's hybrid, checked once it is picked
+        check_head_epochs(apply_recipe(load_config(["--head-epochs", "5", "--epochs", "3"]), 100)[0])
     assert _options(["--head-epochs", "5", "--budget", "10m"]).budget == "10m"
     with pytest.raises(FmtlError, match="duration"):
         _options(["--budget", "soon"])
@@ -222,14 +226,11 @@ def test_budget_run_ends_within_budget_with_a_completed_schedule(tmp_path):
 def test_scratch_baseline_trains_exports_and_passes_parity(tmp_path):
     """The scratch recipe (SGD, flips and shifts, six-view TTA) trains it, and the export holds the six views."""
     run_dir = tmp_path / "scratch"
-    assert (
-        train_main(["--model", "scratch_cnn", "--weights", "none", "--epochs", "3", *SMALL, "--output", str(run_dir)])
-        == 0
-    )
+    assert train_main([*SCRATCH_RUN, "--epochs", "3", *SMALL, "--output", str(run_dir)]) == 0
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["recipe"] == "scratch" and saved["optimizer"] == "sgd" and saved["strategy"] == "finetune"
     info = json.loads((run_dir / "model.json").read_text())
-    assert info["architecture"] == "scratch_cnn" and info["input_spec"]["image_size"] == 28
+    assert info["architecture"] == "scratch_cnn" and info["input_spec"]["image_size"] == 32  # SMALL's, not 28
     assert info["flip_tta"] and info["shift_tta"]
     assert info["metrics"]["test"]["accuracy"] > 0.5  # chance is 0.1
     lines: list[str] = []
@@ -393,7 +394,7 @@ def test_flip_tta_is_recorded_and_travels_into_the_export(tmp_path):
     outputs = {}
     for tta in ("--flip-tta", "--no-flip-tta"):
         run = tmp_path / tta
-        args = ["--model", "scratch_cnn", "--weights", "none", "--strategy", "finetune", "--image-size", "0"]
+        args = [*SCRATCH_RUN, "--strategy", "finetune", "--image-size", "0"]
         args += [*SCRATCH, "--epochs", "1", *SMALL, "--max-train-samples", "300", "--no-save-state", tta]
         args += ["--no-shift-tta"]  # shifted views are not mirror images of each other
         assert train_main([*args, "--output", str(run)]) == 0

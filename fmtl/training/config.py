@@ -349,7 +349,7 @@ def checked_value(key: str, value, path: Path):
         if "None" in kinds:
             return None
         raise ConfigError(f"{path}: {key} must be {kinds[0]}, got null")
-    for kind in kinds:
+    for kind in (k for k in kinds if k != "None"):  # the value is not null: None is no type it can have
         accepted = _YAML_TYPES.get(kind)
         if accepted is None:  # a type this check does not know (a list, say): leave it to validate()
             return value

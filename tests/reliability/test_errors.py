@@ -39,7 +39,7 @@ def test_every_user_facing_error_is_an_fmtl_error():
         ("lr: fast\n", "lr must be float, got 'fast'"),
         ("augment: 1\n", "augment must be bool, got 1 (int)"),
         ("epochs: 2.5\n", "epochs must be int, got 2.5 (float)"),
-        ("model: null\n", "model must be str, got null"),
+        ("model: 3\n", "model must be str, got 3"),
         ("head: conv\n", "--head 'conv' is not one of linear, mlp"),
         ("unfreeze: last:0\n", "--unfreeze 'last:0' is not all or last:N"),
         ("unfreeze: some\n", "--unfreeze 'some' is not all or last:N"),
