@@ -243,6 +243,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run, every contender alike")
     parser.add_argument("--out", default="runs/accuracy")
+    parser.add_argument("--no-run", action="store_true", help="only write the tables from OUT/results.json")
     parser.add_argument(
         "--report",
         action="store_true",
@@ -272,7 +273,7 @@ def main() -> None:
     jobs = [(k, s, seed, b) for s, b in rows(sizes, budgets, short) for seed in range(seeds) for k in keys]
     if args.wall:
         jobs += [(k, ALL, 0, b) for b in WALL_BUDGETS for k in ("default", "scratch")]
-    for key, size, seed, budget in jobs:
+    for key, size, seed, budget in [] if args.no_run else jobs:
         name = f"{key}|{size}|{seed}|{budget}"
         if name in results and "accuracy" in results[name]:
             continue
