@@ -38,10 +38,22 @@ class Splits:
     test_name: str  # "test", or the stand-in's name when the data has no test split
 
 
+def launched_precision() -> str | None:
+    """The precision an accelerate config or ``accelerate launch --mixed_precision`` chose, if any."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION") or None
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bf16 runs natively on ``device``: a CPU with AMX or AVX512-BF16, a GPU that supports it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def check_precision(cfg: TrainConfig) -> None:
     """bf16 on a CPU without native support is emulated, hundreds of times slower than fp32: refused
     unless --force-bf16; fp16 needs a GPU."""
-    precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    precision = cfg.mixed_precision or launched_precision() or "no"
     if torch.cuda.is_available() or precision == "no":
         return
     if precision == "fp16":
@@ -75,7 +87,6 @@ def check_trackers(log_with: str | None) -> None:
 
 def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     check_precision(cfg)  # before Accelerate fixes the process-wide precision
-    check_trackers(cfg.log_with)
     # A hybrid run's backbone gets no gradients in its head-only epochs: DDP must expect that.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.strategy == "hybrid")
     return Accelerator(

@@ -9,15 +9,12 @@ run swaps in its own plan with ``with_plan``, which also makes the options' stra
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
-
-import torch
 
 from fmtl.training.augment import Augment, augment_for
 from fmtl.training.config import TrainConfig, check_head_epochs, with_eval_batch
 from fmtl.training.plan import RunPlan, plan_from_config, steps_per_epoch
-from fmtl.training.prepare import cpu_has_native_bf16
+from fmtl.training.prepare import bf16_is_native, launched_precision
 from fmtl.training.recipe import apply_recipe
 
 
@@ -38,22 +35,13 @@ class RunSettings:
         return dataclasses.replace(self, plan=plan, cfg=dataclasses.replace(self.cfg, strategy=plan.strategy))
 
 
-def bf16_is_native(device: torch.device) -> bool:
-    """Whether bf16 runs natively here (a CPU with AMX or AVX512-BF16, a GPU that supports it), and no
-    accelerate config (ACCELERATE_MIXED_PRECISION) chose the precision already."""
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_native_bf16()
-
-
 def resolve(options: TrainConfig, n_train: int, accelerator, image_side: int = 0) -> RunSettings:
     """The run's settings from its options, its training images (how many, their larger side) and its
     Accelerator (or the PartialState it will be made from)."""
     cfg, line = apply_recipe(options, n_train, image_side=image_side)
     check_head_epochs(cfg)
-    if cfg.recipe == "scratch" and cfg.mixed_precision is None and bf16_is_native(accelerator.device):
+    native = launched_precision() is None and bf16_is_native(accelerator.device)
+    if cfg.recipe == "scratch" and cfg.mixed_precision is None and native:
         cfg = dataclasses.replace(cfg, mixed_precision="bf16")  # dense convolutions: 2-3x fp32's pace there
         line += " --mixed-precision bf16"
     cfg = with_eval_batch(cfg, accelerator.device.type)
