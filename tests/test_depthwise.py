@@ -35,6 +35,23 @@ def test_gradients_match_pytorch(channels, side, kernel, stride, padding, bias):
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("side", [4, 12])  # the element-wise weight gradient, and oneDNN's
+def test_under_bf16_autocast_the_gradients_match_pytorchs_whatever_the_cpu(side):
+    """The forward convolves bf16 casts of float32 tensors; the backward must take them the same way (AVX2
+    CPUs' kernels refuse a bf16 gradient with a float32 input)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, side, side, requires_grad=True)
+    weight = torch.randn(16, 1, 3, 3, requires_grad=True)
+    grads = []
+    for convolve in (F.conv2d, conv2d):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = convolve(x, weight, None, (1, 1), (1, 1), (1, 1), 16)
+        grads.append(torch.autograd.grad(out.float().square().sum(), (x, weight)))
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0.01, atol=0.01 * expected.abs().max().item())  # bf16's rounding
+
+
 class _Ops(TorchDispatchMode):
     """The ATen operators that run while it is active."""
 

@@ -68,10 +68,12 @@ class _DepthwiseConv2d(torch.autograd.Function):
         small = grad.shape[2] * grad.shape[3] <= SMALL_MAP_PIXELS
         need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if need_x or (need_weight and not small):
+            # under autocast the forward convolved x and weight cast to grad's dtype (bf16); some CPUs' kernels
+            # (AVX2 without AVX-512) refuse mixed dtypes, so the backward takes them as the forward used them
             grad_x, grad_weight_onednn, _ = torch.ops.aten.convolution_backward(
                 grad,
-                x,
-                weight,
+                x.to(grad.dtype),
+                weight.to(grad.dtype),
                 None,
                 ctx.stride,
                 ctx.padding,
@@ -81,7 +83,8 @@ class _DepthwiseConv2d(torch.autograd.Function):
                 weight.shape[0],
                 (need_x, need_weight and not small, False),
             )
-            grad_weight = grad_weight_onednn
+            grad_x = None if grad_x is None else grad_x.to(x.dtype)
+            grad_weight = None if grad_weight_onednn is None else grad_weight_onednn.to(weight.dtype)
         if need_weight and small:
             grad_weight = _small_map_weight_grad(x, grad, weight.shape, ctx.stride, ctx.padding)
         if ctx.has_bias and ctx.needs_input_grad[2]:
