@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -23,27 +25,81 @@ from fmtl.training.data.feeder import Resident
 from fmtl.training.headfit import fit_linear_head
 from fmtl.training.models import FmtlModel
 
+MAPPED_CHUNK_ROWS = 8192  # rows of mapped features the head's solve reads at a time (42 MB of 1280-d ones)
 MAX_VIEW_BYTES = 8 * 2**30  # --frozen-views: the most activation memory its cache may hold
 
 Batch = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (images, indices, augment) -> model input
 
 
 @torch.no_grad()
-def extract_features(net: FmtlModel, accelerator: Accelerator, batch: Batch, sets: dict, quiet: bool) -> dict:
+def extract_features(
+    net: FmtlModel, accelerator: Accelerator, batch: Batch, sets: dict, quiet: bool, spill_dir: Path | None = None
+) -> dict:
     """Backbone features of every image of each set (``name: (images, loader)``), computed once: each process
-    its shard, then gathered in order."""
+    its shard, then gathered batch by batch in order.
+
+    With ``spill_dir`` (images read from a mapped store or shards) the features go to a file there that every
+    process on the machine maps, so a process holds a batch of them, not all N x D: the features of a
+    100,000-photo folder are 512 MB of page cache, shared, instead of that much in every rank.
+    """
     net.eval()
     features = {}
     for name, (images, loader) in sets.items():
-        parts, order = [], []
+        path = None if spill_dir is None else spill_dir / _spill_name(name, accelerator)
+        table = _InMemory() if path is None else _Mapped(path, len(images.data), accelerator.is_local_main_process)
         for indices in tqdm(loader, desc=f"caching {name} features", leave=False,
                             disable=quiet or not accelerator.is_local_main_process):  # fmt: skip
             feats, idx = accelerator.gather_for_metrics((net.features(batch(images, indices, False)), indices))
-            parts.append(feats.float())
-            order.append(idx)
-        stacked, order = torch.cat(parts), torch.cat(order)
-        features[name] = torch.empty_like(stacked).index_copy_(0, order.to(stacked.device), stacked)
+            table.put(idx, feats.float())
+        features[name] = table.finish(accelerator)
     return features
+
+
+def _spill_name(name: str, accelerator: Accelerator) -> str:
+    """One file a set and a machine (its first process's rank names it): ranks of one machine share it."""
+    return f".features-{name}-{accelerator.process_index - accelerator.local_process_index}.f32"
+
+
+class _InMemory:
+    """Gathered features kept as one tensor on the model's device."""
+
+    def __init__(self) -> None:
+        self.parts, self.order = [], []
+
+    def put(self, indices: torch.Tensor, feats: torch.Tensor) -> None:
+        self.parts.append(feats)
+        self.order.append(indices)
+
+    def finish(self, accelerator: Accelerator) -> torch.Tensor:
+        stacked, order = torch.cat(self.parts), torch.cat(self.order)
+        return torch.empty_like(stacked).index_copy_(0, order.to(stacked.device), stacked)
+
+
+class _Mapped:
+    """Gathered features written by each machine's first process into a file that all its processes map."""
+
+    def __init__(self, path: Path, rows: int, writer: bool) -> None:
+        self.path, self.rows, self.writer = path, rows, writer
+        self.shape, self.array = None, None
+
+    def put(self, indices: torch.Tensor, feats: torch.Tensor) -> None:
+        self.shape = (self.rows, *feats.shape[1:])
+        if self.writer and self.array is None:
+            self.array = np.memmap(self.path, dtype=np.float32, mode="w+", shape=self.shape)
+        if self.writer:
+            self.array[indices.cpu().numpy()] = feats.cpu().numpy()
+
+    def finish(self, accelerator: Accelerator) -> torch.Tensor:
+        if self.array is not None:
+            self.array.flush()
+            self.array = None
+        accelerator.wait_for_everyone()
+        # copy-on-write: writable for torch, and its pages stay the shared file's while nobody writes them
+        table = torch.from_numpy(np.memmap(self.path, dtype=np.float32, mode="c", shape=self.shape))
+        accelerator.wait_for_everyone()
+        if self.writer:
+            self.path.unlink()  # the mappings keep the pages; nothing is left on disk after the run
+        return table
 
 
 @torch.no_grad()
@@ -81,11 +137,15 @@ def check_views_fit(net: FmtlModel, one_image: torch.Tensor, blocks: int, views:
         )
 
 
-def fit_head(net: FmtlModel, cached: dict, train_labels: torch.Tensor, val_labels: torch.Tensor) -> str | None:
-    """Solve a linear head by L-BFGS on the cached features; a line saying what was chosen (None: not linear)."""
+def fit_head(
+    net: FmtlModel, cached: dict, train_labels: torch.Tensor, val_labels: torch.Tensor, mapped: bool = False
+) -> str | None:
+    """Solve a linear head by L-BFGS on the cached features; a line saying what was chosen (None: not linear).
+    ``mapped``: the features are a mapped file (``extract_features``'s ``spill_dir``), read in chunks."""
     if not isinstance(net.head, torch.nn.Linear):
         return None
-    chosen = fit_linear_head(net.head, cached["train"], train_labels, cached["val"], val_labels)
+    chunk_rows = MAPPED_CHUNK_ROWS if mapped else None
+    chosen = fit_linear_head(net.head, cached["train"], train_labels, cached["val"], val_labels, chunk_rows)
     return (
         f"head solved by L-BFGS on cached features: val acc {chosen['val_acc']:.4f} "
         f"(weight decay {chosen['weight_decay']:g}, chosen on val)"

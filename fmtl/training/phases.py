@@ -35,26 +35,34 @@ class ImageInput:
 
 
 class FeatureInput:
-    """The backbone's features of every train and val image, computed once (each process its shard)."""
+    """The backbone's features of every train and val image, computed once (each process its shard). They
+    live where the images do: beside images on the device, and in a file every process on the machine maps
+    when the images are read from a store or shards."""
 
     reads_pixels = False
 
     def __init__(self, trainer, fit_head: bool) -> None:
         loader = trainer.accelerator.prepare(index_loader(len(trainer.train_set), trainer.cfg.eval_batch_size))
         sets = {"train": (trainer.train_images, loader), "val": (trainer.val_images, trainer.val_loader)}
-        self.model = trainer.model
-        self.features = caches.extract_features(trainer.net, trainer.accelerator, trainer.batch, sets, trainer.quiet)
+        self.model, self.device = trainer.model, trainer.accelerator.device
+        spill_dir = None if trainer.train_images.on_device else trainer.run_dir
+        self.features = caches.extract_features(
+            trainer.net, trainer.accelerator, trainer.batch, sets, trainer.quiet, spill_dir
+        )
         if fit_head:
-            line = caches.fit_head(trainer.net, self.features, trainer.train_set.labels, trainer.val_set.labels)
+            labels = trainer.train_set.labels, trainer.val_set.labels
+            line = caches.fit_head(trainer.net, self.features, *labels, mapped=spill_dir is not None)
             trainer.accelerator.print(line or "")
 
+    def rows(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        features = self.features[name]
+        return features[indices.to(features.device)].to(self.device, non_blocking=True)
+
     def train_batch(self, indices: torch.Tensor, pixels) -> tuple[torch.Tensor, dict]:
-        features = self.features["train"]
-        return features[indices.to(features.device)], {"from_features": True}
+        return self.rows("train", indices), {"from_features": True}
 
     def val_logits(self, indices: torch.Tensor) -> torch.Tensor:
-        features = self.features["val"]
-        return self.model(features[indices.to(features.device)], from_features=True)
+        return self.model(self.rows("val", indices), from_features=True)
 
 
 class ViewInput(ImageInput):

@@ -120,5 +120,6 @@ def test_two_processes_on_one_store_count_each_val_and_test_image_once(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_images"] == 36
+    assert not list(run.glob(".features-*"))  # the head's features were one mapped file, gone once mapped
     with open(run / "results.csv") as handle:
         assert int(handle.read().splitlines()[-1].split(",")[6]) == 36  # val_images: 30 % of 120
