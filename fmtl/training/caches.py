@@ -25,7 +25,7 @@ from fmtl.training.data.feeder import Resident
 from fmtl.training.headfit import fit_linear_head
 from fmtl.training.models import FmtlModel
 
-MAPPED_CHUNK_ROWS = 8192  # rows of mapped features the head's solve reads at a time (42 MB of 1280-d ones)
+MAPPED_CHUNK_ROWS = 2048  # rows of mapped features the head's solve reads at a time (10 MB of 1280-d ones)
 MAX_VIEW_BYTES = 8 * 2**30  # --frozen-views: the most activation memory its cache may hold
 
 Batch = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (images, indices, augment) -> model input

@@ -41,7 +41,8 @@ class Standardised:
             return
         for start in range(0, len(self), self.chunk_rows):
             stop = start + self.chunk_rows
-            yield (self.features[start:stop] - self.mean) / self.std, self.labels[start:stop]
+            chunk = self.features[start:stop] - self.mean  # one chunk-sized copy, standardised in place
+            yield chunk.div_(self.std), self.labels[start:stop]
 
     def accuracy(self, weight: torch.Tensor, bias: torch.Tensor) -> float:
         correct = sum(((x @ weight + bias).argmax(1) == y).sum().item() for x, y in self.chunks())
