@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from fmtl.errors import ConfigError
+from fmtl.atomic import write_errors
+from fmtl.errors import ConfigError, WriteError
 from fmtl.training.augment import Augment, Preprocess
 from fmtl.training.data.feeder import Resident
 from fmtl.training.headfit import fit_linear_head
@@ -60,6 +62,19 @@ def _spill_name(name: str, accelerator: Accelerator) -> str:
     return f".features-{name}-{accelerator.process_index - accelerator.local_process_index}.f32"
 
 
+def _allocated(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A float32 file of ``shape`` with its blocks allocated now: a disk too small fails here in one line,
+    not as a SIGBUS in the middle of writing a mapped page."""
+    try:
+        with write_errors(path), open(path, "wb") as handle:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, int(np.prod(shape)) * 4)
+    except WriteError:
+        path.unlink(missing_ok=True)
+        raise
+    return np.memmap(path, dtype=np.float32, mode="r+", shape=shape)
+
+
 class _InMemory:
     """Gathered features kept as one tensor on the model's device."""
 
@@ -85,7 +100,7 @@ class _Mapped:
     def put(self, indices: torch.Tensor, feats: torch.Tensor) -> None:
         self.shape = (self.rows, *feats.shape[1:])
         if self.writer and self.array is None:
-            self.array = np.memmap(self.path, dtype=np.float32, mode="w+", shape=self.shape)
+            self.array = _allocated(self.path, self.shape)
         if self.writer:
             self.array[indices.cpu().numpy()] = feats.cpu().numpy()
 

@@ -123,3 +123,31 @@ def test_two_processes_on_one_store_count_each_val_and_test_image_once(tmp_path)
     assert not list(run.glob(".features-*"))  # the head's features were one mapped file, gone once mapped
     with open(run / "results.csv") as handle:
         assert int(handle.read().splitlines()[-1].split(",")[6]) == 36  # val_images: 30 % of 120
+
+
+def test_a_disk_too_small_for_the_head_features_is_one_error_and_leaves_no_file(tmp_path):
+    """The features file's blocks are allocated before any is written: a full disk is a WriteError naming it,
+    never a SIGBUS while writing a mapped page, and no partial file stays."""
+    import torch
+    from accelerate import Accelerator
+
+    from fmtl.errors import WriteError
+    from fmtl.training import caches
+    from fmtl.training.prepare import index_loader
+
+    class Pixels:  # a stand-in backbone whose features are the pixels: 3,072 floats an image
+        def eval(self):
+            return self
+
+        def features(self, x):
+            return x.flatten(1).float()
+
+    class Images:
+        data = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)  # 786 KB of features
+
+    accelerator = Accelerator(cpu=True)
+    sets = {"train": (Images(), accelerator.prepare(index_loader(64, 16)))}
+    with small_disk(tmp_path, "256k") as disk:
+        with pytest.raises(WriteError, match="No space left on device.*free some space"):
+            caches.extract_features(Pixels(), accelerator, lambda images, idx, _: images.data[idx], sets, True, disk)
+        assert list(disk.iterdir()) == []
